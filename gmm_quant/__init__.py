@@ -1,0 +1,56 @@
+"""gmm_quant: compress neural networks by Bayesian soft weight-sharing (Ullrich et al., 2017).
+
+A Gaussian mixture prior over the weights is trained jointly with them; then each layer's weights are
+assigned to mixture components, sparse components pruned, and the weights snapped to a per-layer
+codebook (centres + integer indices) that is fine-tuned on the training data.
+"""
+
+from gmm_quant.codebook import Codebook, compress, dequantize, make_codebook, snap
+from gmm_quant.init import sample_params
+from gmm_quant.mixture import (
+    MixtureConfig,
+    MixtureState,
+    complexity,
+    init_mixture,
+    log_density,
+    log_prob,
+    responsibilities,
+)
+from gmm_quant.objective import (
+    LearningRates,
+    init_mixtures,
+    joint_loss,
+    joint_optimizer,
+    tau_schedule,
+)
+from gmm_quant.pipeline import cross_entropy, finetune, pretrain, retrain
+from gmm_quant.rules import DEFAULT_RULES, Plan, Rule, make_plan
+
+__all__ = [
+    "DEFAULT_RULES",
+    "Codebook",
+    "LearningRates",
+    "MixtureConfig",
+    "MixtureState",
+    "Plan",
+    "Rule",
+    "complexity",
+    "compress",
+    "cross_entropy",
+    "dequantize",
+    "finetune",
+    "init_mixture",
+    "init_mixtures",
+    "joint_loss",
+    "joint_optimizer",
+    "log_density",
+    "log_prob",
+    "make_codebook",
+    "make_plan",
+    "pretrain",
+    "responsibilities",
+    "retrain",
+    "sample_params",
+    "snap",
+    "tau_schedule",
+]

@@ -1,0 +1,152 @@
+"""Datasets: MNIST from the official IDX files (checksum-verified) and scikit-learn's 8x8 digits.
+
+MNIST is read from a directory holding the four standard ``.gz`` files, named by ``data_dir`` or the
+``GMM_QUANT_DATA`` environment variable (either the ``mnist`` folder itself or its parent). Every file's
+sha256 is checked against the official file. When files are missing and no directory was given, they
+are downloaded into ``~/.cache/gmm_quant/mnist`` (verified before use); where there is no network the
+error names the missing file and where to put it.
+
+Images come as float32 ``[N, H, W, 1]`` normalised with the training set's mean and std; labels int32.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pathlib
+import urllib.request
+from typing import NamedTuple
+
+import numpy as np
+
+ENV_VAR = "GMM_QUANT_DATA"
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+DATASETS = ("digits", "mnist")
+
+
+class Dataset(NamedTuple):
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt or does not parse."""
+
+
+def sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mnist_dir(data_dir=None) -> pathlib.Path | None:
+    """The directory holding the MNIST files: ``data_dir``, else ``$GMM_QUANT_DATA``, else None."""
+    root = data_dir or os.environ.get(ENV_VAR)
+    if not root:
+        return None
+    root = pathlib.Path(root).expanduser()
+    return root / "mnist" if (root / "mnist").is_dir() else root
+
+
+def _download(directory: pathlib.Path, name: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.part"
+    try:
+        urllib.request.urlretrieve(MNIST_URL + name, tmp)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"MNIST file {name} is missing and could not be downloaded ({err}); put the official "
+            f"files in a directory and pass --data-dir or set {ENV_VAR}"
+        ) from None
+    os.replace(tmp, directory / name)
+
+
+def _verified(directory: pathlib.Path, name: str, download: bool) -> pathlib.Path:
+    path = directory / name
+    expected = MNIST_FILES[name]
+    if not path.is_file():
+        if not download:
+            raise DataError(f"MNIST file missing: {path} (expected sha256 {expected})")
+        _download(directory, name)
+    actual = sha256(path)
+    if actual != expected:
+        raise DataError(
+            f"MNIST file {path} is corrupt: sha256 {actual}, expected {expected}; "
+            "replace it with the official file"
+        )
+    return path
+
+
+def _read_idx(path: pathlib.Path, magic: int, dims: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    header = np.frombuffer(raw[: 4 * (dims + 1)], ">u4")
+    if header.size != dims + 1 or header[0] != magic:
+        raise DataError(f"{path} is not an IDX file with magic {magic:#010x}")
+    shape = tuple(int(d) for d in header[1:])
+    data = np.frombuffer(raw[4 * (dims + 1) :], np.uint8)
+    if data.size != np.prod(shape):
+        raise DataError(f"{path}: header says {shape}, file holds {data.size} values")
+    return data.reshape(shape)
+
+
+def load_mnist(data_dir=None) -> Dataset:
+    """MNIST (60,000 train / 10,000 test) from ``data_dir`` or ``$GMM_QUANT_DATA`` or the cache."""
+    directory = mnist_dir(data_dir)
+    download = directory is None
+    if directory is None:
+        directory = pathlib.Path.home() / ".cache" / "gmm_quant" / "mnist"
+    paths = {name: _verified(directory, name, download) for name in MNIST_FILES}
+
+    def images(name):
+        x = _read_idx(paths[name], 0x803, 3).astype(np.float32) / 255.0
+        return ((x - MNIST_MEAN) / MNIST_STD)[..., None]
+
+    def labels(name):
+        return _read_idx(paths[name], 0x801, 1).astype(np.int32)
+
+    return Dataset(
+        images("train-images-idx3-ubyte.gz"),
+        labels("train-labels-idx1-ubyte.gz"),
+        images("t10k-images-idx3-ubyte.gz"),
+        labels("t10k-labels-idx1-ubyte.gz"),
+    )
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images), split by ``seed``; no network needed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.images.astype(np.float32) / 16.0 - 0.5)[..., None] / 0.5
+    y = bunch.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(x[train], y[train], x[test], y[test])
+
+
+def load(name: str, data_dir=None, train_subset: int | None = None) -> Dataset:
+    """Dataset by name (``digits`` or ``mnist``), optionally the first ``train_subset`` examples."""
+    if name == "digits":
+        ds = load_digits()
+    elif name == "mnist":
+        ds = load_mnist(data_dir)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if train_subset:
+        ds = ds._replace(x_train=ds.x_train[:train_subset], y_train=ds.y_train[:train_subset])
+    return ds

@@ -1,0 +1,26 @@
+"""Model definitions (Flax NNX), looked up by name. Imports nothing from ``gmm_quant``.
+
+Every model takes images ``[batch, height, width, channels]`` (NHWC, float32) and returns logits.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from models.lenet import DigitsMLP, LeNet5Caffe, LeNet300_100
+
+MODELS = {
+    "digits_mlp": DigitsMLP,
+    "lenet300_100": LeNet300_100,
+    "lenet5_caffe": LeNet5Caffe,
+}
+
+
+def create(name: str, seed: int = 0, **kwargs) -> nnx.Module:
+    """A freshly initialised model by name (see ``MODELS``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](rngs=nnx.Rngs(seed), **kwargs)
+
+
+__all__ = ["MODELS", "DigitsMLP", "LeNet5Caffe", "LeNet300_100", "create"]

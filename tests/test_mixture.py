@@ -1,0 +1,139 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from gmm_quant import mixture as mx
+
+CFG = mx.MixtureConfig(num_components=17, pi_zero=0.9)
+
+
+def test_free_means_equally_spaced_with_both_endpoints():
+    w = {"a": jnp.array([-0.7, 0.1, 0.2]), "b": jnp.array([[0.5, 0.9]])}
+    state = mx.init_mixture(CFG, w)
+    assert state.means.shape == (16,)
+    assert state.means[0] == pytest.approx(-0.7) and state.means[-1] == pytest.approx(0.9)
+    np.testing.assert_allclose(np.diff(state.means), 1.6 / 15, rtol=1e-5)
+
+
+def test_zero_component_pinned_at_exactly_zero_with_pi_zero():
+    state = mx.init_mixture(CFG, init_range=(-1.0, 2.0))
+    means = mx.component_means(state._replace(means=state.means + 0.3))
+    assert means[0] == 0.0
+    pi = np.exp(mx.log_mixing_proportions(CFG, state))
+    assert pi[0] == pytest.approx(0.9, rel=1e-6)
+    np.testing.assert_allclose(pi[1:], 0.1 / 16, rtol=1e-5)
+    np.testing.assert_allclose(pi.sum(), 1.0, rtol=1e-6)
+
+
+def _random_state(rng, config=CFG):
+    return mx.MixtureState(
+        means=jnp.asarray(np.sort(rng.uniform(-0.5, 0.5, config.num_components - 1)), jnp.float32),
+        log_precisions=jnp.asarray(rng.uniform(2.0, 9.0, config.num_components), jnp.float32),
+        mixing_logits=jnp.asarray(rng.normal(size=config.num_components), jnp.float32),
+    )
+
+
+def _scipy_log_density(config, state, w):
+    pi = np.exp(np.asarray(mx.log_mixing_proportions(config, state), np.float64))
+    mu = np.asarray(mx.component_means(state), np.float64)
+    sd = np.exp(-0.5 * np.asarray(state.log_precisions, np.float64))
+    dens = sum(p * stats.norm.pdf(np.asarray(w, np.float64), m, s) for p, m, s in zip(pi, mu, sd))
+    return np.log(dens)
+
+
+@pytest.mark.parametrize("learn_pi_zero", [False, True])
+def test_log_prob_matches_scipy_mixture(learn_pi_zero):
+    rng = np.random.default_rng(0)
+    config = mx.MixtureConfig(pi_zero=0.95, learn_pi_zero=learn_pi_zero)
+    state = _random_state(rng, config)
+    weights = {"k": jnp.asarray(rng.normal(0, 0.2, (300, 100)), jnp.float32)}
+    expected = _scipy_log_density(config, state, weights["k"]).sum()
+    assert float(mx.log_prob(config, state, weights)) == pytest.approx(expected, rel=1e-5)
+    assert float(mx.log_prob(config, state, weights, exact=True)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_log_prob_gradients_match_exact():
+    rng = np.random.default_rng(1)
+    state = _random_state(rng)
+    w = jnp.asarray(rng.normal(0, 0.2, 5000), jnp.float32)
+    fast = jax.grad(lambda s, w: mx.log_prob(CFG, s, w), argnums=(0, 1))(state, w)
+    exact = jax.grad(lambda s, w: mx.log_prob(CFG, s, w, exact=True), argnums=(0, 1))(state, w)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(exact), strict=True):
+        scale = np.abs(np.asarray(b)).max()
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3 * scale)
+
+
+def test_large_leaf_is_chunked_and_still_exact(monkeypatch):
+    monkeypatch.setattr(mx, "_CHUNK", 1000)
+    rng = np.random.default_rng(2)
+    state = _random_state(rng)
+    w = jnp.asarray(rng.normal(0, 0.2, 4321), jnp.float32)
+    expected = _scipy_log_density(CFG, state, w).sum()
+    value, grad = jax.value_and_grad(lambda w: mx.log_prob(CFG, state, w))(w)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    assert grad.shape == w.shape and np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["huge_precision", "far_weight", "vanishing_component"],
+)
+def test_finite_value_and_gradients_in_extreme_cases(case):
+    state = mx.init_mixture(CFG, init_range=(-0.5, 0.5))
+    w = jnp.linspace(-0.5, 0.5, 1001)
+    if case == "huge_precision":
+        state = state._replace(log_precisions=state.log_precisions.at[3].set(80.0).at[0].set(40.0))
+    elif case == "far_weight":
+        w = w.at[0].set(1e4).at[1].set(-3e3)
+    else:
+        state = state._replace(mixing_logits=state.mixing_logits.at[5].set(-1e4))
+    for exact in (False, True):
+        value, grads = jax.value_and_grad(
+            lambda s, w, e=exact: mx.complexity(CFG, s, w) if not e else -mx.log_prob(CFG, s, w, exact=True),
+            argnums=(0, 1),
+        )(state, w)
+        assert np.isfinite(value)
+        for g in jax.tree.leaves(grads):
+            assert np.isfinite(np.asarray(g)).all(), (case, exact)
+
+
+def test_hyper_prior_is_gamma_on_precision():
+    """Differences of hyper_log_prob equal differences of scipy's Gamma log-density on the precisions."""
+    rng = np.random.default_rng(4)
+    s1, s2 = _random_state(rng), _random_state(rng)
+
+    def scipy_lp(state):
+        lam = np.exp(np.asarray(state.log_precisions, np.float64))
+        a0, b0 = CFG.zero_gamma
+        a, b = CFG.gamma
+        return (
+            stats.gamma.logpdf(lam[0], a0, scale=1 / b0) + stats.gamma.logpdf(lam[1:], a, scale=1 / b).sum()
+        )
+
+    ours = float(mx.hyper_log_prob(CFG, s2)) - float(mx.hyper_log_prob(CFG, s1))
+    assert ours == pytest.approx(scipy_lp(s2) - scipy_lp(s1), rel=1e-4)
+
+
+def test_sampled_weights_follow_the_mixture():
+    rng = np.random.default_rng(3)
+    state = _random_state(rng)
+    draws = np.asarray(mx.sample(CFG, state, jax.random.key(0), (20000,)), np.float64)
+    pi = np.exp(np.asarray(mx.log_mixing_proportions(CFG, state), np.float64))
+    mu = np.asarray(mx.component_means(state), np.float64)
+    sd = np.exp(-0.5 * np.asarray(state.log_precisions, np.float64))
+
+    def cdf(x):
+        return sum(p * stats.norm.cdf(x, m, s) for p, m, s in zip(pi, mu, sd))
+
+    assert stats.kstest(draws, cdf).pvalue > 1e-3
+
+
+def test_invalid_config_values_are_rejected():
+    with pytest.raises(ValueError, match="num_components"):
+        mx.MixtureConfig(num_components=0)
+    with pytest.raises(ValueError, match="pi_zero"):
+        mx.MixtureConfig(pi_zero=1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        mx.MixtureConfig(gamma=(0.0, 1.0))
