@@ -134,7 +134,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     x = (bunch.images.astype(np.float32) / 16.0 - 0.5)[..., None] / 0.5
     y = bunch.target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
+    n_test = round(test_fraction * len(y))
     test, train = order[:n_test], order[n_test:]
     return Dataset(x[train], y[train], x[test], y[test])
 

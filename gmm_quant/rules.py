@@ -3,8 +3,8 @@
 A path is the leaf's keys joined by ``/`` (``"fc1/kernel"``; Flax NNX's trailing ``value`` attribute is
 dropped). Rules are tried in order and the first whose ``pattern`` matches (``re.search``) wins. The
 default rules keep biases and normalisation scales in float32 and put every other leaf under one shared
-mixture. Rules that match no leaf (other than the defaults) are reported (a warning, and ``Plan.unused``) because they are almost
-always a typo.
+mixture. Rules that match no leaf (other than the defaults) are reported (a warning, and
+``Plan.unused``) because they are almost always a typo.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,9 +13,7 @@ class MLP(nnx.Module):
     """Fully connected ReLU network over flattened images: sizes[0] -> ... -> sizes[-1]."""
 
     def __init__(self, sizes, *, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-        )
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
 
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)

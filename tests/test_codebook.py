@@ -68,7 +68,7 @@ def test_codebook_invariants():
     np.testing.assert_array_equal(np.asarray(snapped["a"]["bias"]), params["a"]["bias"])
     # snapping twice changes nothing
     np.testing.assert_array_equal(gq.snap(cb.dequantize(), cb.centres), cb.indices)
-    again, snapped2 = gq.compress(plan, mixtures, snapped)
+    _, snapped2 = gq.compress(plan, mixtures, snapped)
     np.testing.assert_array_equal(np.asarray(snapped2["a"]["kernel"]), np.asarray(snapped["a"]["kernel"]))
 
 

@@ -39,7 +39,9 @@ def _scipy_log_density(config, state, w):
     pi = np.exp(np.asarray(mx.log_mixing_proportions(config, state), np.float64))
     mu = np.asarray(mx.component_means(state), np.float64)
     sd = np.exp(-0.5 * np.asarray(state.log_precisions, np.float64))
-    dens = sum(p * stats.norm.pdf(np.asarray(w, np.float64), m, s) for p, m, s in zip(pi, mu, sd))
+    dens = sum(
+        p * stats.norm.pdf(np.asarray(w, np.float64), m, s) for p, m, s in zip(pi, mu, sd, strict=True)
+    )
     return np.log(dens)
 
 
@@ -125,7 +127,7 @@ def test_sampled_weights_follow_the_mixture():
     sd = np.exp(-0.5 * np.asarray(state.log_precisions, np.float64))
 
     def cdf(x):
-        return sum(p * stats.norm.cdf(x, m, s) for p, m, s in zip(pi, mu, sd))
+        return sum(p * stats.norm.cdf(x, m, s) for p, m, s in zip(pi, mu, sd, strict=True))
 
     assert stats.kstest(draws, cdf).pvalue > 1e-3
 
