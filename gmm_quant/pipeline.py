@@ -61,32 +61,40 @@ def run_epochs(
     return state
 
 
+def pretrain_setup(apply_fn, params, *, learning_rate=1e-3, task_loss=None):
+    """(loss_fn, optimizer, trainable) of plain training."""
+    return _ignore_step(task_loss or cross_entropy(apply_fn)), optax.adam(learning_rate), params
+
+
 def pretrain(
-    apply_fn,
-    params,
-    data,
-    *,
-    epochs=10,
-    batch_size=128,
-    learning_rate=1e-3,
-    seed=0,
-    task_loss=None,
-    **kwargs,
+    apply_fn, params, data, *, epochs=10, batch_size=128, learning_rate=1e-3, seed=0, task_loss=None, **kw
 ):
     """Plain training with Adam; returns the trained params."""
-    loss = _ignore_step(task_loss or cross_entropy(apply_fn))
+    loss, opt, trainable = pretrain_setup(apply_fn, params, learning_rate=learning_rate, task_loss=task_loss)
     state = run_epochs(
-        loss,
-        optax.adam(learning_rate),
-        params,
-        data,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        name="pretrain",
-        **kwargs,
+        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="pretrain", **kw
     )
     return state.trainable
+
+
+def retrain_setup(
+    apply_fn,
+    params,
+    plan: Plan,
+    *,
+    num_train,
+    steps_per_epoch,
+    tau=5e-3,
+    warmup_epochs=0,
+    rates=obj.LearningRates(),
+    mixtures=None,
+    task_loss=None,
+):
+    """(loss_fn, optimizer, trainable) of joint training; trainable is ``{"params", "mixtures"}``."""
+    schedule = obj.tau_schedule(tau, warmup_epochs * steps_per_epoch)
+    loss = obj.joint_loss(task_loss or cross_entropy(apply_fn), plan, schedule, num_train)
+    mixtures = obj.init_mixtures(plan, params) if mixtures is None else mixtures
+    return loss, obj.joint_optimizer(rates), {"params": params, "mixtures": mixtures}
 
 
 def retrain(
@@ -103,30 +111,39 @@ def retrain(
     seed=0,
     mixtures=None,
     task_loss=None,
-    **kwargs,
+    **kw,
 ):
     """Train weights and mixture jointly (loss = task + tau / N * complexity, see ``objective``).
 
     Returns ``(mixtures, params)``. ``mixtures`` defaults to ``init_mixtures(plan, params)``.
     """
-    x = data[0]
-    steps_per_epoch = max(x.shape[0] // batch_size, 1)
-    schedule = obj.tau_schedule(tau, warmup_epochs * steps_per_epoch)
-    loss = obj.joint_loss(task_loss or cross_entropy(apply_fn), plan, schedule, x.shape[0])
-    mixtures = obj.init_mixtures(plan, params) if mixtures is None else mixtures
-    trainable = {"params": params, "mixtures": mixtures}
+    n = data[0].shape[0]
+    loss, opt, trainable = retrain_setup(
+        apply_fn,
+        params,
+        plan,
+        num_train=n,
+        steps_per_epoch=max(n // batch_size, 1),
+        tau=tau,
+        warmup_epochs=warmup_epochs,
+        rates=rates,
+        mixtures=mixtures,
+        task_loss=task_loss,
+    )
     state = run_epochs(
-        loss,
-        obj.joint_optimizer(rates),
-        trainable,
-        data,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        name="retrain",
-        **kwargs,
+        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="retrain", **kw
     )
     return state.trainable["mixtures"], state.trainable["params"]
+
+
+def finetune_setup(
+    apply_fn, codebooks: dict, params, *, learning_rate=1e-4, train_float=True, task_loss=None
+):
+    """(loss_fn, optimizer, trainable, build) of codebook fine-tuning; ``build(trainable)`` -> params."""
+    trainable, loss, build = ft.finetune_loss(
+        task_loss or cross_entropy(apply_fn), codebooks, params, train_float=train_float
+    )
+    return loss, optax.adam(learning_rate), trainable, build
 
 
 def finetune(
@@ -141,25 +158,16 @@ def finetune(
     train_float=True,
     seed=0,
     task_loss=None,
-    **kwargs,
+    **kw,
 ):
     """Fine-tune the codebook centres (indices fixed, zero stays 0); returns ``(codebooks, params)``."""
-    trainable, loss, build = ft.finetune_loss(
-        task_loss or cross_entropy(apply_fn), codebooks, params, train_float=train_float
+    loss, opt, trainable, build = finetune_setup(
+        apply_fn, codebooks, params, learning_rate=learning_rate, train_float=train_float, task_loss=task_loss
     )
     state = run_epochs(
-        loss,
-        optax.adam(learning_rate),
-        trainable,
-        data,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        name="finetune",
-        **kwargs,
+        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="finetune", **kw
     )
-    tuned = ft.updated_codebooks(codebooks, state.trainable["centres"])
-    return tuned, build(state.trainable)
+    return ft.updated_codebooks(codebooks, state.trainable["centres"]), build(state.trainable)
 
 
 def _ignore_step(task_loss):

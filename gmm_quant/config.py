@@ -1,0 +1,151 @@
+"""Experiment configuration: one frozen dataclass, validated before any training.
+
+Each experiment is a module in ``gmm_quant/configs/`` with ``get_config() -> Config`` and a docstring
+giving its command, runtime on 2 CPU cores and expected result. Every field can be overridden on the
+command line (``--tau 0.01``, ``--keep-float 'layers/2/'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import pkgutil
+
+from gmm_quant.codebook import ASSIGNMENTS
+from gmm_quant.data import DATASETS
+
+STAGES = ("pretrain", "retrain", "compress", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # --- data and model ---
+    model: str = "digits_mlp"  # a name in models.MODELS
+    dataset: str = "digits"  # "digits" (bundled with scikit-learn) or "mnist" (IDX files, --data-dir)
+    train_subset: int = 0  # use only the first N training examples (0 = all)
+    seed: int = 0  # model init and batch order
+    batch_size: int = 64  # mini-batch size of every stage
+    # --- stage 1: pretraining ---
+    pretrain_epochs: int = 30  # 0 skips pretraining (e.g. with --pretrained)
+    pretrain_lr: float = 1e-3  # Adam learning rate
+    # --- stage 2: retraining with the mixture prior ---
+    retrain_epochs: int = 100  # epochs of joint training of weights and mixture
+    tau: float = 2e-3  # prior strength; loss = mean task loss + tau / N * complexity
+    warmup_epochs: int = 5  # tau rises linearly from 0 over these epochs
+    lr_weights: float = 5e-4  # Adam learning rate of the weights while retraining
+    lr_means: float = 1e-4  # ... of the free component means
+    lr_log_precisions: float = 3e-3  # ... of the log-precisions
+    lr_mixing: float = 3e-3  # ... of the mixing logits
+    num_components: int = 17  # J, including the zero component
+    pi_zero: float = 0.999  # mixing proportion of the zero component
+    learn_pi_zero: bool = False  # learn pi_0 under a Beta hyper-prior
+    zero_gamma: tuple[float, float] = (500.0, 0.1)  # Gamma(alpha, beta) on the zero precision
+    gamma: tuple[float, float] = (50.0, 0.01)  # Gamma(alpha, beta) on the other precisions
+    init_std: float = 0.0  # initial component std (0 = weight range / 5)
+    keep_float: tuple[str, ...] = ()  # regexes of weight paths kept float32 (no prior, no codebook)
+    # --- stage 3: compression ---
+    assignment: str = "nearest"  # "nearest" centre or maximum "responsibility"
+    prune_threshold: float = 0.0  # prune components with <= this many members (< 1: fraction)
+    merge_kl: float = 0.0  # merge components closer than this KL (0 = no merging)
+    # --- stage 4: codebook fine-tuning ---
+    finetune_epochs: int = 10  # epochs of centre fine-tuning (0 skips)
+    finetune_lr: float = 1e-4  # Adam learning rate of the centres (and biases)
+
+    def fingerprint(self) -> str:
+        """Hash of every field: checkpoints are only resumed under the same config."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field."""
+
+
+def _check(cond: bool, field: str, message: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"invalid config field {field!r} = {value!r}: {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject invalid values before any training, naming the field."""
+    import models
+
+    _check(
+        cfg.model in models.MODELS,
+        "model",
+        f"unknown model; choose one of {sorted(models.MODELS)}",
+        cfg.model,
+    )
+    _check(cfg.dataset in DATASETS, "dataset", f"unknown dataset; choose one of {DATASETS}", cfg.dataset)
+    _check(cfg.assignment in ASSIGNMENTS, "assignment", f"choose one of {ASSIGNMENTS}", cfg.assignment)
+    _check(cfg.tau >= 0, "tau", "must be >= 0", cfg.tau)
+    _check(cfg.num_components >= 2, "num_components", "must be >= 2 (zero + one free)", cfg.num_components)
+    _check(0 < cfg.pi_zero < 1, "pi_zero", "must be in (0, 1)", cfg.pi_zero)
+    _check(cfg.batch_size >= 1, "batch_size", "must be >= 1", cfg.batch_size)
+    for name in ("pretrain_epochs", "retrain_epochs", "warmup_epochs", "finetune_epochs", "train_subset"):
+        _check(getattr(cfg, name) >= 0, name, "must be >= 0", getattr(cfg, name))
+    for name in ("pretrain_lr", "lr_weights", "lr_means", "lr_log_precisions", "lr_mixing", "finetune_lr"):
+        _check(getattr(cfg, name) > 0, name, "must be > 0", getattr(cfg, name))
+    for name in ("zero_gamma", "gamma"):
+        value = getattr(cfg, name)
+        _check(len(value) == 2 and min(value) > 0, name, "needs two values > 0 (alpha, beta)", value)
+    _check(cfg.init_std >= 0, "init_std", "must be >= 0", cfg.init_std)
+    _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
+    _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
+    return cfg
+
+
+def check_threshold(cfg: Config, layer_sizes: dict) -> None:
+    """A count threshold above a quantised layer's size would prune every component."""
+    for path, size in layer_sizes.items():
+        t = cfg.prune_threshold
+        _check(t < 1 or t < size, "prune_threshold", f"exceeds the {size} weights of layer {path}", t)
+
+
+def available() -> list[str]:
+    from gmm_quant import configs
+
+    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+
+
+def load(name: str) -> Config:
+    """The config of experiment ``name`` (a module in ``gmm_quant/configs``)."""
+    if name not in available():
+        raise ConfigError(f"unknown config {name!r}; choose one of {available()}")
+    return importlib.import_module(f"gmm_quant.configs.{name}").get_config()
+
+
+def _parse(field: dataclasses.Field, text: str):
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("tuple[float"):
+            return tuple(float(v) for v in text.split(","))
+        if kind.startswith("tuple[str"):
+            return tuple(v for v in text.split(",") if v)
+        return text
+    except ValueError:
+        raise ConfigError(f"invalid config field {field.name!r} = {text!r}: expected {kind}") from None
+
+
+def override(cfg: Config, values: dict) -> Config:
+    """``cfg`` with fields replaced from ``{name: string}`` (command-line text), then validated."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    changes = {}
+    for name, text in values.items():
+        if name not in fields:
+            raise ConfigError(f"unknown config field {name!r}")
+        changes[name] = _parse(fields[name], text) if isinstance(text, str) else text
+    return validate(dataclasses.replace(cfg, **changes))
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(Config))
