@@ -1,0 +1,184 @@
+"""``train_and_evaluate(config, workdir)``: the whole pipeline with checkpoints, report and files.
+
+Stages: pretrain -> retrain with the prior -> compress -> fine-tune the codebooks -> evaluate -> save
+``model.gqz``, ``metrics.json``, figures (and ``model.onnx`` when onnx is installed). Every epoch of
+every training stage is checkpointed; running the same command again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import time
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+import models
+from gmm_quant import accounting, codebook, data, loop, pipeline, report, storage
+from gmm_quant import checkpoint as ckpt
+from gmm_quant import config as cfgm
+from gmm_quant.mixture import MixtureConfig
+from gmm_quant.objective import LearningRates
+from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
+
+
+def build_plan(cfg: cfgm.Config, params):
+    mixture = MixtureConfig(
+        num_components=cfg.num_components,
+        pi_zero=cfg.pi_zero,
+        learn_pi_zero=cfg.learn_pi_zero,
+        zero_gamma=tuple(cfg.zero_gamma),
+        gamma=tuple(cfg.gamma),
+        init_std=cfg.init_std or None,
+    )
+    rules = (
+        DEFAULT_RULES[0],
+        *(Rule(p, keep_float=True) for p in cfg.keep_float),
+        Rule(".*", prune_threshold=cfg.prune_threshold, merge_kl=cfg.merge_kl or None),
+    )
+    return make_plan(params, rules, mixture)
+
+
+def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, start_from=None):
+    """Train one stage with per-epoch checkpoints; resumes from the latest one. Returns TrainState."""
+    loss, optimizer, trainable = setup
+    store = ckpt.StageCheckpoints(workdir, name)
+    state = loop.init_state(trainable, optimizer)
+    done = store.latest_epoch() or 0
+    if done:
+        state = store.restore(done, state)
+    bar = tqdm(total=epochs, initial=done, desc=name, disable=not progress, unit="epoch")
+
+    def on_epoch(epoch, st, metrics):
+        store.save(epoch + 1, st)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.4f}")
+        bar.update()
+
+    state = pipeline.run_epochs(
+        loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        name=name, state=state, start_epoch=done, on_epoch=on_epoch,
+    )  # fmt: skip
+    bar.close()
+    store.close()
+    return state
+
+
+def _load_pretrained(path, like):
+    """Params from another work directory's finished pretraining, or a ``.gqz`` file."""
+    path = pathlib.Path(path)
+    if path.suffix == ".gqz":
+        return storage.load_compressed(path).params(like)
+    store = ckpt.StageCheckpoints(path, "pretrain")
+    epoch = store.latest_epoch()
+    if epoch is None:
+        raise FileNotFoundError(f"no pretraining checkpoint under {path}/checkpoints/pretrain")
+    import optax
+
+    state = store.restore(epoch, loop.init_state(like, optax.adam(1e-3)))
+    store.close()
+    return state.trainable
+
+
+def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=None, progress=True,
+                       overwrite=False, export_onnx=True) -> dict:  # fmt: skip
+    """Run every stage of ``cfg`` in ``workdir``; returns the metrics written to metrics.json."""
+    cfgm.validate(cfg)
+    workdir = pathlib.Path(workdir)
+    if overwrite and workdir.exists():
+        shutil.rmtree(workdir)
+    graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
+    plan = build_plan(cfg, params)
+    cfgm.check_threshold(cfg, {p: int(np.size(flatten(params)[p])) for p in plan.quantised()})
+    ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
+    ckpt.claim_workdir(workdir, cfg)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    train = (ds.x_train, ds.y_train)
+    n = ds.x_train.shape[0]
+    errors, times = {}, {}
+
+    def error(p):
+        return loop.error_rate(apply_fn, p, ds.x_test, ds.y_test)
+
+    t0 = time.perf_counter()
+    if pretrained is not None:
+        params = _load_pretrained(pretrained, params)
+    if cfg.pretrain_epochs:
+        setup = pipeline.pretrain_setup(apply_fn, params, learning_rate=cfg.pretrain_lr)
+        params = _run_stage(workdir, "pretrain", setup, train, cfg, cfg.pretrain_epochs, progress).trainable
+    errors["pretrained"], times["pretrain"] = error(params), time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
+    setup = pipeline.retrain_setup(
+        apply_fn, params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1), tau=cfg.tau,
+        warmup_epochs=cfg.warmup_epochs, rates=rates,
+    )  # fmt: skip
+    state = _run_stage(workdir, "retrain", setup, train, cfg, cfg.retrain_epochs, progress)
+    mixtures, retrained = state.trainable["mixtures"], state.trainable["params"]
+    errors["retrained"], times["retrain"] = error(retrained), time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=cfg.assignment)
+    errors["compressed"] = error(snapped)
+
+    if cfg.finetune_epochs:
+        loss, opt, trainable, build = pipeline.finetune_setup(
+            apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr
+        )
+        state = _run_stage(
+            workdir, "finetune", (loss, opt, trainable), train, cfg, cfg.finetune_epochs, progress
+        )
+        final = build(state.trainable)
+        codebooks = pipeline.ft.updated_codebooks(codebooks, state.trainable["centres"])
+    else:
+        final = snapped
+    errors["finetuned"], times["compress_finetune"] = error(final), time.perf_counter() - t0
+
+    float_leaves = {p: np.asarray(v) for p, v in flatten(final).items() if p not in codebooks}
+    summary = accounting.summarize(codebooks, float_leaves)
+    model_path = workdir / "model.gqz"
+    storage.save_compressed(model_path, codebooks, final, model=cfg.model, config=_jsonable(cfg))
+    extra = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "seconds": times,
+        "file_bytes": model_path.stat().st_size,
+    }
+    if export_onnx:
+        extra["onnx"] = _export(model_path, workdir, ds.x_test[:64])
+    metrics = report.metrics_dict(errors, summary, extra)
+    report.write_metrics(workdir, metrics)
+    _figures(workdir, plan, mixtures, params, retrained)
+    return metrics
+
+
+def _jsonable(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _export(model_path, workdir, sample):
+    try:
+        from gmm_quant import export
+    except ImportError as err:  # onnx is an optional extra
+        return {"skipped": f"onnx not installed ({err})"}
+    out = workdir / "model.onnx"
+    info = export.export_file(model_path, out, sample=sample)
+    return {"path": str(out), **info}
+
+
+def _figures(workdir, plan, mixtures, before, after):
+    group = next(iter(plan.mixtures))
+    cfg, state = plan.mixtures[group], mixtures[group]
+    paths = plan.group_paths(group)
+    fb, fa = flatten(before), flatten(after)
+    w0 = np.concatenate([np.asarray(fb[p]).ravel() for p in paths])
+    w1 = np.concatenate([np.asarray(fa[p]).ravel() for p in paths])
+    comps = codebook.assign(cfg, state, w1)
+    report.plot_figures(workdir, cfg, state, w0, w1, comps)

@@ -1,0 +1,163 @@
+"""The compressed model file (``.gqz``): one file, versioned, checksummed, no pickle.
+
+Layout (little-endian)::
+
+    b"GMMQ"  u16 version  u32 header_length  32-byte sha256(header)  header (UTF-8 JSON)  payload
+
+The header lists every leaf: quantised leaves as ``centres`` (float32 [k]) and ``indices`` bit-packed
+at ceil(log2 k) bits per weight; float leaves as raw float32. It also records the model name, the
+config and the payload's sha256. Loading checks the magic, the version, both checksums, every offset
+and every shape, and raises ``CorruptFile`` naming the problem; it never returns silently wrong
+weights. Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+from gmm_quant.checkpoint import write_atomic
+from gmm_quant.codebook import Codebook, index_dtype
+from gmm_quant.rules import flatten, replace_leaves
+
+MAGIC = b"GMMQ"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHI32s")
+
+
+class CorruptFile(ValueError):
+    """A compressed file that does not parse, fails its checksum, or does not fit the model."""
+
+
+def bits_for(k: int) -> int:
+    return max(1, math.ceil(math.log2(k)))
+
+
+def pack_bits(indices: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned integers < 2**bits into a little-endian bit stream."""
+    flat = np.asarray(indices, np.uint32).ravel()
+    planes = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.ravel(), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little", count=count * bits)
+    weights = (1 << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
+    return planes.reshape(count, bits).astype(np.uint32) @ weights
+
+
+class Compressed(NamedTuple):
+    """What a ``.gqz`` file holds."""
+
+    codebooks: dict  # {path: Codebook}
+    float_leaves: dict  # {path: float32 array}
+    model: str | None
+    config: dict | None
+
+    def params(self, like):
+        """``like`` (a params pytree of the right structure) with every leaf taken from the file."""
+        flat = flatten(like)
+        stored = {**{p: cb.dequantize() for p, cb in self.codebooks.items()}, **self.float_leaves}
+        missing = sorted(set(flat) - set(stored))
+        extra = sorted(set(stored) - set(flat))
+        if missing or extra:
+            raise CorruptFile(f"file does not fit the model: missing {missing}, unexpected {extra}")
+        for path, leaf in flat.items():
+            if tuple(np.shape(leaf)) != stored[path].shape:
+                raise CorruptFile(
+                    f"shape mismatch for {path}: file has {stored[path].shape}, model has {np.shape(leaf)}"
+                )
+        return replace_leaves(like, stored)
+
+
+def save_compressed(path, codebooks: dict, params, *, model: str | None = None, config: dict | None = None):
+    """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``."""
+    chunks, leaves, offset = [], [], 0
+
+    def add(data: bytes) -> dict:
+        nonlocal offset
+        chunks.append(data)
+        entry = {"offset": offset, "nbytes": len(data)}
+        offset += len(data)
+        return entry
+
+    for name, leaf in flatten(params).items():
+        if name in codebooks:
+            cb = codebooks[name]
+            k, bits = len(cb.centres), bits_for(len(cb.centres))
+            centres = add(np.asarray(cb.centres, "<f4").tobytes())
+            indices = add(pack_bits(cb.indices, bits))
+            entry = {"kind": "codebook", "k": k, "bits": bits, "centres": centres, "indices": indices}
+        else:
+            entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
+        leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
+    payload = b"".join(chunks)
+    header = json.dumps(
+        {
+            "format": "gmm_quant",
+            "version": VERSION,
+            "model": model,
+            "config": config,
+            "leaves": leaves,
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        }
+    ).encode()
+    prefix = _PREFIX.pack(MAGIC, VERSION, len(header), hashlib.sha256(header).digest())
+    write_atomic(path, prefix + header + payload)
+
+
+def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
+    if len(raw) < _PREFIX.size:
+        raise CorruptFile(f"{path}: truncated ({len(raw)} bytes), not a gmm_quant compressed file")
+    magic, version, length, digest = _PREFIX.unpack_from(raw)
+    if magic != MAGIC:
+        raise CorruptFile(f"{path}: not a gmm_quant compressed file (magic {magic!r})")
+    if version != VERSION:
+        raise CorruptFile(f"{path}: format version {version}, this gmm_quant reads version {VERSION}")
+    header = raw[_PREFIX.size : _PREFIX.size + length]
+    if len(header) != length or hashlib.sha256(header).digest() != digest:
+        raise CorruptFile(f"{path}: header checksum mismatch (file truncated or corrupt)")
+    payload = raw[_PREFIX.size + length :]
+    meta = json.loads(header)
+    if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
+        raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
+    return meta, payload
+
+
+def _slice(payload: bytes, entry: dict, path, name) -> bytes:
+    start, size = entry["offset"], entry["nbytes"]
+    if start < 0 or start + size > len(payload):
+        raise CorruptFile(f"{path}: leaf {name} points outside the payload")
+    return payload[start : start + size]
+
+
+def load_compressed(path) -> Compressed:
+    """Read a ``.gqz`` file; raises ``CorruptFile`` with the reason if anything is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    meta, payload = _read_header(raw, path)
+    codebooks, floats = {}, {}
+    for leaf in meta["leaves"]:
+        name, shape = leaf["path"], tuple(leaf["shape"])
+        count = math.prod(shape)
+        if leaf["kind"] == "codebook":
+            centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
+            if centres.size != leaf["k"] or leaf["bits"] != bits_for(leaf["k"]):
+                raise CorruptFile(
+                    f"{path}: codebook of {name} has {centres.size} centres, header says {leaf['k']}"
+                )
+            indices = unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
+            if indices.size and indices.max() >= centres.size:
+                raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
+            codebooks[name] = Codebook(centres, indices.astype(index_dtype(centres.size)).reshape(shape))
+        else:
+            data = np.frombuffer(_slice(payload, leaf["data"], path, name), "<f4")
+            if data.size != count:
+                raise CorruptFile(f"{path}: {name} holds {data.size} values, shape {shape} needs {count}")
+            floats[name] = data.astype(np.float32).reshape(shape)
+    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"))

@@ -1,0 +1,65 @@
+"""Command line: ``python -m gmm_quant.train --config digits_mlp --workdir runs/digits``.
+
+Parses flags (every config field is a flag: ``--tau 0.01``, ``--retrain-epochs 20``) and calls
+``gmm_quant.run.train_and_evaluate``. Prints the per-layer table at the end; writes ``metrics.json``,
+``model.gqz``, ``model.onnx`` and figures into the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gmm_quant import config as cfgm
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m gmm_quant.train",
+        description="Compress a model by soft weight-sharing: pretrain, retrain with the mixture prior, "
+        "compress to per-layer codebooks, fine-tune, evaluate, save and export.",
+    )
+    ap.add_argument("--config", default="digits_mlp", help=f"experiment: one of {cfgm.available()}")
+    ap.add_argument("--workdir", default=None, help="where checkpoints and results go (default runs/CONFIG)")
+    ap.add_argument(
+        "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
+    )
+    ap.add_argument("--pretrained", default=None, help="start from this workdir's pretraining or a .gqz file")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="delete the workdir's previous checkpoints first"
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    group = ap.add_argument_group("config overrides (defaults come from --config)")
+    for field in cfgm.fields():
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"set_{field.name}", metavar="VALUE")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    try:
+        cfg = cfgm.override(cfgm.load(args.config), overrides)
+    except cfgm.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from gmm_quant import report
+    from gmm_quant.run import train_and_evaluate
+
+    workdir = args.workdir or f"runs/{args.config}"
+    try:
+        metrics = train_and_evaluate(
+            cfg, workdir, data_dir=args.data_dir, pretrained=args.pretrained,
+            progress=not args.no_progress, overwrite=args.overwrite, export_onnx=not args.no_onnx,
+        )  # fmt: skip
+    except (cfgm.ConfigError, FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.format_table(metrics))
+    print(f"results in {workdir}/ (metrics.json, model.gqz, weights.png, scatter.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
