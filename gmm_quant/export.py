@@ -1,0 +1,175 @@
+"""ONNX export of a compressed model, verified in ONNX Runtime before the file is written.
+
+    python -m gmm_quant.export WORKDIR_OR_FILE -o model.onnx [--encoding codebook|grid]
+
+Two weight encodings for quantised layers:
+
+* ``codebook`` (any centres): indices as UINT4 (k <= 16) or UINT8 initializers, then
+  ``Cast(to=INT32) -> Gather(centres)`` feeding the layer's MatMul/Conv. The file holds packed indices.
+* ``grid`` (centres exactly ``scale * (q - zero_point)``, see ``grid.py``): ``DequantizeLinear`` of
+  UINT4 (or UINT8) codes. Refused with a clear error when a layer's centres are not on a grid.
+
+The graph is built from the traced model (``onnx_graph``), checked with ``onnx.checker`` (full check,
+shape inference), run in onnxruntime on a sample batch, and written atomically only if its outputs
+match JAX within ``tolerance`` (1e-4 absolute by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import onnx
+from flax import nnx
+from onnx import TensorProto, numpy_helper
+
+from gmm_quant import grid, onnx_graph, storage
+from gmm_quant.checkpoint import write_atomic
+from gmm_quant.rules import flatten
+
+OPSET = 21
+ENCODINGS = ("codebook", "grid")
+
+
+class ExportMismatch(RuntimeError):
+    """ONNX Runtime's outputs differ from JAX's beyond the tolerance."""
+
+
+def _codes_initializer(name, codes, bits_max):
+    dtype = ml_dtypes.uint4 if bits_max <= 16 else np.uint8
+    return numpy_helper.from_array(np.ascontiguousarray(codes).astype(dtype), name)
+
+
+def codebook_encoder(codebook):
+    def encode(conv, path, perm):
+        base = f"{path.replace('/', '_')}"
+        idx = np.transpose(np.asarray(codebook.indices), perm)
+        conv.initializers.append(
+            _codes_initializer(conv.fresh(base + "_indices"), idx, len(codebook.centres))
+        )
+        idx_name = conv.initializers[-1].name
+        centres = conv.const(np.asarray(codebook.centres, np.float32), base + "_centres")
+        as_int = conv.node("Cast", [idx_name], hint=base + "_idx32", to=TensorProto.INT32)
+        return conv.node("Gather", [centres, as_int], hint=base)
+
+    return encode
+
+
+def grid_encoder(codebook):
+    g = grid.fit(codebook.centres)
+    if g is None:
+        raise ValueError("centres are not on an evenly spaced grid containing zero; use --encoding codebook")
+    scale, zero_point, levels = g
+
+    def encode(conv, path, perm):
+        base = f"{path.replace('/', '_')}"
+        codes = (levels[np.transpose(np.asarray(codebook.indices), perm)] + zero_point).astype(np.uint8)
+        limit = 16 if codes.max() < 16 and zero_point < 16 else 256
+        conv.initializers.append(_codes_initializer(conv.fresh(base + "_q"), codes, limit))
+        q_name = conv.initializers[-1].name
+        scale_name = conv.const(np.float32(scale), base + "_scale")
+        conv.initializers.append(_codes_initializer(conv.fresh(base + "_zp"), np.asarray(zero_point), limit))
+        return conv.node("DequantizeLinear", [q_name, scale_name, conv.initializers[-1].name], hint=base)
+
+    return encode
+
+
+def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -> onnx.ModelProto:
+    """ONNX model of ``apply_fn(params, x)`` with the leaves in ``codebooks`` stored compressed."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = list(flatten(params))
+    leaves = [np.asarray(leaf) for _, leaf in flat]
+    make = codebook_encoder if encoding == "codebook" else grid_encoder
+    encoders = {}
+    for path, cb in codebooks.items():
+        try:
+            encoders[path] = make(cb)
+        except ValueError as err:
+            raise ValueError(f"layer {path}: {err}") from None
+
+    def fn(leaves, x):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), x)
+
+    model = onnx_graph.convert(fn, leaves, paths, encoders, np.asarray(sample, np.float32), opset=OPSET)
+    onnx.checker.check_model(model, full_check=True)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def run_onnx(model: onnx.ModelProto, x) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": np.asarray(x, np.float32)})[0]
+
+
+def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
+    """Max abs difference ONNX Runtime vs JAX on ``x``; raises ExportMismatch above ``tolerance``."""
+    ours = run_onnx(model, x)
+    ref = np.asarray(jax.jit(apply_fn)(params, np.asarray(x, np.float32)))
+    diff = float(np.max(np.abs(ours - ref)))
+    if not diff <= tolerance:
+        raise ExportMismatch(f"ONNX Runtime differs from JAX by {diff:.3g} (> {tolerance}); file not written")
+    return diff
+
+
+def export(apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4) -> dict:
+    """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff."""
+    model = to_onnx(apply_fn, params, codebooks, sample[:1], encoding=encoding)
+    diff = verify(model, apply_fn, params, sample, tolerance)
+    data = model.SerializeToString()
+    write_atomic(pathlib.Path(path), data)
+    return {"bytes": len(data), "max_abs_diff": diff, "encoding": encoding}
+
+
+def load_model_file(path):
+    """(apply_fn, params, codebooks) rebuilt from a ``.gqz`` file of a model in ``models/``."""
+    import models
+
+    compressed = storage.load_compressed(path)
+    if compressed.model is None:
+        raise ValueError(f"{path} does not name its model; export from Python with gmm_quant.export.export")
+    graphdef, like = nnx.split(models.create(compressed.model), nnx.Param)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    return apply_fn, compressed.params(like), compressed.codebooks, compressed
+
+
+def export_file(model_path, out_path, *, sample=None, encoding="codebook", tolerance=1e-4) -> dict:
+    """Export a ``.gqz`` file; ``sample`` defaults to random inputs of the dataset's shape."""
+    apply_fn, params, codebooks, compressed = load_model_file(model_path)
+    if sample is None:
+        shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
+        sample = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
+    return export(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gmm_quant.export", description=__doc__.splitlines()[0])
+    ap.add_argument("source", help="a work directory (uses its model.gqz) or a .gqz file")
+    ap.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    ap.add_argument("--encoding", choices=ENCODINGS, default="codebook")
+    ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed vs JAX")
+    args = ap.parse_args(argv)
+    source = pathlib.Path(args.source)
+    model_path = source / "model.gqz" if source.is_dir() else source
+    try:
+        info = export_file(model_path, args.output, encoding=args.encoding, tolerance=args.tolerance)
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {info['bytes']} bytes, max |ONNX - JAX| = {info['max_abs_diff']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
