@@ -25,10 +25,12 @@ from gmm_quant.objective import (
 )
 from gmm_quant.pipeline import cross_entropy, finetune, pretrain, retrain
 from gmm_quant.rules import DEFAULT_RULES, Plan, Rule, make_plan
+from gmm_quant.storage import CorruptFile, load_compressed, save_compressed
 
 __all__ = [
     "DEFAULT_RULES",
     "Codebook",
+    "CorruptFile",
     "LearningRates",
     "MixtureConfig",
     "MixtureState",
@@ -43,6 +45,7 @@ __all__ = [
     "init_mixtures",
     "joint_loss",
     "joint_optimizer",
+    "load_compressed",
     "log_density",
     "log_prob",
     "make_codebook",
@@ -51,6 +54,7 @@ __all__ = [
     "responsibilities",
     "retrain",
     "sample_params",
+    "save_compressed",
     "snap",
     "tau_schedule",
 ]

@@ -42,3 +42,13 @@ def fit(centres):
                 return scale, zero_point, levels
         break
     return None
+
+
+def to_grid(codebook, bits: int = 4):
+    """``codebook`` with its centres rounded onto a signed ``bits``-bit grid (equal centres merged)."""
+    from gmm_quant.codebook import make_codebook
+
+    scale = np.float32(grid_scale(codebook.centres, bits))
+    levels = np.round(np.asarray(codebook.centres) / scale)
+    centres = (levels * scale).astype(np.float32)
+    return make_codebook(centres[codebook.indices], centres)

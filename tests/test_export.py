@@ -1,0 +1,105 @@
+"""ONNX export: outputs equal JAX's on real MNIST images, files hold packed indices, bad input refused."""
+
+import numpy as np
+import onnx
+import pytest
+from flax import nnx
+
+import gmm_quant as gq
+import models
+from gmm_quant import data, export, grid, storage
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_dir):
+    return data.load_mnist(mnist_dir).x_test[:1000]
+
+
+def _kernels(params):
+    return [p for p in gq.rules.flatten(params) if p.endswith("kernel")]
+
+
+def _compressed(name, on_grid):
+    graphdef, params = nnx.split(models.create(name), nnx.Param)
+    # a 16-component mixture per layer: 9..16 codes per layer, i.e. 4 bits both packed and in UINT4
+    own = gq.MixtureConfig(num_components=16)
+    rules = (gq.Rule("bias$", keep_float=True), *(gq.Rule(f"^{p}$", mixture=own) for p in _kernels(params)))
+    plan = gq.make_plan(params, rules=rules)
+    codebooks, _ = gq.compress(plan, gq.init_mixtures(plan, params), params)
+    if on_grid:
+        codebooks = {p: grid.to_grid(cb, bits=4) for p, cb in codebooks.items()}
+    snapped = gq.dequantize(codebooks, params)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    return apply_fn, snapped, codebooks
+
+
+@pytest.mark.parametrize("name", ["lenet300_100", "lenet5_caffe"])
+@pytest.mark.parametrize("encoding", ["codebook", "grid"])
+def test_onnx_matches_jax_on_mnist(name, encoding, mnist_test):
+    apply_fn, params, codebooks = _compressed(name, on_grid=encoding == "grid")
+    model = export.to_onnx(apply_fn, params, codebooks, mnist_test[:1], encoding=encoding)
+    ops = [n.op_type for n in model.graph.node]
+    assert ("DequantizeLinear" in ops) == (encoding == "grid") and ("Gather" in ops) == (
+        encoding == "codebook"
+    )
+    # batch dimension is symbolic
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    # no duplicate nodes, no dead nodes
+    signatures = [(n.op_type, tuple(n.input), str(n.attribute)) for n in model.graph.node]
+    assert len(set(signatures)) == len(signatures)
+    used = {i for n in model.graph.node for i in n.input} | {"output"}
+    assert all(o in used for n in model.graph.node for o in n.output)
+    # quantised weights are stored as 4-bit codes, never as float matrices
+    floats = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert max(int(np.prod(i.dims)) for i in floats) <= 500  # biases and codebooks only
+    for batch in (1, 7, 256):
+        for start in range(0, 1000, batch * 4 if batch < 256 else batch):
+            x = mnist_test[start : start + batch]
+            if len(x) == batch:
+                diff = np.abs(export.run_onnx(model, x) - np.asarray(apply_fn(params, x))).max()
+                assert diff <= 1e-5, (batch, diff)
+    # the file is at most 1.1x the plain packed size of its weights plus float leaves
+    packed = sum(storage.bits_for(len(cb.centres)) * cb.indices.size / 8 for cb in codebooks.values())
+    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(params).items() if k not in codebooks)
+    assert len(model.SerializeToString()) <= 1.1 * (packed + floats)
+
+
+def test_export_refuses_to_write_when_outputs_differ(tmp_path, mnist_test, monkeypatch):
+    apply_fn, params, codebooks = _compressed("lenet300_100", on_grid=False)
+    run = export.run_onnx
+    monkeypatch.setattr(export, "run_onnx", lambda model, x: run(model, x) + 2e-4)  # a runtime that is off
+    out = tmp_path / "m.onnx"
+    with pytest.raises(export.ExportMismatch, match="file not written"):
+        export.export(apply_fn, params, codebooks, mnist_test[:16], out)
+    assert not out.exists()
+
+
+def test_grid_encoding_refuses_off_grid_centres(mnist_test):
+    apply_fn, params, codebooks = _compressed("lenet300_100", on_grid=False)
+    with pytest.raises(ValueError, match="not on an evenly spaced grid"):
+        export.to_onnx(apply_fn, params, codebooks, mnist_test[:1], encoding="grid")
+
+
+def test_export_command_from_a_compressed_file(tmp_path, mnist_test):
+    apply_fn, params, codebooks = _compressed("lenet5_caffe", on_grid=False)
+    storage.save_compressed(tmp_path / "model.gqz", codebooks, params, model="lenet5_caffe")
+    assert export.main([str(tmp_path), "-o", str(tmp_path / "m.onnx")]) == 0
+    model = onnx.load(tmp_path / "m.onnx")
+    np.testing.assert_allclose(
+        export.run_onnx(model, mnist_test[:32]), np.asarray(apply_fn(params, mnist_test[:32])), atol=1e-5
+    )
+
+
+def test_user_defined_model_with_unsupported_op_names_the_primitive(mnist_test):
+    import jax.numpy as jnp
+
+    graphdef, params = nnx.split(models.create("lenet300_100"), nnx.Param)
+
+    def apply_fn(p, x):
+        return jnp.sort(nnx.merge(graphdef, p)(x), axis=-1)
+
+    with pytest.raises(NotImplementedError, match="sort"):
+        export.to_onnx(apply_fn, params, {}, mnist_test[:1])

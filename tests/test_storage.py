@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+from flax import nnx
+
+import gmm_quant as gq
+import models
+from gmm_quant import storage
+
+
+@pytest.fixture(scope="module")
+def compressed_model(tmp_path_factory):
+    graphdef, params = nnx.split(models.create("lenet5_caffe"), nnx.Param)
+    plan = gq.make_plan(params)
+    codebooks, snapped = gq.compress(plan, gq.init_mixtures(plan, params), params)
+    path = tmp_path_factory.mktemp("gqz") / "model.gqz"
+    storage.save_compressed(path, codebooks, snapped, model="lenet5_caffe", config={"seed": 0})
+    return path, codebooks, snapped
+
+
+def test_round_trip_is_bit_identical(compressed_model):
+    path, codebooks, snapped = compressed_model
+    loaded = gq.load_compressed(path)
+    assert loaded.model == "lenet5_caffe" and loaded.config == {"seed": 0}
+    like = nnx.split(models.create("lenet5_caffe", seed=1), nnx.Param)[1]
+    restored = gq.rules.flatten(loaded.params(like))
+    for name, leaf in gq.rules.flatten(snapped).items():
+        np.testing.assert_array_equal(restored[name], np.asarray(leaf))
+        assert restored[name].dtype == np.float32
+    for name, cb in codebooks.items():
+        np.testing.assert_array_equal(loaded.codebooks[name].indices, cb.indices)
+
+
+def test_indices_are_bit_packed(compressed_model):
+    path, codebooks, snapped = compressed_model
+    packed = sum(storage.bits_for(len(cb.centres)) * cb.indices.size for cb in codebooks.values()) / 8
+    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(snapped).items() if k not in codebooks)
+    assert path.stat().st_size < 1.05 * (packed + floats) + 4096
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+def test_pack_unpack(bits):
+    values = np.random.default_rng(bits).integers(0, 2**bits, 1001)
+    np.testing.assert_array_equal(storage.unpack_bits(storage.pack_bits(values, bits), bits, 1001), values)
+
+
+def _corrupt(path, tmp_path, how):
+    raw = bytearray(path.read_bytes())
+    if how == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif how == "flipped payload byte":
+        raw[-100] ^= 0x01
+    elif how == "flipped header byte":
+        raw[60] ^= 0x01
+    elif how == "version":
+        raw[4] = 99
+    elif how == "not ours":
+        raw[:4] = b"PK\x03\x04"
+    out = tmp_path / f"{how}.gqz"
+    out.write_bytes(bytes(raw))
+    return out
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "checksum mismatch"),
+        ("flipped payload byte", "payload checksum mismatch"),
+        ("flipped header byte", "header checksum mismatch"),
+        ("version", "format version 99"),
+        ("not ours", "not a gmm_quant compressed file"),
+    ],
+)
+def test_corrupt_files_are_refused_with_the_reason(compressed_model, tmp_path, how, message):
+    path = _corrupt(compressed_model[0], tmp_path, how)
+    with pytest.raises(storage.CorruptFile, match=message):
+        gq.load_compressed(path)
+
+
+def test_tiny_file_is_refused(tmp_path):
+    path = tmp_path / "empty.gqz"
+    path.write_bytes(b"GMM")
+    with pytest.raises(storage.CorruptFile, match="truncated"):
+        gq.load_compressed(path)
+
+
+def test_shape_mismatch_is_refused(compressed_model):
+    loaded = gq.load_compressed(compressed_model[0])
+    other = nnx.split(models.create("lenet300_100"), nnx.Param)[1]
+    with pytest.raises(storage.CorruptFile, match="does not fit the model"):
+        loaded.params(other)
+    like = nnx.split(models.create("lenet5_caffe"), nnx.Param)[1]
+    bad = loaded._replace(float_leaves={**loaded.float_leaves, "fc2/bias": np.zeros(11, np.float32)})
+    with pytest.raises(storage.CorruptFile, match="shape mismatch for fc2/bias"):
+        bad.params(like)
+
+
+def test_write_is_atomic(compressed_model, tmp_path, monkeypatch):
+    path, codebooks, snapped = compressed_model
+    target = tmp_path / "m.gqz"
+    target.write_bytes(b"previous good file")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", boom)  # the write fails before the rename
+    with pytest.raises(OSError, match="disk full"):
+        storage.save_compressed(target, codebooks, snapped)
+    assert target.read_bytes() == b"previous good file"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gqz"]  # no temporary file left behind
