@@ -61,7 +61,7 @@ def step_times(model_name, batch, steps, repeats):
     """Median seconds per step, without and with the prior, runs interleaved."""
     runs = {flag: _setup(model_name, batch, steps, flag) for flag in (False, True)}
     times = {False: [], True: []}
-    for flag, (epoch, state, x, y) in runs.items():  # compile and warm up
+    for epoch, state, x, y in runs.values():  # compile and warm up
         jax.block_until_ready(epoch(state, x, y, loop.epoch_key(0, 0)))
     for r in range(repeats):
         for flag, (epoch, state, x, y) in runs.items():
@@ -102,7 +102,7 @@ def memory_child(n):
     cfg = mx.MixtureConfig()
     state = mx.init_mixture(cfg, init_range=(-0.2, 0.2))
     fn = jax.jit(jax.value_and_grad(lambda w: mx.complexity(cfg, state, w)))
-    value, grad = jax.block_until_ready(fn(w))
+    _value, _grad = jax.block_until_ready(fn(w))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"weights_mb": n * 4 / 2**20, "base_mb": base / 1024, "peak_mb": peak / 1024}))
 

@@ -9,7 +9,7 @@ from gmm_quant import storage
 
 @pytest.fixture(scope="module")
 def compressed_model(tmp_path_factory):
-    graphdef, params = nnx.split(models.create("lenet5_caffe"), nnx.Param)
+    _graphdef, params = nnx.split(models.create("lenet5_caffe"), nnx.Param)
     plan = gq.make_plan(params)
     codebooks, snapped = gq.compress(plan, gq.init_mixtures(plan, params), params)
     path = tmp_path_factory.mktemp("gqz") / "model.gqz"
@@ -95,7 +95,7 @@ def test_shape_mismatch_is_refused(compressed_model):
 
 
 def test_write_is_atomic(compressed_model, tmp_path, monkeypatch):
-    path, codebooks, snapped = compressed_model
+    _path, codebooks, snapped = compressed_model
     target = tmp_path / "m.gqz"
     target.write_bytes(b"previous good file")
 
