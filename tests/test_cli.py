@@ -1,0 +1,141 @@
+"""The command line: validation, data errors, checkpoints (kill and resume), report and metrics."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gmm_quant import config as cfgm
+from gmm_quant import data, train
+from gmm_quant.checkpoint import CheckpointMismatch, claim_workdir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--tau", "-1"], "tau"),
+        (["--num-components", "0"], "num_components"),
+        (["--model", "resnet"], "model"),
+        (["--dataset", "cifar"], "dataset"),
+        (["--assignment", "map"], "assignment"),
+        (["--pi-zero", "1.5"], "pi_zero"),
+        (["--retrain-epochs", "two"], "retrain_epochs"),
+        (["--prune-threshold", "100000"], "prune_threshold"),
+    ],
+)
+def test_invalid_config_values_are_rejected_before_training(flags, field, tmp_path, capsys):
+    code = train.main(["--config", "tiny", "--workdir", str(tmp_path / "w"), "--no-progress", *flags])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert f"'{field}'" in err
+    assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was trained
+
+
+def test_unknown_config_name_is_rejected(capsys):
+    assert train.main(["--config", "nope"]) == 2
+    assert "unknown config 'nope'" in capsys.readouterr().err
+
+
+def test_every_config_is_valid_and_documented():
+    for name in cfgm.available():
+        cfgm.validate(cfgm.load(name))
+        doc = __import__(f"gmm_quant.configs.{name}", fromlist=["x"]).__doc__
+        assert "Command:" in doc and "Runtime:" in doc and "Expected:" in doc, name
+
+
+def test_missing_mnist_file_names_the_file_and_checksum(tmp_path, mnist_dir):
+    for name in list(data.MNIST_FILES)[1:]:
+        shutil.copy(mnist_dir / name, tmp_path / name)
+    missing = next(iter(data.MNIST_FILES))
+    with pytest.raises(data.DataError, match=f"missing: .*{missing}.*{data.MNIST_FILES[missing]}"):
+        data.load_mnist(tmp_path)
+
+
+def test_corrupt_mnist_file_names_the_file_and_checksum(tmp_path, mnist_dir):
+    for name in data.MNIST_FILES:
+        shutil.copy(mnist_dir / name, tmp_path / name)
+    victim = "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray((tmp_path / victim).read_bytes())
+    raw[100] ^= 0xFF
+    (tmp_path / victim).write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match=f"{victim} is corrupt.*expected {data.MNIST_FILES[victim]}"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_loads_from_the_environment_variable(monkeypatch, mnist_dir):
+    monkeypatch.setenv(data.ENV_VAR, str(mnist_dir.parent))
+    ds = data.load_mnist()
+    assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
+    assert np.bincount(ds.y_test).tolist()[:3] == [980, 1135, 1032]
+    assert abs(float(ds.x_train.mean())) < 1e-3
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    claim_workdir(tmp_path, cfgm.load("tiny"))
+    other = cfgm.override(cfgm.load("tiny"), {"tau": "0.5"})
+    with pytest.raises(CheckpointMismatch, match="different config.*tau"):
+        claim_workdir(tmp_path, other)
+
+
+def _run_cli(workdir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "gmm_quant.train", "--config", "tiny", "--workdir", str(workdir),
+           "--no-progress", "--retrain-epochs", "8", *extra]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+
+
+def test_kill_during_retraining_then_resume_gives_the_same_result(tmp_path):
+    reference = _run_cli(tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+    proc = _run_cli(tmp_path / "killed", wait=False)
+    ckpts = tmp_path / "killed" / "checkpoints" / "retrain"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 3 for p in ckpts.iterdir())
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "killed too late to test resuming"
+    resumed = _run_cli(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    for key in ("error_pretrained", "error_retrained", "error_compressed", "error_finetuned", "nonzero_fraction",
+                "compression_ratio"):  # fmt: skip
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), key
+    assert [row["nonzero"] for row in a["layers"]] == [row["nonzero"] for row in b["layers"]]
+
+
+def test_tiny_job_end_to_end_report_matches_metrics(tmp_path):
+    result = _run_cli(tmp_path / "w")
+    assert result.returncode == 0, result.stderr
+    workdir = tmp_path / "w"
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for key in ("error_pretrained", "error_retrained", "error_compressed", "error_finetuned",
+                "nonzero_fraction", "compression_ratio"):  # fmt: skip
+        assert key in metrics
+    for name in ("model.gqz", "model.onnx", "weights.png", "scatter.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    table = result.stdout
+    for row in metrics["layers"]:
+        assert set(row) >= {"name", "num_weights", "nonzero", "centres"}
+        line = next(line for line in table.splitlines() if line.startswith(row["name"]))
+        fields = line.split()
+        assert int(fields[1]) == row["num_weights"]
+        assert float(fields[2]) == pytest.approx(100 * row["nonzero"] / row["num_weights"], abs=0.006)
+        assert int(fields[3]) == row["centres"]
+    assert f"{metrics['compression_ratio']:.1f}x" in table
+    assert f"finetuned {100 * metrics['error_finetuned']:.2f}%" in table
+    assert metrics["nonzero"] == sum(row["nonzero"] for row in metrics["layers"])
