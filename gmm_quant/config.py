@@ -41,8 +41,8 @@ class Config:
     num_components: int = 17  # J, including the zero component
     pi_zero: float = 0.999  # mixing proportion of the zero component
     learn_pi_zero: bool = False  # learn pi_0 under a Beta hyper-prior
-    zero_gamma: tuple[float, float] = (500.0, 0.1)  # Gamma(alpha, beta) on the zero precision
-    gamma: tuple[float, float] = (50.0, 0.01)  # Gamma(alpha, beta) on the other precisions
+    zero_gamma: tuple[float, float] = (5000.0, 2.0)  # Gamma(alpha, beta) on the zero precision
+    gamma: tuple[float, float] = (250.0, 0.1)  # Gamma(alpha, beta) on the other precisions
     init_std: float = 0.0  # initial component std (0 = weight range / 5)
     keep_float: tuple[str, ...] = ()  # regexes of weight paths kept float32 (no prior, no codebook)
     # --- stage 3: compression ---

@@ -15,8 +15,8 @@ def get_config() -> Config:
         batch_size=128,
         pretrain_epochs=20,
         pretrain_lr=1e-3,
-        retrain_epochs=40,
-        tau=5e-3,
+        retrain_epochs=30,
+        tau=0.05,
         warmup_epochs=5,
         finetune_epochs=5,
     )
