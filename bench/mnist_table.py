@@ -37,9 +37,11 @@ BEST = {
 }
 QUICK = {
     "train_subset": "10000",
-    "pretrain_epochs": "8",
-    "retrain_epochs": "20",
-    "finetune_epochs": "2",
+    "batch_size": "64",
+    "pretrain_epochs": "10",
+    "retrain_epochs": "30",
+    "warmup_epochs": "3",
+    "finetune_epochs": "3",
     "tau": "0.007",
 }
 
