@@ -109,3 +109,34 @@ def plot_figures(workdir, config, mixture, before: np.ndarray, after: np.ndarray
     fig.tight_layout()
     fig.savefig(workdir / "scatter.png", dpi=110)
     plt.close(fig)
+
+
+def plot_mixture_evolution(config, history: list, path, weights=None):
+    """The paper's figure of the mixture over retraining: each component's mean +- 2 std per epoch.
+
+    ``history`` is a list of (epoch, MixtureState); ``weights`` (optional) adds the final histogram.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gmm_quant import mixture as mx
+
+    epochs = [e for e, _ in history]
+    means = np.stack([np.asarray(mx.component_means(s)) for _, s in history])
+    stds = np.stack([np.exp(-0.5 * np.asarray(s.log_precisions)) for _, s in history])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j in range(means.shape[1]):
+        color = "C3" if j == 0 else f"C{j % 10}"
+        ax.plot(epochs, means[:, j], color=color, lw=1)
+        ax.fill_between(
+            epochs, means[:, j] - 2 * stds[:, j], means[:, j] + 2 * stds[:, j], color=color, alpha=0.15
+        )
+    ax.set_xlabel("retraining epoch")
+    ax.set_ylabel("component mean +- 2 std")
+    ax.set_title("mixture prior during retraining")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
