@@ -51,7 +51,7 @@ class MixtureConfig:
     gamma: tuple[float, float] = (250.0, 0.1)
     pi_zero_beta: tuple[float, float] = (9990.0, 10.0)
     init_std: float | None = None
-    grid_size: int = 16384
+    grid_size: int = 4096
 
     def __post_init__(self):
         if self.num_components < 2:
@@ -157,21 +157,41 @@ def responsibilities(config: MixtureConfig, mixture: MixtureState, x: jax.Array)
     return jax.nn.softmax(_component_log_terms(config, mixture, x), axis=-1)
 
 
+def _locate(table, low, scale, flat):
+    pos = (flat - low) * scale
+    k = jnp.clip(pos.astype(jnp.int32), 0, table.shape[0] - 1)
+    return k, pos - k
+
+
+@jax.custom_vjp
 def _grid_sum(table, low, scale, flat):
     """Sum over ``flat`` of log p interpolated linearly from ``table``.
 
     Table rows are (f_k, f_{k+1} - f_k, f'_k, f'_{k+1} - f'_k) with f = log p and f' = d log p / dw
-    on the grid. The value and the mixture's gradient come from interpolating f (the gradient reaches
-    the grid values through the gather); the weights' gradient is the interpolated exact derivative
-    f' (added through a term whose value is zero), which is far more accurate than the slope of f.
+    on the grid. The value and the mixture's gradient come from interpolating f (the cotangent reaches
+    the grid values as a two-column histogram); the weights' gradient is the interpolated exact
+    derivative f', far more accurate than the slope of f. Value and weight gradient share one gather.
     """
-    const = jax.lax.stop_gradient(flat)
-    pos = (const - low) * scale
-    k = jnp.clip(pos.astype(jnp.int32), 0, table.shape[0] - 1)
-    t = pos - k
+    k, t = _locate(table, low, scale, flat)
     row = table.at[k].get(mode="promise_in_bounds")
-    slope = jax.lax.stop_gradient(row[:, 2] + t * row[:, 3])
-    return jnp.sum(row[:, 0] + t * row[:, 1] + slope * (flat - const))
+    return jnp.sum(row[:, 0] + t * row[:, 1])
+
+
+def _grid_sum_fwd(table, low, scale, flat):
+    k, t = _locate(table, low, scale, flat)
+    row = table.at[k].get(mode="promise_in_bounds")
+    value = jnp.sum(row[:, 0] + t * row[:, 1])
+    return value, (k, t, row[:, 2] + t * row[:, 3], table.shape, low, scale)
+
+
+def _grid_sum_bwd(res, g):
+    k, t, slope, shape, low, scale = res
+    hist = jnp.zeros((shape[0], 2), t.dtype).at[k].add(jnp.stack([jnp.ones_like(t), t], axis=1))
+    d_table = jnp.concatenate([g * hist, jnp.zeros((shape[0], 2), t.dtype)], axis=1)
+    return d_table, jnp.zeros_like(low), jnp.zeros_like(scale), g * slope
+
+
+_grid_sum.defvjp(_grid_sum_fwd, _grid_sum_bwd)
 
 
 def _leaf_sum(table, low, scale, flat):
@@ -196,7 +216,8 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
 
     The log-density is computed exactly at ``config.grid_size`` points spanning [min w, max w] and
     interpolated linearly in between. The error per weight is at most h**2 / 8 * max |d2 log p / dw2|
-    (h the grid spacing): far below 1e-4 relative for trained mixtures at the default 16384 points.
+    (h the grid spacing): about 3e-5 relative for trained mixtures at the default 4096 points
+    (bench/prior_speed.py).
     Gradients flow to the weights (slope of the interpolant) and to the mixture (through the grid
     values). Memory is O(grid_size) plus O(chunk) per leaf, never O(N * J).
 

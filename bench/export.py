@@ -1,0 +1,85 @@
+"""File sizes and ONNX Runtime latency of the exported model: float32 vs codebook vs grid encodings.
+
+    python bench/export.py --model-file runs/table/lenet300_100/sws-default/model.gqz [...more files]
+
+For each compressed ``.gqz`` file: bytes of the float32 ONNX export, the codebook ONNX (UINT4/UINT8
+indices -> Cast -> Gather), the grid ONNX (centres rounded onto a 4-bit grid -> DequantizeLinear),
+the ``.gqz`` file itself, and gzip -9 of each; then onnxruntime latency (median of interleaved runs)
+of the codebook and grid exports relative to float32, at batch 1 and 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import pathlib
+import time
+
+import numpy as np
+
+from gmm_quant import export, grid
+
+
+def _latency(sessions: dict, x, repeats: int) -> dict:
+    times = {name: [] for name in sessions}
+    for sess in sessions.values():  # warm up
+        sess.run(None, {"input": x})
+    for _ in range(repeats):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, {"input": x})
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_file(path: pathlib.Path, repeats: int):
+    import onnxruntime as ort
+
+    apply_fn, params, codebooks, compressed = export.load_model_file(path)
+    shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
+    x = np.random.default_rng(0).normal(size=(256, *shape)).astype(np.float32)
+    grid_codebooks = {p: grid.to_grid(cb, bits=4) for p, cb in codebooks.items()}
+    from gmm_quant.codebook import dequantize
+
+    grid_params = dequantize(grid_codebooks, params)
+    models = {
+        "float32": export.to_onnx(apply_fn, params, {}, x[:1]),
+        "codebook": export.to_onnx(apply_fn, params, codebooks, x[:1], encoding="codebook"),
+        "grid": export.to_onnx(apply_fn, grid_params, grid_codebooks, x[:1], encoding="grid"),
+    }
+    blobs = {name: m.SerializeToString() for name, m in models.items()}
+    blobs[".gqz"] = path.read_bytes()
+    sizes = {name: (len(b), len(gzip.compress(b, 9))) for name, b in blobs.items()}
+    sessions = {
+        name: ort.InferenceSession(blobs[name], providers=["CPUExecutionProvider"]) for name in models
+    }
+    latency = {batch: _latency(sessions, x[:batch], repeats) for batch in (1, 256)}
+    return compressed.model, sizes, latency
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-file", nargs="+", required=True, type=pathlib.Path)
+    ap.add_argument("--repeats", type=int, default=200)
+    args = ap.parse_args()
+    print("| model | file | bytes | gzip -9 bytes |")
+    print("| --- | --- | --- | --- |")
+    lat_rows = []
+    for path in args.model_file:
+        model, sizes, latency = bench_file(path, args.repeats)
+        for name, (raw, gz) in sizes.items():
+            print(f"| {model} | {name} | {raw:,} | {gz:,} |")
+        for batch, t in latency.items():
+            lat_rows.append(
+                f"| {model} | {batch} | {t['float32'] * 1e3:.3f} | {t['codebook'] * 1e3:.3f} "
+                f"({t['codebook'] / t['float32']:.2f}x) | {t['grid'] * 1e3:.3f} "
+                f"({t['grid'] / t['float32']:.2f}x) |"
+            )
+    print()
+    print("| model | batch | float32 ms | codebook ms (ratio) | grid ms (ratio) |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(lat_rows))
+
+
+if __name__ == "__main__":
+    main()
