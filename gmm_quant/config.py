@@ -52,6 +52,9 @@ class Config:
     # --- stage 4: codebook fine-tuning ---
     finetune_epochs: int = 10  # epochs of centre fine-tuning (0 skips)
     finetune_lr: float = 1e-4  # Adam learning rate of the centres (and biases)
+    grid_bits: int = (
+        0  # > 0: centres kept on an evenly spaced signed grid of this many bits (ONNX grid export)
+    )
 
     def fingerprint(self) -> str:
         """Hash of every field: checkpoints are only resumed under the same config."""
@@ -92,6 +95,7 @@ def validate(cfg: Config) -> Config:
         _check(len(value) == 2 and min(value) > 0, name, "needs two values > 0 (alpha, beta)", value)
     _check(cfg.init_std >= 0, "init_std", "must be >= 0", cfg.init_std)
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
+    _check(0 <= cfg.grid_bits <= 8, "grid_bits", "must be 0 (off) or 2..8", cfg.grid_bits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
     return cfg
 

@@ -24,23 +24,23 @@ def project(centres, scale):
 
 
 def fit(centres):
-    """(scale, zero_point, levels) with centres == float32(scale * levels), levels integers in a
-    256-level range containing zero; None when the centres are not on such a grid."""
+    """(scale, zero_point, levels) with ``centres == float32(levels * scale)`` exactly and
+    ``levels + zero_point`` in 0..255; None when the centres are not on such a grid.
+
+    The scale is the smallest non-zero |centre| divided by 1, 2, ..., 127 (the first that works).
+    """
     c = np.asarray(centres, np.float32)
     nonzero = np.abs(c[c != 0])
     if nonzero.size == 0:
         return np.float32(1.0), 0, np.zeros(c.shape, np.int64)
-    for candidate in sorted(set(nonzero.tolist())):
-        for divisor in range(1, 128):
-            scale = np.float32(candidate / divisor)
-            levels = np.round(c / scale).astype(np.int64)
-            if np.array_equal((levels * scale).astype(np.float32), c) and np.ptp(np.append(levels, 0)) < 256:
-                low = min(int(levels.min()), 0)
-                zero_point = -low
-                if int(levels.max()) + zero_point > 255:
-                    continue
-                return scale, zero_point, levels
-        break
+    smallest = float(nonzero.min())
+    for divisor in range(1, 128):
+        scale = np.float32(smallest / divisor)
+        levels = np.round(c / scale).astype(np.int64)
+        zero_point = -min(int(levels.min()), 0)
+        fits = int(levels.max()) + zero_point <= 255
+        if fits and np.array_equal((levels * scale).astype(np.float32), c):
+            return scale, zero_point, levels
     return None
 
 

@@ -137,11 +137,22 @@ def retrain(
 
 
 def finetune_setup(
-    apply_fn, codebooks: dict, params, *, learning_rate=1e-4, train_float=True, task_loss=None
+    apply_fn,
+    codebooks: dict,
+    params,
+    *,
+    learning_rate=1e-4,
+    train_float=True,
+    task_loss=None,
+    grid_scales=None,
 ):
     """(loss_fn, optimizer, trainable, build) of codebook fine-tuning; ``build(trainable)`` -> params."""
     trainable, loss, build = ft.finetune_loss(
-        task_loss or cross_entropy(apply_fn), codebooks, params, train_float=train_float
+        task_loss or cross_entropy(apply_fn),
+        codebooks,
+        params,
+        train_float=train_float,
+        grid_scales=grid_scales,
     )
     return loss, optax.adam(learning_rate), trainable, build
 

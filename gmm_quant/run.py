@@ -16,7 +16,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import models
-from gmm_quant import accounting, codebook, data, loop, pipeline, report, storage
+from gmm_quant import accounting, codebook, data, grid, loop, pipeline, report, storage
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant.mixture import MixtureConfig
@@ -124,17 +124,22 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
 
     t0 = time.perf_counter()
     codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=cfg.assignment)
+    scales = None
+    if cfg.grid_bits:
+        codebooks = {p: grid.to_grid(cb, cfg.grid_bits) for p, cb in codebooks.items()}
+        scales = {p: float(grid.fit(cb.centres)[0]) for p, cb in codebooks.items()}
+        snapped = codebook.dequantize(codebooks, retrained)
     errors["compressed"] = error(snapped)
 
     if cfg.finetune_epochs:
         loss, opt, trainable, build = pipeline.finetune_setup(
-            apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr
+            apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid_scales=scales
         )
         state = _run_stage(
             workdir, "finetune", (loss, opt, trainable), train, cfg, cfg.finetune_epochs, progress
         )
         final = build(state.trainable)
-        codebooks = pipeline.ft.updated_codebooks(codebooks, state.trainable["centres"])
+        codebooks = pipeline.ft.updated_codebooks(codebooks, state.trainable["centres"], scales)
     else:
         final = snapped
     errors["finetuned"], times["compress_finetune"] = error(final), time.perf_counter() - t0
@@ -150,7 +155,7 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
         "file_bytes": model_path.stat().st_size,
     }
     if export_onnx:
-        extra["onnx"] = _export(model_path, workdir, ds.x_test[:64])
+        extra["onnx"] = _export(model_path, workdir, ds.x_test[:64], "grid" if cfg.grid_bits else "codebook")
     metrics = report.metrics_dict(errors, summary, extra)
     report.write_metrics(workdir, metrics)
     _figures(workdir, plan, mixtures, params, retrained)
@@ -163,13 +168,13 @@ def _jsonable(cfg):
     return dataclasses.asdict(cfg)
 
 
-def _export(model_path, workdir, sample):
+def _export(model_path, workdir, sample, encoding):
     try:
         from gmm_quant import export
     except ImportError as err:  # onnx is an optional extra
         return {"skipped": f"onnx not installed ({err})"}
     out = workdir / "model.onnx"
-    info = export.export_file(model_path, out, sample=sample)
+    info = export.export_file(model_path, out, sample=sample, encoding=encoding)
     return {"path": str(out), **info}
 
 

@@ -139,3 +139,16 @@ def test_tiny_job_end_to_end_report_matches_metrics(tmp_path):
     assert f"{metrics['compression_ratio']:.1f}x" in table
     assert f"finetuned {100 * metrics['error_finetuned']:.2f}%" in table
     assert metrics["nonzero"] == sum(row["nonzero"] for row in metrics["layers"])
+
+
+def test_grid_bits_keeps_centres_on_a_grid_and_exports_dequantize_linear(tmp_path, capsys):
+    from gmm_quant import grid, storage
+
+    workdir = tmp_path / "g"
+    assert (
+        train.main(["--config", "tiny", "--workdir", str(workdir), "--no-progress", "--grid-bits", "4"]) == 0
+    )
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["onnx"]["encoding"] == "grid" and metrics["onnx"]["max_abs_diff"] <= 1e-4
+    for cb in storage.load_compressed(workdir / "model.gqz").codebooks.values():
+        assert grid.fit(cb.centres) is not None
