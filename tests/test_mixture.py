@@ -139,3 +139,31 @@ def test_invalid_config_values_are_rejected():
         mx.MixtureConfig(pi_zero=1.0)
     with pytest.raises(ValueError, match="gamma"):
         mx.MixtureConfig(gamma=(0.0, 1.0))
+
+
+def test_sample_params_draws_each_layer_from_the_scaled_mixture():
+    import gmm_quant as gq
+    from gmm_quant import init
+
+    params = {
+        "a": {"kernel": jnp.zeros((300, 40))},
+        "b": {"kernel": jnp.zeros((40, 200)), "bias": jnp.ones(200)},
+    }
+    plan = gq.make_plan(params, mixture=CFG)
+    mixtures = {"shared": _random_state(np.random.default_rng(5))}
+    sampled = gq.rules.flatten(gq.sample_params(plan, mixtures, params, jax.random.key(1)))
+    state = mixtures["shared"]
+    pi = np.exp(np.asarray(mx.log_mixing_proportions(CFG, state), np.float64))
+    mu = np.asarray(mx.component_means(state), np.float64)
+    sd = np.exp(-0.5 * np.asarray(state.log_precisions, np.float64))
+    for path, fan_in in (("a/kernel", 300), ("b/kernel", 40)):
+        scale = init.layer_scale(CFG, state, sampled[path].shape)
+        assert scale == pytest.approx(np.sqrt(1 / fan_in) / float(init.mixture_std(CFG, state)), rel=1e-5)
+
+        def cdf(x, scale=scale):
+            return sum(
+                p * stats.norm.cdf(x, scale * m, scale * s) for p, m, s in zip(pi, mu, sd, strict=True)
+            )
+
+        assert stats.kstest(np.asarray(sampled[path]).ravel(), cdf).pvalue > 1e-3, path
+    np.testing.assert_array_equal(sampled["b/bias"], 1.0)  # biases are left alone
