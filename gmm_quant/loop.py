@@ -24,11 +24,16 @@ def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
 
-def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int):
+def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, scan: bool | None = None):
     """``epoch(state, x, y, key) -> (state, metrics)``: one pass over (x, y) in shuffled batches.
 
     ``loss_fn(trainable, x, y, step) -> (loss, aux)``; ``metrics`` averages loss and aux over the
     epoch's batches. The last incomplete batch is dropped.
+
+    ``scan=True`` runs the epoch as one ``lax.scan`` (fastest for dense models: 0.56 vs 0.70 ms per
+    LeNet-300-100 step); ``False`` loops over a jitted step in Python, which convolutional models need:
+    XLA on CPU runs convolutions inside a scan about 9x slower (807 vs 88 ms per LeNet-5 step).
+    ``None`` picks scan unless the loss contains a convolution.
     """
 
     def train_step(state: TrainState, batch):
@@ -39,16 +44,33 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state), {"loss": loss, **aux}
 
-    @jax.jit
-    def epoch(state: TrainState, x, y, key):
+    def batches(x, y, key):
         steps = x.shape[0] // batch_size
         if steps == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
-        perm = jax.random.permutation(key, x.shape[0])[: steps * batch_size]
-        xb = x[perm].reshape(steps, batch_size, *x.shape[1:])
-        yb = y[perm].reshape(steps, batch_size, *y.shape[1:])
-        state, metrics = jax.lax.scan(train_step, state, (xb, yb))
+        return jax.random.permutation(key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
+
+    @jax.jit
+    def scan_epoch(state: TrainState, x, y, key):
+        order = batches(x, y, key)
+        state, metrics = jax.lax.scan(lambda s, idx: train_step(s, (x[idx], y[idx])), state, order)
         return state, jax.tree.map(jnp.mean, metrics)
+
+    jit_step = jax.jit(lambda state, x, y, idx: train_step(state, (x[idx], y[idx])))
+
+    def loop_epoch(state: TrainState, x, y, key):
+        history = []
+        for idx in batches(x, y, key):
+            state, metrics = jit_step(state, x, y, idx)
+            history.append(metrics)
+        return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
+
+    def epoch(state: TrainState, x, y, key):
+        nonlocal scan
+        if scan is None:
+            jaxpr = jax.make_jaxpr(loss_fn)(state.trainable, x[:batch_size], y[:batch_size], state.step)
+            scan = "conv_general_dilated" not in str(jaxpr)
+        return (scan_epoch if scan else loop_epoch)(state, x, y, key)
 
     return epoch
 
