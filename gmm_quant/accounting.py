@@ -1,6 +1,7 @@
 """Compression ratio as Han et al. (Deep Compression, 2016) count it, plus plainer measures.
 
-Per quantised layer (weights flattened in storage order):
+Per quantised layer, weights flattened in Caffe's layout as in the paper (dense ``[out, in]``, conv
+``[out, in, h, w]``: Flax's ``[in, out]`` and ``[h, w, in, out]`` kernels are transposed first):
 
 * sparse storage: each non-zero weight stores its codebook index and the difference to the previous
   non-zero's position, in ``diff_bits`` bits (5 for dense layers, 8 for conv layers). A gap larger
@@ -87,9 +88,18 @@ class LayerCost(NamedTuple):
         return max(1, math.ceil(math.log2(self.centres)))
 
 
+def caffe_order(indices: np.ndarray) -> np.ndarray:
+    """Flax kernel indices in Caffe's layout: [in, out] -> [out, in]; [h, w, in, out] -> [out, in, h, w]."""
+    if indices.ndim == 2:
+        return indices.T
+    if indices.ndim == 4:
+        return indices.transpose(3, 2, 0, 1)
+    return indices
+
+
 def layer_cost(name: str, codebook) -> LayerCost:
     """Han et al.'s storage cost of one quantised layer (conv layers: 4-d kernels, 8-bit diffs)."""
-    indices = np.asarray(codebook.indices)
+    indices = caffe_order(np.asarray(codebook.indices))
     diff_bits = 8 if indices.ndim == 4 else 5
     codes, diffs = sparse_entries(indices, diff_bits)
     k = len(codebook.centres)

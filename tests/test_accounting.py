@@ -24,11 +24,12 @@ def test_sparse_entries_insert_fillers_for_long_gaps():
 
 
 def test_layer_cost_of_a_small_dense_matrix_by_hand():
-    # 4x10 dense layer, 3 centres (0, -0.5, 0.25); 5 non-zeros at flat positions 0, 3, 4, 39 and 20.
+    # 4x10 dense layer in Caffe's [out, in] layout (stored by Flax as its [in, out] transpose),
+    # 3 centres (0, -0.5, 0.25); 5 non-zeros at flat positions 0, 3, 4, 39 and 20.
     idx = np.zeros((4, 10), np.uint8)
     flat = idx.reshape(-1)
     flat[[0, 3, 4, 20, 39]] = [1, 2, 2, 2, 1]
-    cb = Codebook(np.array([0.0, -0.5, 0.25], np.float32), idx)
+    cb = Codebook(np.array([0.0, -0.5, 0.25], np.float32), idx.T)
     cost = accounting.layer_cost("fc", cb)
     # gaps: 1, 3, 1, 16, 19 -> all <= 32 (5 bits): no fillers
     assert cost.fillers == 0 and cost.nonzero == 5 and cost.centres == 3
@@ -43,8 +44,9 @@ def test_layer_cost_of_a_small_dense_matrix_by_hand():
 
 
 def test_conv_layers_use_8_bit_differences():
-    idx = np.zeros((5, 5, 1, 20), np.uint8)
+    idx = np.zeros((20, 1, 5, 5), np.uint8)  # Caffe layout [out, in, h, w]
     idx.reshape(-1)[[0, 200]] = 1  # a gap of 200: fits in 8 bits, would need 6 fillers at 5 bits
+    idx = idx.transpose(2, 3, 1, 0)  # Flax layout [h, w, in, out]
     cost = accounting.layer_cost("conv", Codebook(np.array([0.0, 0.1], np.float32), idx))
     assert cost.fillers == 0
 
