@@ -59,10 +59,11 @@ def format_table(metrics: dict) -> str:
         f"{100 * metrics['nonzero_fraction']:>10.2f} {'':>7} {'':>8} {metrics['compression_ratio']:>8.1f}x"
     )
     lines.append(f"float leaves (32-bit): {metrics['float_values']} values")
-    lines.append(
-        f"compression ratio (Han et al.): {metrics['compression_ratio']:.1f}x   "
-        f"packed: {metrics['packed_ratio']:.1f}x"
-    )
+    line = f"compression ratio (Han et al.): {metrics['compression_ratio']:.1f}x"
+    line += f"   packed: {metrics['packed_ratio']:.1f}x"
+    if "gzip_ratio" in metrics:
+        line += f"   gzip -9 of float32: {metrics['gzip_ratio']:.1f}x   file: {metrics['file_bytes']:,} bytes"
+    lines.append(line)
     errs = [k for k in ("pretrained", "retrained", "compressed", "finetuned") if f"error_{k}" in metrics]
     lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
     return "\n".join(lines)

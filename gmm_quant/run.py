@@ -153,6 +153,7 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
         "dataset": cfg.dataset,
         "seconds": times,
         "file_bytes": model_path.stat().st_size,
+        "gzip_ratio": accounting.gzip_ratio(flatten(final)),
     }
     if export_onnx:
         extra["onnx"] = _export(model_path, workdir, ds.x_test[:64], "grid" if cfg.grid_bits else "codebook")

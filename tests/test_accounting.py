@@ -62,3 +62,10 @@ def test_summary_counts_float_leaves_at_32_bits():
     assert summary["han_bits"] == layer.han_bits + 320
     assert summary["compression_ratio"] == pytest.approx(3520 / (layer.han_bits + 320))
     assert summary["nonzero_fraction"] == pytest.approx(0.1)
+
+
+def test_gzip_ratio_rewards_repeated_values():
+    rng = np.random.default_rng(0)
+    dense = {"w": rng.normal(size=10000).astype(np.float32)}
+    sparse = {"w": np.where(rng.random(10000) < 0.05, 0.25, 0.0).astype(np.float32)}
+    assert accounting.gzip_ratio(dense) < 1.2 < 10 < accounting.gzip_ratio(sparse)
