@@ -31,9 +31,10 @@ import gmm_quant as gq
 import models
 from gmm_quant import accounting, config, data, loop, run
 
+WEAK = {"zero_gamma": "500,0.1", "gamma": "50,0.01"}  # weaker Gamma hyper-priors than the tutorial's
 BEST = {
-    "lenet300_100": {"tau": "0.05", "retrain_epochs": "60", "prune_threshold": "0.0005"},
-    "lenet5_caffe": {"tau": "0.05", "retrain_epochs": "40", "prune_threshold": "0.0005"},
+    "lenet300_100": {"tau": "0.07", **WEAK},
+    "lenet5_caffe": {"tau": "0.07", **WEAK},
 }
 QUICK = {
     "train_subset": "10000",
