@@ -130,7 +130,7 @@ def export(apply_fn, params, codebooks, sample, path, *, encoding="codebook", to
 
 
 def load_model_file(path):
-    """(apply_fn, params, codebooks) rebuilt from a ``.gqz`` file of a model in ``models/``."""
+    """(apply_fn, params, codebooks, Compressed) rebuilt from a ``.gqz`` file of a model in ``models/``."""
     import models
 
     compressed = storage.load_compressed(path)

@@ -7,6 +7,7 @@ every training stage is checkpointed; running the same command again resumes whe
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
 import time
@@ -147,7 +148,7 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
     float_leaves = {p: np.asarray(v) for p, v in flatten(final).items() if p not in codebooks}
     summary = accounting.summarize(codebooks, float_leaves)
     model_path = workdir / "model.gqz"
-    storage.save_compressed(model_path, codebooks, final, model=cfg.model, config=_jsonable(cfg))
+    storage.save_compressed(model_path, codebooks, final, model=cfg.model, config=dataclasses.asdict(cfg))
     extra = {
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -161,12 +162,6 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
     report.write_metrics(workdir, metrics)
     _figures(workdir, plan, mixtures, params, retrained)
     return metrics
-
-
-def _jsonable(cfg):
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def _export(model_path, workdir, sample, encoding):
