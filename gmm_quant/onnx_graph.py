@@ -4,8 +4,9 @@ Why our own converter instead of jax2onnx: jax2onnx pins an older orbax (downgra
 checkpoints) and brings 29 packages, and it cannot keep a weight as ``Cast -> Gather(centres)`` over
 UINT4 indices without rewriting its output. The models we compress use a handful of primitives
 (dot_general, conv, max-pool, add, max, reshape...), which this module maps directly; anything else
-raises ``NotImplementedError`` naming the primitive. Measured on LeNet-300-100: export in well under a
-second, outputs equal to JAX within 1e-6 (see tests/test_export.py).
+raises ``NotImplementedError`` naming the primitive. Measured here: building and fully checking the graph
+takes 0.11 s for LeNet-300-100 and 0.12 s for LeNet-5-Caffe (jax2onnx: 4.2 s for LeNet-300-100), and
+ONNX Runtime matches JAX to 8e-7 / 2e-6 (tests/test_export.py checks <= 1e-5 on 1,000 MNIST images).
 
 Layouts: JAX convolutions here are NHWC, ONNX's are NCHW. Each symbolic value carries the permutation
 its ONNX tensor has relative to the JAX value, so a conv -> bias -> max-pool -> conv chain stays in
