@@ -49,6 +49,45 @@ def kmeans_codebook(weights: np.ndarray, k: int, keep_fraction: float | None = N
     return Codebook(np.concatenate([np.zeros(1, np.float32), centres]), indices)
 
 
+def magnitude_masks(params, keep: dict) -> dict:
+    """{path: 0/1 mask} keeping the ``keep[path]`` fraction of largest-magnitude weights per layer."""
+    flat = gq.rules.flatten(params)
+    masks = {}
+    for path, fraction in keep.items():
+        w = np.abs(np.asarray(flat[path]))
+        count = max(1, round(fraction * w.size))
+        threshold = np.sort(w.ravel())[::-1][count - 1]
+        masks[path] = (w >= threshold).astype(np.float32)
+    return masks
+
+
+def retrain_pruned(apply_fn, params, masks: dict, data, *, epochs, batch_size, learning_rate=1e-4):
+    """Deep Compression's pruning step: zero the masked weights and retrain the survivors."""
+    import jax.numpy as jnp
+
+    def masked(p):
+        return gq.rules.replace_leaves(
+            p, {k: gq.rules.flatten(p)[k] * jnp.asarray(m) for k, m in masks.items()}
+        )
+
+    task = gq.cross_entropy(apply_fn)
+    params = masked(params)
+
+    def task_loss(p, x, y):
+        return task(masked(p), x, y)
+
+    params = gq.pretrain(
+        apply_fn,
+        params,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        task_loss=task_loss,
+    )
+    return masked(params)
+
+
 def _unsorted_codebook(w, centres):
     full = np.concatenate([np.zeros(1, np.float32), centres])
     indices = (gq.snap(w, centres).astype(np.int64) + 1).astype(index_dtype(len(full)))

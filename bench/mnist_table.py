@@ -8,6 +8,7 @@ Methods, all from the same pretrained weights (the shipped config's pretraining)
   sws-best      the best settings found (BEST below), same pretrained weights
   kmeans        per-layer k-means (linear init, as many clusters as sws-best keeps) + centroid fine-tuning
   kmeans+prune  magnitude pruning to sws-best's per-layer sparsity, then the same
+  prune+retrain+kmeans  Deep Compression in full: prune, retrain the survivors, k-means, fine-tune
   int8 / int4   uniform symmetric per-tensor post-training quantisation
 Prints a markdown table per model and writes ``table.json`` in the work directory.
 """
@@ -114,6 +115,19 @@ def table_for(model, args):
     for name, make, tune in variants:
         err, summary, secs, cbs = _baseline(name, make, params, apply_fn, ds, cfg_default, tune)
         rows.append(_row(name, (err0, err), summary, secs, cbs))
+    # Deep Compression in full: prune, retrain the survivors, then k-means + centroid fine-tuning
+    t0 = time.perf_counter()
+    pruned = baselines.retrain_pruned(apply_fn, params, baselines.magnitude_masks(params, keep),
+                                      (ds.x_train, ds.y_train), epochs=cfg_default.finetune_epochs,
+                                      batch_size=cfg_default.batch_size)  # fmt: skip
+
+    def pruned_kmeans(p, w):
+        return baselines.kmeans_codebook(w, k[p], keep[p])
+
+    err, summary, _, cbs = _baseline(
+        "prune+retrain+kmeans", pruned_kmeans, pruned, apply_fn, ds, cfg_default, True
+    )
+    rows.append(_row("prune+retrain+kmeans", (err0, err), summary, time.perf_counter() - t0, cbs))
     return rows, m0["seconds"]["pretrain"]
 
 
