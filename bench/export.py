@@ -5,7 +5,8 @@
 For each compressed ``.gqz`` file: bytes of the float32 ONNX export, the codebook ONNX (UINT4/UINT8
 indices -> Cast -> Gather), the grid ONNX (centres rounded onto a 4-bit grid -> DequantizeLinear),
 the ``.gqz`` file itself, and gzip -9 of each; then onnxruntime latency (median of interleaved runs)
-of the codebook and grid exports relative to float32, at batch 1 and 256.
+of the codebook and grid exports relative to float32, at batch 1 and 256 (sessions from
+``gmm_quant.export.session``, which lets ONNX Runtime decode the weights once at load time).
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ def _latency(sessions: dict, x, repeats: int) -> dict:
 
 
 def bench_file(path: pathlib.Path, repeats: int):
-    import onnxruntime as ort
-
     apply_fn, params, codebooks, compressed = export.load_model_file(path)
     shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
     x = np.random.default_rng(0).normal(size=(256, *shape)).astype(np.float32)
@@ -50,9 +49,7 @@ def bench_file(path: pathlib.Path, repeats: int):
     blobs = {name: m.SerializeToString() for name, m in models.items()}
     blobs[".gqz"] = path.read_bytes()
     sizes = {name: (len(b), len(gzip.compress(b, 9))) for name, b in blobs.items()}
-    sessions = {
-        name: ort.InferenceSession(blobs[name], providers=["CPUExecutionProvider"]) for name in models
-    }
+    sessions = {name: export.session(blobs[name]) for name in models}
     latency = {batch: _latency(sessions, x[:batch], repeats) for batch in (1, 256)}
     return compressed.model, sizes, latency
 

@@ -101,13 +101,24 @@ def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
-def run_onnx(model: onnx.ModelProto, x) -> np.ndarray:
+def session(model):
+    """An onnxruntime CPU session for ``model`` (ModelProto or bytes) that decodes weights at load time.
+
+    ORT constant-folds ``Cast -> Gather(centres)`` by itself, but keeps ``DequantizeLinear`` for its
+    QDQ int8 kernels unless ``session.disable_quant_qdq`` is set: without it the grid encoding
+    re-decodes every weight on every call (LeNet-300-100, batch 1: 0.44 ms vs 0.035 ms).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": np.asarray(x, np.float32)})[0]
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, x) -> np.ndarray:
+    return session(model).run(None, {"input": np.asarray(x, np.float32)})[0]
 
 
 def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
