@@ -84,7 +84,7 @@ def assign(config, state, weights, rule: str = "nearest") -> np.ndarray:
     out = np.empty(flat.shape, np.int32)
     for start in range(0, flat.size, 1 << 18):  # bounded [chunk, J] memory
         chunk = jnp.asarray(flat[start : start + (1 << 18)])
-        terms = mx._component_log_terms(config, state, chunk)
+        terms = mx.component_log_terms(config, state, chunk)
         out[start : start + chunk.size] = np.asarray(jnp.argmax(terms, axis=-1))
     return out.reshape(np.shape(weights))
 

@@ -131,8 +131,8 @@ def log_mixing_proportions(config: MixtureConfig, mixture: MixtureState) -> jax.
     return jnp.concatenate([jnp.full((1,), jnp.log(config.pi_zero), free.dtype), free])
 
 
-def _component_log_terms(config, mixture, x):
-    """[..., J] log pi_j + log N(x | mu_j, 1/lambda_j) for a batch x (small batches only)."""
+def component_log_terms(config, mixture, x):
+    """[..., J] log pi_j + log N(x | mu_j, 1/lambda_j) for a batch x (forms [x.size, J]: small x only)."""
     mu = component_means(mixture)
     log_lam = jnp.minimum(mixture.log_precisions, _MAX_LOG_PRECISION)
     log_pi = log_mixing_proportions(config, mixture)
@@ -142,7 +142,7 @@ def _component_log_terms(config, mixture, x):
 
 def log_density(config: MixtureConfig, mixture: MixtureState, x: jax.Array) -> jax.Array:
     """Exact log p(x) elementwise (forms an [x.size, J] array: use on small inputs or a grid)."""
-    return jax.nn.logsumexp(_component_log_terms(config, mixture, x), axis=-1)
+    return jax.nn.logsumexp(component_log_terms(config, mixture, x), axis=-1)
 
 
 def _log_density_slope(config, mixture, x):
@@ -154,7 +154,7 @@ def _log_density_slope(config, mixture, x):
 
 def responsibilities(config: MixtureConfig, mixture: MixtureState, x: jax.Array) -> jax.Array:
     """[..., J] posterior probability of each component for each x."""
-    return jax.nn.softmax(_component_log_terms(config, mixture, x), axis=-1)
+    return jax.nn.softmax(component_log_terms(config, mixture, x), axis=-1)
 
 
 def _locate(table, low, scale, flat):

@@ -13,6 +13,7 @@ import shutil
 import time
 
 import numpy as np
+import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -75,8 +76,6 @@ def _load_pretrained(path, like):
     epoch = store.latest_epoch()
     if epoch is None:
         raise FileNotFoundError(f"no pretraining checkpoint under {path}/checkpoints/pretrain")
-    import optax
-
     state = store.restore(epoch, loop.init_state(like, optax.adam(1e-3)))
     store.close()
     return state.trainable
