@@ -35,7 +35,7 @@ from gmm_quant import accounting, config, data, loop, run
 WEAK = {"zero_gamma": "500,0.1", "gamma": "50,0.01"}  # weaker Gamma hyper-priors than the tutorial's
 BEST = {
     "lenet300_100": {"tau": "0.07", **WEAK, "prune_threshold": "0.0005", "finetune_epochs": "10"},
-    "lenet5_caffe": {"tau": "0.07", **WEAK},
+    "lenet5_caffe": {"tau": "0.15", **WEAK},
 }
 QUICK = {
     "train_subset": "10000",
