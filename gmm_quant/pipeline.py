@@ -5,7 +5,7 @@ Works with Flax NNX (``graphdef, params = nnx.split(model, nnx.Param)``;
 
     params = pretrain(apply_fn, params, (x, y), epochs=10)
     plan = make_plan(params)
-    mixtures, params = retrain(apply_fn, params, (x, y), plan, tau=5e-3, epochs=10)
+    mixtures, params = retrain(apply_fn, params, (x, y), plan, tau=0.05, warmup_epochs=5, epochs=30)
     codebooks, snapped = compress(plan, mixtures, params)
     codebooks, params = finetune(apply_fn, codebooks, snapped, (x, y), epochs=2)
 
@@ -84,7 +84,7 @@ def retrain_setup(
     *,
     num_train,
     steps_per_epoch,
-    tau=5e-3,
+    tau=0.05,
     warmup_epochs=0,
     rates=obj.LearningRates(),
     mixtures=None,
@@ -103,7 +103,7 @@ def retrain(
     data,
     plan: Plan,
     *,
-    tau=5e-3,
+    tau=0.05,
     warmup_epochs=0,
     epochs=10,
     batch_size=128,

@@ -113,3 +113,15 @@ def test_finetuning_moves_centres_never_indices_and_keeps_zero():
     loss = gq.cross_entropy(apply)
     assert loss(tuned_params, x, y)[0] < loss(snapped, x, y)[0]
     assert jax.tree.structure(tuned_params) == jax.tree.structure(params)
+
+
+def test_nan_in_training_stops_with_a_clear_error():
+    x = np.ones((64, 3), np.float32)
+    y = np.zeros(64, np.int32)
+    params = {"dense": {"kernel": jnp.full((3, 2), jnp.nan)}}
+
+    def apply(p, x):
+        return x @ p["dense"]["kernel"]
+
+    with pytest.raises(FloatingPointError, match=r"non-finite \['loss'.*pretrain epoch 1"):
+        gq.pretrain(apply, params, (x, y), epochs=2, batch_size=32)
