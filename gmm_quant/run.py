@@ -81,8 +81,16 @@ def _load_pretrained(path, like):
     return state.trainable
 
 
-def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=None, progress=True,
-                       overwrite=False, export_onnx=True) -> dict:  # fmt: skip
+def train_and_evaluate(
+    cfg: cfgm.Config,
+    workdir,
+    *,
+    data_dir=None,
+    pretrained=None,
+    progress=True,
+    overwrite=False,
+    export_onnx=True,
+) -> dict:
     """Run every stage of ``cfg`` in ``workdir``; returns the metrics written to metrics.json."""
     cfgm.validate(cfg)
     workdir = pathlib.Path(workdir)
@@ -97,53 +105,75 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    train = (ds.x_train, ds.y_train)
-    n = ds.x_train.shape[0]
-    errors, times = {}, {}
+    stage = _Stages(cfg, workdir, apply_fn, ds, progress)
+    pretrained_params = stage.pretrain(params, pretrained)
+    mixtures, retrained = stage.retrain(plan, pretrained_params)
+    codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
+    metrics = _save_results(cfg, workdir, codebooks, final, stage, ds.x_test[:64] if export_onnx else None)
+    _figures(workdir, plan, mixtures, pretrained_params, retrained)
+    return metrics
 
-    def error(p):
-        return loop.error_rate(apply_fn, p, ds.x_test, ds.y_test)
 
-    t0 = time.perf_counter()
-    if pretrained is not None:
-        params = _load_pretrained(pretrained, params)
-    if cfg.pretrain_epochs:
-        setup = pipeline.pretrain_setup(apply_fn, params, learning_rate=cfg.pretrain_lr)
-        params = _run_stage(workdir, "pretrain", setup, train, cfg, cfg.pretrain_epochs, progress).trainable
-    errors["pretrained"], times["pretrain"] = error(params), time.perf_counter() - t0
+class _Stages:
+    """The training stages of one run, recording test errors and wall times as they go."""
 
-    t0 = time.perf_counter()
-    rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
-    setup = pipeline.retrain_setup(
-        apply_fn, params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1), tau=cfg.tau,
-        warmup_epochs=cfg.warmup_epochs, rates=rates,
-    )  # fmt: skip
-    state = _run_stage(workdir, "retrain", setup, train, cfg, cfg.retrain_epochs, progress)
-    mixtures, retrained = state.trainable["mixtures"], state.trainable["params"]
-    errors["retrained"], times["retrain"] = error(retrained), time.perf_counter() - t0
+    def __init__(self, cfg, workdir, apply_fn, ds, progress):
+        self.cfg, self.workdir, self.apply_fn, self.ds, self.progress = cfg, workdir, apply_fn, ds, progress
+        self.train = (ds.x_train, ds.y_train)
+        self.errors, self.times = {}, {}
 
-    t0 = time.perf_counter()
-    codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=cfg.assignment)
-    scales = None
-    if cfg.grid_bits:
-        codebooks = {p: grid.to_grid(cb, cfg.grid_bits) for p, cb in codebooks.items()}
-        scales = {p: float(grid.fit(cb.centres)[0]) for p, cb in codebooks.items()}
-        snapped = codebook.dequantize(codebooks, retrained)
-    errors["compressed"] = error(snapped)
+    def _record(self, name, params, timer, start):
+        self.errors[name] = loop.error_rate(self.apply_fn, params, self.ds.x_test, self.ds.y_test)
+        self.times[timer] = time.perf_counter() - start
 
-    if cfg.finetune_epochs:
-        loss, opt, trainable, build = pipeline.finetune_setup(
-            apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid_scales=scales
-        )
-        state = _run_stage(
-            workdir, "finetune", (loss, opt, trainable), train, cfg, cfg.finetune_epochs, progress
-        )
-        final = build(state.trainable)
-        codebooks = pipeline.ft.updated_codebooks(codebooks, state.trainable["centres"], scales)
-    else:
+    def _run(self, name, setup, epochs):
+        return _run_stage(self.workdir, name, setup, self.train, self.cfg, epochs, self.progress)
+
+    def pretrain(self, params, pretrained):
+        start, cfg = time.perf_counter(), self.cfg
+        if pretrained is not None:
+            params = _load_pretrained(pretrained, params)
+        if cfg.pretrain_epochs:
+            setup = pipeline.pretrain_setup(self.apply_fn, params, learning_rate=cfg.pretrain_lr)
+            params = self._run("pretrain", setup, cfg.pretrain_epochs).trainable
+        self._record("pretrained", params, "pretrain", start)
+        return params
+
+    def retrain(self, plan, params):
+        start, cfg, n = time.perf_counter(), self.cfg, self.train[0].shape[0]
+        rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
+        steps = max(n // cfg.batch_size, 1)
+        setup = pipeline.retrain_setup(
+            self.apply_fn, params, plan, num_train=n, steps_per_epoch=steps, tau=cfg.tau,
+            warmup_epochs=cfg.warmup_epochs, rates=rates,
+        )  # fmt: skip
+        trained = self._run("retrain", setup, cfg.retrain_epochs).trainable
+        self._record("retrained", trained["params"], "retrain", start)
+        return trained["mixtures"], trained["params"]
+
+    def compress_and_finetune(self, plan, mixtures, retrained):
+        start, cfg = time.perf_counter(), self.cfg
+        codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=cfg.assignment)
+        scales = None
+        if cfg.grid_bits:
+            codebooks = {p: grid.to_grid(cb, cfg.grid_bits) for p, cb in codebooks.items()}
+            scales = {p: float(grid.fit(cb.centres)[0]) for p, cb in codebooks.items()}
+            snapped = codebook.dequantize(codebooks, retrained)
+        self.errors["compressed"] = loop.error_rate(self.apply_fn, snapped, self.ds.x_test, self.ds.y_test)
         final = snapped
-    errors["finetuned"], times["compress_finetune"] = error(final), time.perf_counter() - t0
+        if cfg.finetune_epochs:
+            loss, opt, trainable, build = pipeline.finetune_setup(
+                self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid_scales=scales
+            )
+            tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs).trainable
+            final = build(tuned)
+            codebooks = pipeline.ft.updated_codebooks(codebooks, tuned["centres"], scales)
+        self._record("finetuned", final, "compress_finetune", start)
+        return codebooks, final
 
+
+def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
+    """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
     float_leaves = {p: np.asarray(v) for p, v in flatten(final).items() if p not in codebooks}
     summary = accounting.summarize(codebooks, float_leaves)
     model_path = workdir / "model.gqz"
@@ -151,15 +181,14 @@ def train_and_evaluate(cfg: cfgm.Config, workdir, *, data_dir=None, pretrained=N
     extra = {
         "model": cfg.model,
         "dataset": cfg.dataset,
-        "seconds": times,
+        "seconds": stage.times,
         "file_bytes": model_path.stat().st_size,
         "gzip_ratio": accounting.gzip_ratio(flatten(final)),
     }
-    if export_onnx:
-        extra["onnx"] = _export(model_path, workdir, ds.x_test[:64], "grid" if cfg.grid_bits else "codebook")
-    metrics = report.metrics_dict(errors, summary, extra)
+    if onnx_sample is not None:
+        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "codebook")
+    metrics = report.metrics_dict(stage.errors, summary, extra)
     report.write_metrics(workdir, metrics)
-    _figures(workdir, plan, mixtures, params, retrained)
     return metrics
 
 
