@@ -80,8 +80,7 @@ def _baseline(name, make_codebook, params, apply_fn, ds, cfg, finetune):
                                          epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
                                          learning_rate=cfg.finetune_lr)  # fmt: skip
     error = loop.error_rate(apply_fn, snapped, ds.x_test, ds.y_test)
-    floats = {p: np.asarray(v) for p, v in gq.rules.flatten(snapped).items() if p not in codebooks}
-    return error, accounting.summarize(codebooks, floats), time.perf_counter() - t0, codebooks
+    return error, accounting.summarize(codebooks, snapped), time.perf_counter() - t0, codebooks
 
 
 def table_for(model, args):

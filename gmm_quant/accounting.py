@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gmm_quant.rules import flatten
+
 
 def huffman_lengths(counts: dict) -> dict:
     """Code length of each symbol of a Huffman code for ``{symbol: count}`` (counts > 0)."""
@@ -125,8 +127,13 @@ def gzip_ratio(params_flat: dict) -> float:
     return len(raw) / len(gzip.compress(raw, 9))
 
 
-def summarize(codebooks: dict, float_leaves: dict) -> dict:
-    """Per-layer costs and totals: ``compression_ratio`` (Han), ``packed_ratio``, float bits."""
+def summarize(codebooks: dict, params) -> dict:
+    """Per-layer costs and totals: ``compression_ratio`` (Han), ``packed_ratio``, float bits.
+
+    ``params``: the model's parameter pytree (or any {path: array}); leaves not in ``codebooks`` count
+    as float32.
+    """
+    float_leaves = {p: v for p, v in flatten(params).items() if p not in codebooks}
     layers = [layer_cost(name, cb) for name, cb in codebooks.items()]
     float_values = sum(int(np.size(v)) for v in float_leaves.values())
     quantised = sum(c.num_weights for c in layers)

@@ -29,7 +29,7 @@ from onnx import TensorProto, numpy_helper
 
 from gmm_quant import grid, onnx_graph, storage
 from gmm_quant.checkpoint import write_atomic
-from gmm_quant.rules import flatten
+from gmm_quant.rules import path_str
 
 OPSET = 21
 ENCODINGS = ("codebook", "grid")
@@ -83,7 +83,7 @@ def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = list(flatten(params))
+    paths = [path_str(p) for p, _ in flat]
     leaves = [np.asarray(leaf) for _, leaf in flat]
     make = codebook_encoder if encoding == "codebook" else grid_encoder
     encoders = {}

@@ -44,11 +44,10 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
     With ``grid_scales`` ({path: scale}) the centres are used rounded to multiples of the scale
     (straight-through gradient), so the result is exportable with DequantizeLinear.
     """
-    float_paths = [p for p in flatten(params) if p not in codebooks]
     flat = flatten(params)
     trainable = {"centres": init_centres(codebooks)}
     if train_float:
-        trainable["float"] = {p: flat[p] for p in float_paths}
+        trainable["float"] = {p: leaf for p, leaf in flat.items() if p not in codebooks}
 
     def build(tr):
         base = replace_leaves(params, tr.get("float", {}))

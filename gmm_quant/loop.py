@@ -44,7 +44,7 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state), {"loss": loss, **aux}
 
-    def batches(x, y, key):
+    def batches(x, key):
         steps = x.shape[0] // batch_size
         if steps == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
@@ -52,7 +52,7 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
 
     @jax.jit
     def scan_epoch(state: TrainState, x, y, key):
-        order = batches(x, y, key)
+        order = batches(x, key)
         state, metrics = jax.lax.scan(lambda s, idx: train_step(s, (x[idx], y[idx])), state, order)
         return state, jax.tree.map(jnp.mean, metrics)
 
@@ -60,7 +60,7 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
 
     def loop_epoch(state: TrainState, x, y, key):
         history = []
-        for idx in batches(x, y, key):
+        for idx in batches(x, key):
             state, metrics = jit_step(state, x, y, idx)
             history.append(metrics)
         return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)

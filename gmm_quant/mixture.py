@@ -172,9 +172,7 @@ def _grid_sum(table, low, scale, flat):
     the grid values as a two-column histogram); the weights' gradient is the interpolated exact
     derivative f', far more accurate than the slope of f. Value and weight gradient share one gather.
     """
-    k, t = _locate(table, low, scale, flat)
-    row = table.at[k].get(mode="promise_in_bounds")
-    return jnp.sum(row[:, 0] + t * row[:, 1])
+    return _grid_sum_fwd(table, low, scale, flat)[0]
 
 
 def _grid_sum_fwd(table, low, scale, flat):
@@ -218,8 +216,8 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
     interpolated linearly in between. The error per weight is at most h**2 / 8 * max |d2 log p / dw2|
     (h the grid spacing): about 3e-5 relative for trained mixtures at the default 4096 points
     (bench/prior_speed.py).
-    Gradients flow to the weights (slope of the interpolant) and to the mixture (through the grid
-    values). Memory is O(grid_size) plus O(chunk) per leaf, never O(N * J).
+    Gradients flow to the weights (the exact derivative, interpolated from the same grid) and to the
+    mixture (through the grid values). Memory is O(grid_size) plus O(chunk) per leaf, never O(N * J).
 
     Args:
       exact: evaluate logsumexp over components for every weight instead (O(N * J) memory; for tests).

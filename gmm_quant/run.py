@@ -98,7 +98,8 @@ def train_and_evaluate(
         shutil.rmtree(workdir)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
     plan = build_plan(cfg, params)
-    cfgm.check_threshold(cfg, {p: int(np.size(flatten(params)[p])) for p in plan.quantised()})
+    flat = flatten(params)
+    cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
     ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
     ckpt.claim_workdir(workdir, cfg)
 
@@ -174,8 +175,8 @@ class _Stages:
 
 def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
-    float_leaves = {p: np.asarray(v) for p, v in flatten(final).items() if p not in codebooks}
-    summary = accounting.summarize(codebooks, float_leaves)
+    flat = {p: np.asarray(v) for p, v in flatten(final).items()}
+    summary = accounting.summarize(codebooks, flat)
     model_path = workdir / "model.gqz"
     storage.save_compressed(model_path, codebooks, final, model=cfg.model, config=dataclasses.asdict(cfg))
     extra = {
@@ -183,7 +184,7 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         "dataset": cfg.dataset,
         "seconds": stage.times,
         "file_bytes": model_path.stat().st_size,
-        "gzip_ratio": accounting.gzip_ratio(flatten(final)),
+        "gzip_ratio": accounting.gzip_ratio(flat),
     }
     if onnx_sample is not None:
         extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "codebook")
