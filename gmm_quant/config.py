@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import pkgutil
 
 from gmm_quant.codebook import ASSIGNMENTS
@@ -74,6 +75,7 @@ def validate(cfg: Config) -> Config:
     """Reject invalid values before any training, naming the field."""
     import models
 
+    _check_finite(cfg)
     _check(
         cfg.model in models.MODELS,
         "model",
@@ -95,9 +97,19 @@ def validate(cfg: Config) -> Config:
         _check(len(value) == 2 and min(value) > 0, name, "needs two values > 0 (alpha, beta)", value)
     _check(cfg.init_std >= 0, "init_std", "must be >= 0", cfg.init_std)
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
-    _check(0 <= cfg.grid_bits <= 8, "grid_bits", "must be 0 (off) or 2..8", cfg.grid_bits)
+    bits = cfg.grid_bits
+    _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
     return cfg
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float (and every element of a float pair) must be a finite number: no inf, no NaN."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            _check(False, field.name, "must be finite (no inf or nan)", value)
 
 
 def check_threshold(cfg: Config, layer_sizes: dict) -> None:

@@ -52,12 +52,17 @@ def sha256(path: pathlib.Path) -> str:
 
 
 def mnist_dir(data_dir=None) -> pathlib.Path | None:
-    """The directory holding the MNIST files: ``data_dir``, else ``$GMM_QUANT_DATA``, else None."""
+    """The directory holding the MNIST files: ``data_dir``, else ``$GMM_QUANT_DATA``, else None.
+
+    Both ``ROOT/mnist`` and ``ROOT`` itself are looked in; the one holding more of the four files wins
+    (``ROOT/mnist`` on a tie), so an empty ``mnist/`` folder beside the files does not hide them.
+    """
     root = data_dir or os.environ.get(ENV_VAR)
     if not root:
         return None
     root = pathlib.Path(root).expanduser()
-    return root / "mnist" if (root / "mnist").is_dir() else root
+    candidates = [root / "mnist", root]
+    return max(candidates, key=lambda d: sum((d / name).is_file() for name in MNIST_FILES))
 
 
 def _download(directory: pathlib.Path, name: str) -> None:
@@ -79,7 +84,9 @@ def _verified(directory: pathlib.Path, name: str, download: bool) -> pathlib.Pat
     expected = MNIST_FILES[name]
     if not path.is_file():
         if not download:
-            raise DataError(f"MNIST file missing: {path} (expected sha256 {expected})")
+            other = directory.parent if directory.name == "mnist" else directory / "mnist"
+            where = f"{directory} and {other}"
+            raise DataError(f"MNIST file missing: {path} (looked in {where}; expected sha256 {expected})")
         _download(directory, name)
     actual = sha256(path)
     if actual != expected:

@@ -84,9 +84,7 @@ def check_finite(metrics: dict, where: str) -> dict:
     out = {k: float(v) for k, v in metrics.items()}
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
-        raise FloatingPointError(
-            f"non-finite {bad} in {where}: training diverged (lower the learning rates or tau)"
-        )
+        raise FloatingPointError(f"training diverged in {where}: non-finite {', '.join(bad)}")
     return out
 
 

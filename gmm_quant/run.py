@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ import models
 from gmm_quant import accounting, codebook, data, grid, loop, pipeline, report, storage
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
+from gmm_quant import workdir as wd
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
 from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
@@ -43,14 +43,18 @@ def build_plan(cfg: cfgm.Config, params):
     return make_plan(params, rules, mixture)
 
 
-def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, start_from=None):
-    """Train one stage with per-epoch checkpoints; resumes from the latest one. Returns TrainState."""
+def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None):
+    """Train one stage with verified per-epoch checkpoints; resumes from the newest good one.
+
+    ``parent`` keys the checkpoints to what the stage started from (default: the digest of its
+    initial trainable state), so a changed earlier stage never resumes a later one's old steps.
+    """
     loss, optimizer, trainable = setup
-    store = ckpt.StageCheckpoints(workdir, name)
+    parent = parent or ckpt.tree_digest(trainable)
+    store = ckpt.StageCheckpoints(workdir, name, parent)
     state = loop.init_state(trainable, optimizer)
-    done = store.latest_epoch() or 0
-    if done:
-        state = store.restore(done, state)
+    done, restored = store.restore_latest(state)
+    state = restored if restored is not None else state
     bar = tqdm(total=epochs, initial=done, desc=name, disable=not progress, unit="epoch")
 
     def on_epoch(epoch, st, metrics):
@@ -58,27 +62,44 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, start_from=
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.4f}")
         bar.update()
 
-    state = pipeline.run_epochs(
-        loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        name=name, state=state, start_epoch=done, on_epoch=on_epoch,
-    )  # fmt: skip
-    bar.close()
-    store.close()
+    try:
+        state = pipeline.run_epochs(
+            loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+            name=name, state=state, start_epoch=done, on_epoch=on_epoch,
+        )  # fmt: skip
+    finally:
+        bar.close()
+        store.close()
     return state
 
 
 def _load_pretrained(path, like):
-    """Params from another work directory's finished pretraining, or a ``.gqz`` file."""
+    """Params from another work directory's finished pretraining, or a ``.gqz`` file (read only)."""
     path = pathlib.Path(path)
-    if path.suffix == ".gqz":
+    if path.is_file():
         return storage.load_compressed(path).params(like)
-    store = ckpt.StageCheckpoints(path, "pretrain")
-    epoch = store.latest_epoch()
-    if epoch is None:
-        raise FileNotFoundError(f"no pretraining checkpoint under {path}/checkpoints/pretrain")
-    state = store.restore(epoch, loop.init_state(like, optax.adam(1e-3)))
+    if not (path / "checkpoints" / "pretrain").is_dir():
+        raise FileNotFoundError(
+            f"--pretrained {path}: neither a .gqz file nor a work directory with a pretraining"
+        )
+    store = ckpt.StageCheckpoints(path, "pretrain", read_only=True)
+    _epoch, state = store.restore_latest(loop.init_state(like, optax.adam(1e-3)))
     store.close()
+    if state is None:
+        raise FileNotFoundError(f"--pretrained {path}: no intact pretraining checkpoint in it")
     return state.trainable
+
+
+def _check_data(cfg: cfgm.Config, ds: data.Dataset) -> None:
+    n = ds.x_train.shape[0]
+    if cfg.batch_size > n:
+        raise cfgm.ConfigError(
+            f"invalid config field 'batch_size' = {cfg.batch_size}: exceeds the {n} training examples"
+            + (" of --train-subset" if cfg.train_subset else "")
+        )
+    for name in ("x_train", "x_test"):
+        if not np.all(np.isfinite(getattr(ds, name))):
+            raise data.DataError(f"the {cfg.dataset} data hold non-finite values in {name}")
 
 
 def train_and_evaluate(
@@ -91,27 +112,38 @@ def train_and_evaluate(
     overwrite=False,
     export_onnx=True,
 ) -> dict:
-    """Run every stage of ``cfg`` in ``workdir``; returns the metrics written to metrics.json."""
+    """Run every stage of ``cfg`` in ``workdir``; returns the metrics written to metrics.json.
+
+    Everything is checked before the work directory is touched: the config, the data, ``pretrained``
+    and the directory itself (see ``workdir.py``: a directory that is not ours is never written to,
+    ``overwrite`` deletes only our outputs, and one process at a time holds the directory).
+    """
     cfgm.validate(cfg)
     workdir = pathlib.Path(workdir)
-    if overwrite and workdir.exists():
-        shutil.rmtree(workdir)
+    wd.check_usable(workdir, overwrite=overwrite)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
     ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
-    ckpt.claim_workdir(workdir, cfg)
+    _check_data(cfg, ds)
+    if pretrained is not None:
+        params = _load_pretrained(pretrained, params)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    stage = _Stages(cfg, workdir, apply_fn, ds, progress)
-    pretrained_params = stage.pretrain(params, pretrained)
-    mixtures, retrained = stage.retrain(plan, pretrained_params)
-    codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
-    metrics = _save_results(cfg, workdir, codebooks, final, stage, ds.x_test[:64] if export_onnx else None)
-    _figures(workdir, plan, mixtures, pretrained_params, retrained)
+    with wd.Lock(workdir):
+        if overwrite:
+            wd.clear(workdir)
+        wd.claim(workdir, cfg)
+        stage = _Stages(cfg, workdir, apply_fn, ds, progress)
+        pretrained_params = stage.pretrain(params)
+        mixtures, retrained = stage.retrain(plan, pretrained_params)
+        codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
+        sample = ds.x_test[:64] if export_onnx else None
+        metrics = _save_results(cfg, workdir, codebooks, final, stage, sample)
+        _figures(workdir, plan, mixtures, pretrained_params, retrained)
     return metrics
 
 
@@ -127,13 +159,11 @@ class _Stages:
         self.errors[name] = loop.error_rate(self.apply_fn, params, self.ds.x_test, self.ds.y_test)
         self.times[timer] = time.perf_counter() - start
 
-    def _run(self, name, setup, epochs):
-        return _run_stage(self.workdir, name, setup, self.train, self.cfg, epochs, self.progress)
+    def _run(self, name, setup, epochs, parent=None):
+        return _run_stage(self.workdir, name, setup, self.train, self.cfg, epochs, self.progress, parent)
 
-    def pretrain(self, params, pretrained):
+    def pretrain(self, params):
         start, cfg = time.perf_counter(), self.cfg
-        if pretrained is not None:
-            params = _load_pretrained(pretrained, params)
         if cfg.pretrain_epochs:
             setup = pipeline.pretrain_setup(self.apply_fn, params, learning_rate=cfg.pretrain_lr)
             params = self._run("pretrain", setup, cfg.pretrain_epochs).trainable
@@ -166,7 +196,8 @@ class _Stages:
             loss, opt, trainable, build = pipeline.finetune_setup(
                 self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid_scales=scales
             )
-            tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs).trainable
+            parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
+            tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs, parent).trainable
             final = build(tuned)
             codebooks = pipeline.ft.updated_codebooks(codebooks, tuned["centres"], scales)
         self._record("finetuned", final, "compress_finetune", start)

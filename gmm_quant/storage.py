@@ -123,15 +123,64 @@ def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
     if len(header) != length or hashlib.sha256(header).digest() != digest:
         raise CorruptFile(f"{path}: header checksum mismatch (file truncated or corrupt)")
     payload = raw[_PREFIX.size + length :]
-    meta = json.loads(header)
+    try:
+        meta = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFile(f"{path}: header is not valid JSON ({err})") from None
+    _check_header(meta, path)
     if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
         raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
     return meta, payload
 
 
+def _require(cond: bool, path, problem: str) -> None:
+    if not cond:
+        raise CorruptFile(f"{path}: malformed header: {problem}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_span(entry, path, where: str, nbytes: int) -> None:
+    _require(isinstance(entry, dict), path, f"{where} is not an object")
+    _require(_is_count(entry.get("offset")), path, f"{where} has no valid offset")
+    size = entry.get("nbytes")
+    _require(size == nbytes, path, f"{where} holds {size!r} bytes, needs {nbytes}")
+
+
+def _check_leaf(leaf, path) -> None:
+    _require(isinstance(leaf, dict) and isinstance(leaf.get("path"), str), path, "a leaf without a path")
+    name, shape = leaf["path"], leaf.get("shape")
+    _require(isinstance(shape, list) and all(map(_is_count, shape)), path, f"{name}: invalid shape {shape!r}")
+    count = math.prod(shape)
+    if leaf.get("kind") == "codebook":
+        k, bits = leaf.get("k"), leaf.get("bits")
+        _require(_is_count(k) and k >= 1, path, f"{name}: invalid codebook size {k!r}")
+        _require(bits == bits_for(k), path, f"{name}: {bits!r} bits per index for {k} centres")
+        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
+        _check_span(leaf.get("indices"), path, f"{name} indices", (count * bits + 7) // 8)
+    else:
+        _require(leaf.get("kind") == "float", path, f"{name}: unknown kind {leaf.get('kind')!r}")
+        _check_span(leaf.get("data"), path, f"{name} data", 4 * count)
+
+
+def _check_header(meta, path) -> None:
+    """Every key and type the loader relies on, so that damage is a ``CorruptFile``, never a KeyError."""
+    _require(isinstance(meta, dict), path, "not a JSON object")
+    _require(isinstance(meta.get("payload_sha256"), str), path, "no payload checksum")
+    _require(isinstance(meta.get("leaves"), list), path, "no list of leaves")
+    _require(meta.get("model") is None or isinstance(meta["model"], str), path, "model is not a string")
+    _require(meta.get("config") is None or isinstance(meta["config"], dict), path, "config is not an object")
+    for leaf in meta["leaves"]:
+        _check_leaf(leaf, path)
+    names = [leaf["path"] for leaf in meta["leaves"]]
+    _require(len(set(names)) == len(names), path, "a leaf is listed twice")
+
+
 def _slice(payload: bytes, entry: dict, path, name) -> bytes:
     start, size = entry["offset"], entry["nbytes"]
-    if start < 0 or start + size > len(payload):
+    if start + size > len(payload):
         raise CorruptFile(f"{path}: leaf {name} points outside the payload")
     return payload[start : start + size]
 
@@ -147,10 +196,6 @@ def load_compressed(path) -> Compressed:
         count = math.prod(shape)
         if leaf["kind"] == "codebook":
             centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
-            if centres.size != leaf["k"] or leaf["bits"] != bits_for(leaf["k"]):
-                raise CorruptFile(
-                    f"{path}: codebook of {name} has {centres.size} centres, header says {leaf['k']}"
-                )
             indices = unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
             if indices.size and indices.max() >= centres.size:
                 raise CorruptFile(f"{path}: indices of {name} exceed its codebook")

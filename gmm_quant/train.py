@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gmm_quant import cli
 from gmm_quant import config as cfgm
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         prog="python -m gmm_quant.train",
         description="Compress a model by soft weight-sharing: pretrain, retrain with the mixture prior, "
         "compress to per-layer codebooks, fine-tune, evaluate, save and export.",
@@ -26,40 +27,50 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--pretrained", default=None, help="start from this workdir's pretraining or a .gqz file")
     ap.add_argument(
-        "--overwrite", action="store_true", help="delete the workdir's previous checkpoints first"
+        "--overwrite",
+        action="store_true",
+        help="delete the outputs and checkpoints of an earlier run in this workdir first",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    cli.add_debug_flag(ap)
     group = ap.add_argument_group("config overrides (defaults come from --config)")
     for field in cfgm.fields():
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"set_{field.name}", metavar="VALUE")
     return ap
 
 
+def _value_flags(ap: argparse.ArgumentParser) -> set[str]:
+    return {s for a in ap._actions if a.nargs is None and a.const is None for s in a.option_strings}
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = parser()
+    args = ap.parse_args(cli.quote_negative_values(argv, _value_flags(ap)))
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
     try:
         cfg = cfgm.override(cfgm.load(args.config), overrides)
     except cfgm.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from gmm_quant import report
-    from gmm_quant.run import train_and_evaluate
-
     workdir = args.workdir or f"runs/{args.config}"
-    try:
+
+    def body() -> int:
+        cli.quiet_libraries(argv)
+        from gmm_quant import report
+        from gmm_quant.run import train_and_evaluate
+
         metrics = train_and_evaluate(
             cfg, workdir, data_dir=args.data_dir, pretrained=args.pretrained,
             progress=not args.no_progress, overwrite=args.overwrite, export_onnx=not args.no_onnx,
         )  # fmt: skip
-    except (cfgm.ConfigError, FileNotFoundError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(report.format_table(metrics))
-    print(f"results in {workdir}/ (metrics.json, model.gqz, weights.png, scatter.png)")
-    return 0
+        print(report.format_table(metrics))
+        print(f"results in {workdir}/ (metrics.json, model.gqz, weights.png, scatter.png)")
+        return 0
+
+    return cli.run(body, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_now(main())

@@ -14,7 +14,8 @@ import pytest
 
 from gmm_quant import config as cfgm
 from gmm_quant import data, train
-from gmm_quant.checkpoint import CheckpointMismatch, claim_workdir
+from gmm_quant.workdir import CheckpointMismatch
+from gmm_quant.workdir import claim as claim_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

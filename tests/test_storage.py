@@ -107,3 +107,100 @@ def test_write_is_atomic(compressed_model, tmp_path, monkeypatch):
         storage.save_compressed(target, codebooks, snapped)
     assert target.read_bytes() == b"previous good file"
     assert [p.name for p in tmp_path.iterdir()] == ["m.gqz"]  # no temporary file left behind
+
+
+def _rewrite_header(path, tmp_path, edit, name="edited.gqz"):
+    """A copy of ``path`` whose header JSON is ``edit(meta)`` (or raw bytes), checksums recomputed."""
+    import hashlib
+    import json
+
+    raw = path.read_bytes()
+    _magic, version, length, _digest = storage._PREFIX.unpack_from(raw)
+    header = raw[storage._PREFIX.size : storage._PREFIX.size + length]
+    payload = raw[storage._PREFIX.size + length :]
+    new = edit(json.loads(header))
+    new = new if isinstance(new, bytes) else json.dumps(new).encode()
+    prefix = storage._PREFIX.pack(storage.MAGIC, version, len(new), hashlib.sha256(new).digest())
+    out = tmp_path / name
+    out.write_bytes(prefix + new + payload)
+    return out
+
+
+def _drop(key):
+    return lambda meta: {k: v for k, v in meta.items() if k != key}
+
+
+def _first_leaf(change):
+    def edit(meta):  # the first quantised leaf
+        i = next(i for i, leaf in enumerate(meta["leaves"]) if leaf["kind"] == "codebook")
+        meta["leaves"][i] = change(dict(meta["leaves"][i]))
+        return meta
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda meta: b"{not json", "header is not valid JSON"),
+        (lambda meta: b"\xff\xfe\x00", "header is not valid JSON"),
+        (lambda meta: [1, 2], "not a JSON object"),
+        (_drop("leaves"), "no list of leaves"),
+        (_drop("payload_sha256"), "no payload checksum"),
+        (_first_leaf(lambda leaf: {**leaf, "shape": [-5, 2]}), "invalid shape"),
+        (_first_leaf(lambda leaf: {**leaf, "shape": [10**12]}), "needs"),
+        (_first_leaf(lambda leaf: {k: v for k, v in leaf.items() if k != "path"}), "a leaf without a path"),
+        (_first_leaf(lambda leaf: {**leaf, "kind": "pickle"}), "unknown kind"),
+        (_first_leaf(lambda leaf: {**leaf, "k": 0}), "invalid codebook size"),
+        (_first_leaf(lambda leaf: {**leaf, "bits": 7}), "bits per index"),
+        (_first_leaf(lambda leaf: {**leaf, "centres": {"offset": -1, "nbytes": 4 * leaf["k"]}}), "offset"),
+        (
+            _first_leaf(lambda leaf: {**leaf, "centres": {"offset": 10**9, "nbytes": 4 * leaf["k"]}}),
+            "outside",
+        ),
+        (lambda meta: {**meta, "leaves": meta["leaves"] + meta["leaves"][:1]}, "listed twice"),
+        (lambda meta: {**meta, "model": 5}, "model is not a string"),
+    ],
+)
+def test_malformed_header_with_valid_checksums_is_refused(compressed_model, tmp_path, edit, message):
+    path = _rewrite_header(compressed_model[0], tmp_path, edit)
+    with pytest.raises(storage.CorruptFile, match=message):
+        gq.load_compressed(path)
+
+
+def test_fuzzed_files_raise_only_corrupt_file(compressed_model, tmp_path):
+    """Random truncations, byte flips and header mutations (checksums recomputed): CorruptFile or a
+    correct load, never another exception."""
+    import json
+
+    rng = np.random.default_rng(0)
+    raw = compressed_model[0].read_bytes()
+    target = tmp_path / "fuzz.gqz"
+    values = [None, True, -1, 0, 1, 3, 2**40, 1.5, "x", [], {}, [-1], [3, 4]]
+
+    def mutate(meta):
+        leaf = meta["leaves"][rng.integers(len(meta["leaves"]))]
+        holder = leaf if rng.random() < 0.7 else meta
+        key = list(holder)[rng.integers(len(holder))]
+        holder[key] = values[rng.integers(len(values))]
+        return meta
+
+    cases = 0
+    for i in range(3000):
+        kind = i % 3
+        if kind == 0:
+            target.write_bytes(raw[: rng.integers(len(raw))])
+        elif kind == 1:
+            data = bytearray(raw)
+            for pos in rng.integers(len(data), size=rng.integers(1, 4)):
+                data[pos] ^= 1 << rng.integers(8)
+            target.write_bytes(bytes(data))
+        else:
+            _rewrite_header(
+                compressed_model[0], tmp_path, lambda meta: mutate(json.loads(json.dumps(meta))), "fuzz.gqz"
+            )
+        try:
+            gq.load_compressed(target)
+        except storage.CorruptFile:
+            cases += 1
+    assert cases > 2500  # nearly every case is damage that must be detected

@@ -1,0 +1,115 @@
+"""What every command line of gmm_quant shares: one line per user error, Ctrl-C, ``--debug``.
+
+A user-caused failure (bad flag, missing or damaged file, unusable work directory, full disk, a run
+that diverges) ends in one line on stderr and a non-zero exit; ``--debug`` (or ``GMM_QUANT_DEBUG=1``)
+shows the traceback instead. Exit codes: 1 a failure, 2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+
+DEBUG_ENV = "GMM_QUANT_DEBUG"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching, whose usage errors are one line: ``error: ... (see --help)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_debug_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
+
+
+def debug_requested(argv) -> bool:
+    return "--debug" in (argv or []) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def quiet_libraries(argv) -> None:
+    """Keep orbax's and absl's warnings off stderr (one line per problem is ours to print)."""
+    if debug_requested(argv):
+        return
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def quote_negative_values(argv: list[str], value_flags) -> list[str]:
+    """``--flag -1e-3`` -> ``--flag=-1e-3`` for flags that take a value: argparse would read it as a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if token in value_flags and value.startswith("-") and _is_number(value):
+            out.append(f"{token}={value}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.split(",")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def describe(err: BaseException) -> str:
+    """One line naming the problem (and the file, for OS errors)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        hint = ""
+        if err.errno == errno.ENOSPC:
+            hint = "; free some space and run the same command again (earlier outputs are kept)"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "; check the permissions or choose another directory"
+        return f"{err.strerror.lower()}{where}{hint}"
+    if isinstance(err, KeyError):
+        return f"missing key {err}"
+    return str(err) or type(err).__name__
+
+
+def exit_now(code: int) -> None:
+    """Exit with ``code``; after Ctrl-C skip interpreter teardown, which can crash while XLA threads
+    are still compiling (seen: SIGSEGV instead of exit code 130)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 130:
+        os._exit(code)
+    sys.exit(code)
+
+
+def run(body, argv, *, user_errors=(Exception,)) -> int:
+    """``body()`` -> exit code, with every failure turned into one line on stderr (unless debugging)."""
+    debug = debug_requested(argv)
+    try:
+        return body()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted; run the same command to resume", file=sys.stderr)
+        return 130
+    except user_errors as err:
+        if debug:
+            raise
+        print(f"error: {describe(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if debug:
+            raise
+        print(
+            f"internal error: {type(err).__name__}: {describe(err)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
