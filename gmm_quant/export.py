@@ -9,7 +9,7 @@ Two weight encodings for quantised layers:
 * ``grid`` (centres exactly ``scale * (q - zero_point)``, see ``grid.py``): ``DequantizeLinear`` of
   UINT4 (or UINT8) codes. Refused with a clear error when a layer's centres are not on a grid.
 
-The graph is built from the traced model (``onnx_graph``), checked with ``onnx.checker`` (full check,
+The graph is built from the traced model (``onnx_export``), checked with ``onnx.checker`` (full check,
 shape inference), run in onnxruntime on a sample batch, and written atomically only if its outputs
 match JAX within ``tolerance`` (1e-4 absolute by default).
 """
@@ -26,7 +26,7 @@ import onnx
 from flax import nnx
 from onnx import TensorProto, numpy_helper
 
-from gmm_quant import cli, grid, onnx_graph, storage
+from gmm_quant import cli, grid, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.rules import path_str
 
@@ -61,7 +61,9 @@ def codebook_encoder(codebook):
 def grid_encoder(codebook):
     g = grid.fit(codebook.centres)
     if g is None:
-        raise ValueError("centres are not on an evenly spaced grid containing zero; use --encoding codebook")
+        raise ValueError(
+            "centres are not on an evenly spaced grid containing zero; use the codebook encoding"
+        )
     scale, zero_point, levels = g
 
     def encode(conv, path, perm):
@@ -95,7 +97,7 @@ def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -
     def fn(leaves, x):
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), x)
 
-    model = onnx_graph.convert(fn, leaves, paths, encoders, np.asarray(sample, np.float32), opset=OPSET)
+    model = onnx_export.convert(fn, leaves, paths, encoders, model_input(sample), opset=OPSET)
     onnx.checker.check_model(model, full_check=True)
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
@@ -116,8 +118,14 @@ def session(model):
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def model_input(x) -> np.ndarray:
+    """The graph's input dtype: float32 for real-valued inputs, int32 for token ids."""
+    x = np.asarray(x)
+    return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x.astype(np.int32)
+
+
 def run_onnx(model, x) -> np.ndarray:
-    return session(model).run(None, {"input": np.asarray(x, np.float32)})[0]
+    return session(model).run(None, {"input": model_input(x)})[0]
 
 
 def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
@@ -127,7 +135,7 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
     that (float32 rounding of logits near 1e6 alone is 0.06).
     """
     ours = run_onnx(model, x)
-    ref = np.asarray(jax.jit(apply_fn)(params, np.asarray(x, np.float32)))
+    ref = np.asarray(jax.jit(apply_fn)(params, model_input(x)))
     if not np.all(np.isfinite(ref)):
         raise ExportMismatch("the model's outputs on the sample are not finite; file not written")
     diff = float(np.max(np.abs(ours - ref)))
@@ -140,7 +148,7 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
 
 def export(apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4) -> dict:
     """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff."""
-    model = to_onnx(apply_fn, params, codebooks, sample[:1], encoding=encoding)
+    model = to_onnx(apply_fn, params, codebooks, sample[:8], encoding=encoding)
     diff = verify(model, apply_fn, params, sample, tolerance)
     data = model.SerializeToString()
     write_atomic(pathlib.Path(path), data)

@@ -1,13 +1,11 @@
 """Evenly spaced codebooks: centres exactly ``scale * (q - zero_point)``, for DequantizeLinear export.
 
-``fit`` recognises centres already on such a grid; ``project`` moves centres onto one (used by
-fine-tuning when the config asks for grid centres, with a straight-through gradient).
+``fit`` recognises centres already on such a grid; ``to_grid`` moves a codebook onto one. Fine-tuning
+keeps the levels and trains the scale (``codebook_tuning``).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -15,12 +13,6 @@ def grid_scale(centres, bits: int) -> float:
     """Scale putting the largest |centre| on the outermost level of a signed ``bits``-bit grid."""
     top = float(np.max(np.abs(np.asarray(centres)))) if np.size(centres) else 0.0
     return top / (2 ** (bits - 1) - 1) if top > 0 else 1.0
-
-
-def project(centres, scale):
-    """Centres rounded to multiples of ``scale``; gradient passes straight through."""
-    snapped = jnp.round(centres / scale) * scale
-    return centres + jax.lax.stop_gradient(snapped.astype(centres.dtype) - centres)
 
 
 def fit(centres):

@@ -88,6 +88,16 @@ def check_finite(metrics: dict, where: str) -> dict:
     return out
 
 
+def mean_loss(loss_fn, trainable, x, y, batch_size: int = 1000) -> float:
+    """Example-weighted mean of ``loss_fn(trainable, x_batch, y_batch, 0)[0]`` over all of ``x``."""
+    fn = jax.jit(lambda t, xb, yb: loss_fn(t, xb, yb, jnp.zeros((), jnp.int32))[0])
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        total += float(fn(trainable, xb, yb)) * xb.shape[0]
+    return total / x.shape[0]
+
+
 def predict(apply_fn, params, x, batch_size: int = 1000):
     """Concatenated ``apply_fn(params, x_batch)`` over ``x`` in batches."""
     fn = jax.jit(apply_fn)

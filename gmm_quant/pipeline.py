@@ -18,9 +18,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from gmm_quant import finetune as ft
+from gmm_quant import codebook_tuning as ct
+from gmm_quant import grid as grid_lib
 from gmm_quant import loop
 from gmm_quant import objective as obj
+from gmm_quant.codebook import dequantize
 from gmm_quant.rules import Plan
 
 
@@ -144,17 +146,24 @@ def finetune_setup(
     learning_rate=1e-4,
     train_float=True,
     task_loss=None,
-    grid_scales=None,
+    grid=False,
 ):
     """(loss_fn, optimizer, trainable, build) of codebook fine-tuning; ``build(trainable)`` -> params."""
-    trainable, loss, build = ft.finetune_loss(
-        task_loss or cross_entropy(apply_fn),
-        codebooks,
-        params,
-        train_float=train_float,
-        grid_scales=grid_scales,
+    trainable, loss, build = ct.finetune_loss(
+        task_loss or cross_entropy(apply_fn), codebooks, params, train_float=train_float, grid=grid
     )
     return loss, optax.adam(learning_rate), trainable, build
+
+
+def keep_better(loss_fn, start, end, data, batch_size=1000):
+    """``(end, True)`` unless ``end`` has a higher mean training loss than ``start``: ``(start, False)``.
+
+    Fine-tuning a converged codebook is a small correction; this makes sure it never makes the model
+    worse on the data it was tuned on (an epoch average of the training loss would hide it).
+    """
+    before = loop.mean_loss(loss_fn, start, *data, batch_size)
+    after = loop.mean_loss(loss_fn, end, *data, batch_size)
+    return (end, True) if after <= before else (start, False)
 
 
 def finetune(
@@ -167,18 +176,32 @@ def finetune(
     batch_size=128,
     learning_rate=1e-4,
     train_float=True,
+    grid_bits=0,
     seed=0,
     task_loss=None,
     **kw,
 ):
-    """Fine-tune the codebook centres (indices fixed, zero stays 0); returns ``(codebooks, params)``."""
+    """Fine-tune the codebook centres (indices fixed, zero stays 0); returns ``(codebooks, params)``.
+
+    ``grid_bits`` (2..8) first rounds every codebook onto an evenly spaced signed grid of that many
+    bits (exportable with DequantizeLinear) and then trains one scale per layer, levels fixed. The
+    result is never worse than the start on the training loss (``keep_better``).
+    """
+    if grid_bits:
+        codebooks = {p: grid_lib.to_grid(cb, grid_bits) for p, cb in codebooks.items()}
+        params = dequantize(codebooks, params)
     loss, opt, trainable, build = finetune_setup(
-        apply_fn, codebooks, params, learning_rate=learning_rate, train_float=train_float, task_loss=task_loss
-    )
+        apply_fn, codebooks, params, learning_rate=learning_rate, train_float=train_float,
+        task_loss=task_loss, grid=bool(grid_bits),
+    )  # fmt: skip
     state = run_epochs(
         loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="finetune", **kw
     )
-    return ft.updated_codebooks(codebooks, state.trainable["centres"]), build(state.trainable)
+    tuned, improved = keep_better(loss, trainable, state.trainable, data)
+    if not improved:
+        return codebooks, params
+    codebooks = ct.updated_codebooks(codebooks, tuned)
+    return codebooks, dequantize(codebooks, build(tuned))
 
 
 def _ignore_step(task_loss):

@@ -17,7 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import models
-from gmm_quant import accounting, codebook, data, grid, loop, pipeline, report, storage
+from gmm_quant import accounting, codebook, codebook_tuning, data, grid, loop, pipeline, report, storage
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
@@ -185,21 +185,21 @@ class _Stages:
     def compress_and_finetune(self, plan, mixtures, retrained):
         start, cfg = time.perf_counter(), self.cfg
         codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=cfg.assignment)
-        scales = None
         if cfg.grid_bits:
             codebooks = {p: grid.to_grid(cb, cfg.grid_bits) for p, cb in codebooks.items()}
-            scales = {p: float(grid.fit(cb.centres)[0]) for p, cb in codebooks.items()}
             snapped = codebook.dequantize(codebooks, retrained)
         self.errors["compressed"] = loop.error_rate(self.apply_fn, snapped, self.ds.x_test, self.ds.y_test)
         final = snapped
         if cfg.finetune_epochs:
             loss, opt, trainable, build = pipeline.finetune_setup(
-                self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid_scales=scales
+                self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid=bool(cfg.grid_bits)
             )
             parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs, parent).trainable
-            final = build(tuned)
-            codebooks = pipeline.ft.updated_codebooks(codebooks, tuned["centres"], scales)
+            tuned, improved = pipeline.keep_better(loss, trainable, tuned, self.train)
+            if improved:
+                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned)
+                final = codebook.dequantize(codebooks, build(tuned))
         self._record("finetuned", final, "compress_finetune", start)
         return codebooks, final
 

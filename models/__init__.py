@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from flax import nnx
 
+from models.cnn import SmallCNN
 from models.lenet import DigitsMLP, LeNet5Caffe, LeNet300_100
 
 MODELS = {
     "digits_mlp": DigitsMLP,
     "lenet300_100": LeNet300_100,
     "lenet5_caffe": LeNet5Caffe,
+    "small_cnn": SmallCNN,
 }
 
 
@@ -23,4 +25,4 @@ def create(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     return MODELS[name](rngs=nnx.Rngs(seed), **kwargs)
 
 
-__all__ = ["MODELS", "DigitsMLP", "LeNet5Caffe", "LeNet300_100", "create"]
+__all__ = ["MODELS", "DigitsMLP", "LeNet5Caffe", "LeNet300_100", "SmallCNN", "create"]

@@ -1,0 +1,121 @@
+"""Why snapping costs accuracy on a small 3x3 CNN with average pooling, and the defaults that fix it.
+
+    python bench/cnn_defaults.py --data-dir ../shared/data [--variant before|after] [--epochs 10]
+
+Runs the README's Python-API recipe with library defaults on ``models.SmallCNN`` (MNIST, the last
+5,000 training images held out for validation), and prints per stage the validation and test error,
+the compression ratio, and per layer: weights, the share of its weights that are non-zero, how tight
+they sit around their centres (RMS distance to the nearest centre over the layer's weight std,
+measured *before* snapping) and the validation error when that layer alone is snapped.
+Runtime: about 6 minutes per variant on 2 CPU cores (tcmalloc preloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import gmm_quant as gq
+import models
+from gmm_quant import accounting, codebook, data, loop
+from gmm_quant.rules import flatten, replace_leaves
+
+VAL = 5000
+
+
+def _apply(graphdef):
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    return apply_fn
+
+
+def _pretrained(apply_fn, params, train, cache: pathlib.Path, epochs: int):
+    if cache.exists():
+        flat = dict(np.load(cache))
+        return replace_leaves(params, flat)
+    params = gq.pretrain(apply_fn, params, train, epochs=epochs)
+    np.savez(cache, **{k: np.asarray(v) for k, v in flatten(params).items()})
+    return params
+
+
+def _tightness(plan, mixtures, params) -> dict:
+    flat, out = flatten(params), {}
+    for path in plan.quantised():
+        group = plan.group_of(path)
+        w = np.asarray(flat[path]).ravel()
+        centres = np.asarray(gq.mixture.component_means(mixtures[group]))
+        nearest = centres[codebook.snap(w, centres)]
+        out[path] = float(np.sqrt(np.mean((w - nearest) ** 2)) / (np.std(w) + 1e-12))
+    return out
+
+
+def _one_layer_snapped(apply_fn, codebooks, params, val) -> dict:
+    out = {}
+    for path, cb in codebooks.items():
+        single = replace_leaves(params, {path: cb.dequantize()})
+        out[path] = loop.error_rate(apply_fn, single, *val)
+    return out
+
+
+def run(variant: str, data_dir, epochs: int, workdir: pathlib.Path, overrides: dict) -> dict:
+    ds = data.load_mnist(data_dir)
+    train = ds.x_train[:-VAL], ds.y_train[:-VAL]
+    val = ds.x_train[-VAL:], ds.y_train[-VAL:]
+    graphdef, params = nnx.split(models.create("small_cnn"), nnx.Param)
+    apply_fn = _apply(graphdef)
+    params = _pretrained(apply_fn, params, train, workdir / "small_cnn_pretrained.npz", epochs)
+    row = {"variant": variant, "errors": {}}
+
+    def record(stage, p):
+        row["errors"][stage] = {
+            "val": loop.error_rate(apply_fn, p, *val),
+            "test": loop.error_rate(apply_fn, p, ds.x_test, ds.y_test),
+        }
+
+    record("pretrained", params)
+    start = time.perf_counter()
+    plan = gq.make_plan(params)
+    mixtures, retrained = gq.retrain(apply_fn, params, train, plan, **overrides.get("retrain", {}))
+    record("retrained", retrained)
+    codebooks, snapped = gq.compress(plan, mixtures, retrained)
+    record("compressed", snapped)
+    row["tightness"] = _tightness(plan, mixtures, retrained)
+    row["one_layer_snapped_val"] = _one_layer_snapped(apply_fn, codebooks, retrained, val)
+    codebooks, final = gq.finetune(apply_fn, codebooks, snapped, train, **overrides.get("finetune", {}))
+    record("finetuned", final)
+    summary = accounting.summarize(codebooks, {p: np.asarray(v) for p, v in flatten(final).items()})
+    row["compression_ratio"] = summary["compression_ratio"]
+    row["layers"] = {c.name: {"weights": c.num_weights, "nonzero": c.nonzero, "centres": c.centres}
+                     for c in summary["layers"]}  # fmt: skip
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--variant", default="defaults")
+    ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
+    ap.add_argument("--retrain", default="{}", help="JSON keyword arguments of gq.retrain (none: defaults)")
+    ap.add_argument("--finetune", default="{}", help="JSON keyword arguments of gq.finetune")
+    ap.add_argument("--workdir", default="/tmp/cnn_defaults")
+    args = ap.parse_args()
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = {"retrain": json.loads(args.retrain), "finetune": json.loads(args.finetune)}
+    row = run(args.variant, args.data_dir, args.epochs, workdir, overrides)
+    row["overrides"] = overrides
+    print(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
