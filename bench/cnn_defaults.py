@@ -47,17 +47,6 @@ def _pretrained(apply_fn, params, train, cache: pathlib.Path, epochs: int):
     return params
 
 
-def _tightness(plan, mixtures, params) -> dict:
-    flat, out = flatten(params), {}
-    for path in plan.quantised():
-        group = plan.group_of(path)
-        w = np.asarray(flat[path]).ravel()
-        centres = np.asarray(gq.mixture.component_means(mixtures[group]))
-        nearest = centres[codebook.snap(w, centres)]
-        out[path] = float(np.sqrt(np.mean((w - nearest) ** 2)) / (np.std(w) + 1e-12))
-    return out
-
-
 def _one_layer_snapped(apply_fn, codebooks, params, val) -> dict:
     out = {}
     for path, cb in codebooks.items():
@@ -84,11 +73,20 @@ def run(variant: str, data_dir, epochs: int, workdir: pathlib.Path, overrides: d
     record("pretrained", params)
     start = time.perf_counter()
     plan = gq.make_plan(params)
-    mixtures, retrained = gq.retrain(apply_fn, params, train, plan, **overrides.get("retrain", {}))
+    epochs_run = []
+    mixtures, retrained = gq.retrain(
+        apply_fn,
+        params,
+        train,
+        plan,
+        on_epoch=lambda e, s, m: epochs_run.append(e),
+        **overrides.get("retrain", {}),
+    )
+    row["retrain_epochs"] = len(epochs_run)
     record("retrained", retrained)
     codebooks, snapped = gq.compress(plan, mixtures, retrained)
     record("compressed", snapped)
-    row["tightness"] = _tightness(plan, mixtures, retrained)
+    row["tightness"] = codebook.tightness(plan, mixtures, retrained)
     row["one_layer_snapped_val"] = _one_layer_snapped(apply_fn, codebooks, retrained, val)
     codebooks, final = gq.finetune(apply_fn, codebooks, snapped, train, **overrides.get("finetune", {}))
     record("finetuned", final)

@@ -5,8 +5,10 @@ assigned to mixture components, sparse components pruned, and the weights snappe
 codebook (centres + integer indices) that is fine-tuned on the training data.
 """
 
+from gmm_quant.accounting import summarize
 from gmm_quant.codebook import Codebook, compress, dequantize, make_codebook, snap
 from gmm_quant.init import sample_params
+from gmm_quant.loop import error_rate
 from gmm_quant.mixture import (
     MixtureConfig,
     MixtureState,
@@ -25,7 +27,17 @@ from gmm_quant.objective import (
 )
 from gmm_quant.pipeline import cross_entropy, finetune, pretrain, retrain
 from gmm_quant.rules import DEFAULT_RULES, Plan, Rule, make_plan
-from gmm_quant.storage import CorruptFile, load_compressed, save_compressed
+from gmm_quant.storage import CorruptFile, load_compressed, load_model, save_compressed
+
+
+def __getattr__(name):
+    """``gq.export_onnx`` without importing onnx until it is used (onnx is an optional extra)."""
+    if name == "export_onnx":
+        from gmm_quant.export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'gmm_quant' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_RULES",
@@ -40,12 +52,15 @@ __all__ = [
     "compress",
     "cross_entropy",
     "dequantize",
+    "error_rate",
+    "export_onnx",
     "finetune",
     "init_mixture",
     "init_mixtures",
     "joint_loss",
     "joint_optimizer",
     "load_compressed",
+    "load_model",
     "log_density",
     "log_prob",
     "make_codebook",
@@ -56,5 +71,6 @@ __all__ = [
     "sample_params",
     "save_compressed",
     "snap",
+    "summarize",
     "tau_schedule",
 ]

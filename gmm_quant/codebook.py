@@ -89,6 +89,22 @@ def assign(config, state, weights, rule: str = "nearest") -> np.ndarray:
     return out.reshape(np.shape(weights))
 
 
+def tightness(plan: Plan, mixtures: dict, params) -> dict:
+    """``{path: RMS distance of the layer's weights to their nearest component mean / their std}``.
+
+    0 means every weight already sits on a centre (snapping changes nothing). Measured on
+    ``models.SmallCNN`` (bench/cnn_defaults.py): its dense layer is at 0.19 after 10 retraining epochs
+    and costs 0.7 points of error when snapped alone; at 0.10 (30 epochs) it costs 0.1.
+    """
+    flat, out = flatten(params), {}
+    for path in plan.quantised():
+        w = np.asarray(flat[path], np.float32).ravel()
+        means = np.asarray(mx.component_means(mixtures[plan.group_of(path)]), np.float32)
+        gap = w - means[snap(w, means)]
+        out[path] = float(np.sqrt(np.mean(gap**2)) / (np.std(w) + 1e-12))
+    return out
+
+
 def merge(means, variances, pis, max_kl: float):
     """Greedily merge the closest pair while their symmetric KL is below ``max_kl``.
 

@@ -74,7 +74,7 @@ def _download(directory: pathlib.Path, name: str) -> None:
         tmp.unlink(missing_ok=True)
         raise DataError(
             f"MNIST file {name} is missing and could not be downloaded ({err}); put the official "
-            f"files in a directory and pass --data-dir or set {ENV_VAR}"
+            f"files in a directory and name it (data_dir, or --data-dir on the command line) or set {ENV_VAR}"
         ) from None
     os.replace(tmp, directory / name)
 

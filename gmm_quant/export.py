@@ -28,6 +28,7 @@ from onnx import TensorProto, numpy_helper
 
 from gmm_quant import cli, grid, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
+from gmm_quant.model_spec import make_model
 from gmm_quant.rules import path_str
 
 OPSET = 21
@@ -146,7 +147,7 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
     return diff
 
 
-def export(apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4) -> dict:
+def export_onnx(apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4) -> dict:
     """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff."""
     model = to_onnx(apply_fn, params, codebooks, sample[:8], encoding=encoding)
     diff = verify(model, apply_fn, params, sample, tolerance)
@@ -155,28 +156,32 @@ def export(apply_fn, params, codebooks, sample, path, *, encoding="codebook", to
     return {"bytes": len(data), "max_abs_diff": diff, "encoding": encoding}
 
 
-def load_model_file(path):
-    """(apply_fn, params, codebooks, Compressed) rebuilt from a ``.gqz`` file of a model in ``models/``."""
-    import models
+def load_model_file(path, model: str | None = None):
+    """(apply_fn, params, codebooks, Compressed) rebuilt from a ``.gqz`` file.
 
+    ``model`` (a project model name or ``package.module:factory``) overrides the model the file names.
+    """
     compressed = storage.load_compressed(path)
-    if compressed.model is None:
-        raise ValueError(f"{path} does not name its model; export from Python with gmm_quant.export.export")
-    graphdef, like = nnx.split(models.create(compressed.model), nnx.Param)
+    spec = model or compressed.model
+    if spec is None:
+        raise ValueError(f"{path} does not name its model; name it (model='package.module:factory')")
+    graphdef, like, rest = nnx.split(make_model(spec), nnx.Param, ...)
 
     def apply_fn(p, x):
-        return nnx.merge(graphdef, p)(x)
+        return nnx.merge(graphdef, p, rest)(x)
 
     return apply_fn, compressed.params(like), compressed.codebooks, compressed
 
 
-def export_file(model_path, out_path, *, sample=None, encoding="codebook", tolerance=1e-4) -> dict:
+def export_file(
+    model_path, out_path, *, sample=None, encoding="codebook", tolerance=1e-4, model=None
+) -> dict:
     """Export a ``.gqz`` file; ``sample`` defaults to random inputs of the dataset's shape."""
-    apply_fn, params, codebooks, compressed = load_model_file(model_path)
+    apply_fn, params, codebooks, compressed = load_model_file(model_path, model)
     if sample is None:
         shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
         sample = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
-    return export(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
+    return export_onnx(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
 
 
 def _is_our_onnx(path: pathlib.Path) -> bool:
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--force", action="store_true", help="replace an existing file that is not our ONNX output"
     )
+    ap.add_argument("--model", default=None, help="the model if the file names none: package.module:factory")
+    ap.add_argument("--input-shape", default=None, help="one example's shape for the check, e.g. 28,28,1")
     cli.add_debug_flag(ap)
     args = ap.parse_args(argv)
 
@@ -219,7 +226,18 @@ def main(argv=None) -> int:
         source, output = pathlib.Path(args.source), pathlib.Path(args.output)
         check_output(source, output, force=args.force)
         model_path = source / "model.gqz" if source.is_dir() else source
-        info = export_file(model_path, output, encoding=args.encoding, tolerance=args.tolerance)
+        sample = None
+        if args.input_shape:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+            sample = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
+        info = export_file(
+            model_path,
+            output,
+            encoding=args.encoding,
+            tolerance=args.tolerance,
+            model=args.model,
+            sample=sample,
+        )
         print(f"wrote {output}: {info['bytes']} bytes, max |ONNX - JAX| = {info['max_abs_diff']:.2e}")
         return 0
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from gmm_quant import codebook, loop
 from gmm_quant import codebook_tuning as ct
 from gmm_quant import grid as grid_lib
-from gmm_quant import loop
 from gmm_quant import objective as obj
 from gmm_quant.codebook import dequantize
 from gmm_quant.rules import Plan
@@ -50,8 +50,10 @@ def run_epochs(
     state=None,
     start_epoch=0,
     on_epoch=None,
+    stop=None,
 ):
-    """Train ``trainable`` for ``epochs`` epochs; returns the final ``TrainState``."""
+    """Train ``trainable`` for ``epochs`` epochs (fewer if ``stop(epoch, state)`` says so after an
+    epoch); returns the final ``TrainState``."""
     x, y = (jnp.asarray(a) for a in data)
     epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size)
     state = loop.init_state(trainable, optimizer) if state is None else state
@@ -60,6 +62,8 @@ def run_epochs(
         metrics = loop.check_finite(metrics, f"{name} epoch {epoch + 1}")
         if on_epoch is not None:
             on_epoch(epoch, state, metrics)
+        if stop is not None and stop(epoch, state):
+            break
     return state
 
 
@@ -108,6 +112,8 @@ def retrain(
     tau=0.05,
     warmup_epochs=0,
     epochs=10,
+    tightness=0.1,
+    max_epochs=None,
     batch_size=128,
     rates=obj.LearningRates(),
     seed=0,
@@ -118,6 +124,12 @@ def retrain(
     """Train weights and mixture jointly (loss = task + tau / N * complexity, see ``objective``).
 
     Returns ``(mixtures, params)``. ``mixtures`` defaults to ``init_mixtures(plan, params)``.
+
+    Convergence check: after ``epochs`` epochs, training goes on (up to ``max_epochs``, default
+    ``4 * epochs``) until every quantised layer's weights sit tight around their centres —
+    ``codebook.tightness`` (RMS distance to the nearest centre over the layer's std) at most
+    ``tightness`` — because snapping loose weights is what costs accuracy (BENCHMARKS.md, "A 3x3 CNN
+    with average pooling"). ``tightness=None`` trains exactly ``epochs`` epochs.
     """
     n = data[0].shape[0]
     loss, opt, trainable = retrain_setup(
@@ -132,9 +144,18 @@ def retrain(
         mixtures=mixtures,
         task_loss=task_loss,
     )
+    limit = epochs if tightness is None else max_epochs or 4 * epochs
+
+    def tight(epoch, state):
+        if epoch + 1 < epochs:
+            return False
+        loose = codebook.tightness(plan, state.trainable["mixtures"], state.trainable["params"])
+        return max(loose.values()) <= tightness
+
     state = run_epochs(
-        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="retrain", **kw
-    )
+        loss, opt, trainable, data, epochs=limit, batch_size=batch_size, seed=seed, name="retrain",
+        stop=None if tightness is None else tight, **kw,
+    )  # fmt: skip
     return state.trainable["mixtures"], state.trainable["params"]
 
 

@@ -80,13 +80,13 @@ def _load_pretrained(path, like):
         return storage.load_compressed(path).params(like)
     if not (path / "checkpoints" / "pretrain").is_dir():
         raise FileNotFoundError(
-            f"--pretrained {path}: neither a .gqz file nor a work directory with a pretraining"
+            f"pretrained {path}: neither a .gqz file nor a work directory with a pretraining"
         )
     store = ckpt.StageCheckpoints(path, "pretrain", read_only=True)
     _epoch, state = store.restore_latest(loop.init_state(like, optax.adam(1e-3)))
     store.close()
     if state is None:
-        raise FileNotFoundError(f"--pretrained {path}: no intact pretraining checkpoint in it")
+        raise FileNotFoundError(f"pretrained {path}: no intact pretraining checkpoint in it")
     return state.trainable
 
 
@@ -95,7 +95,7 @@ def _check_data(cfg: cfgm.Config, ds: data.Dataset) -> None:
     if cfg.batch_size > n:
         raise cfgm.ConfigError(
             f"invalid config field 'batch_size' = {cfg.batch_size}: exceeds the {n} training examples"
-            + (" of --train-subset" if cfg.train_subset else "")
+            + (" of the train_subset" if cfg.train_subset else "")
         )
     for name in ("x_train", "x_test"):
         if not np.all(np.isfinite(getattr(ds, name))):

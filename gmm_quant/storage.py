@@ -59,8 +59,11 @@ class Compressed(NamedTuple):
     model: str | None
     config: dict | None
 
-    def params(self, like):
-        """``like`` (a params pytree of the right structure) with every leaf taken from the file."""
+    def params(self, like=None):
+        """The file's weights as a params pytree shaped like ``like``; by default the ``nnx.Param``
+        state of the model the file names (see ``model_spec``)."""
+        if like is None:
+            like = self._template()
         flat = flatten(like)
         stored = {**{p: cb.dequantize() for p, cb in self.codebooks.items()}, **self.float_leaves}
         missing = sorted(set(flat) - set(stored))
@@ -74,9 +77,39 @@ class Compressed(NamedTuple):
                 )
         return replace_leaves(like, stored)
 
+    def _template(self):
+        from flax import nnx
+
+        if self.model is None:
+            raise ValueError("the file does not name its model; pass a params pytree of the right structure")
+        from gmm_quant.model_spec import make_model
+
+        return nnx.split(make_model(self.model), nnx.Param, ...)[1]
+
+    def load_model(self, model=None):
+        """The Flax NNX module (``model``, or the one the file names) with the file's weights."""
+        from flax import nnx
+
+        from gmm_quant.model_spec import make_model
+
+        module = model if model is not None else make_model(self.model) if self.model else None
+        if module is None:
+            raise ValueError("the file does not name its model; pass model=<an nnx.Module of that model>")
+        graphdef, like, rest = nnx.split(module, nnx.Param, ...)
+        return nnx.merge(graphdef, self.params(like), rest)
+
+
+def load_model(path, model=None):
+    """The Flax NNX module stored in a ``.gqz`` file, rebuilt from the model name it records."""
+    return load_compressed(path).load_model(model)
+
 
 def save_compressed(path, codebooks: dict, params, *, model: str | None = None, config: dict | None = None):
-    """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``."""
+    """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
+
+    ``model`` names the model so the file can be loaded without a template: a project model name or
+    ``"package.module:factory"`` (see ``model_spec``).
+    """
     chunks, leaves, offset = [], [], 0
 
     def add(data: bytes) -> dict:

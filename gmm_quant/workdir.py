@@ -57,7 +57,7 @@ def check_usable(workdir: pathlib.Path, *, overwrite: bool = False) -> None:
         verb = "overwrite" if overwrite else "use"
         raise WorkdirError(
             f"refusing to {verb} {workdir}: it is not empty and not a gmm_quant work directory "
-            "(no config.json of ours); choose a new or empty --workdir"
+            "(no config.json of ours); choose a new or empty work directory"
         )
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f"work directory {workdir} is not writable")
@@ -106,13 +106,13 @@ def claim(workdir: pathlib.Path, cfg: Config) -> None:
     if (workdir / "config.json").exists():
         saved = _read_config(workdir)
         if saved is None:
-            raise WorkdirError(f"{workdir}/config.json is not gmm_quant's; choose another --workdir")
+            raise WorkdirError(f"{workdir}/config.json is not gmm_quant's; choose another work directory")
         if saved.get("fingerprint") != cfg.fingerprint():
             old = saved.get("config", {})
             diff = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != _jsonable(v)}
             raise CheckpointMismatch(
                 f"{workdir} holds checkpoints of a different config (saved vs now: {diff}); "
-                "use another --workdir, or --overwrite to start afresh"
+                "use another work directory, or start afresh with overwrite (--overwrite)"
             )
         return
     text = json.dumps({"format": FORMAT, "fingerprint": cfg.fingerprint(), "config": current}, indent=1)
@@ -141,7 +141,7 @@ class Lock:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise WorkdirError(
                     f"work directory {self.path.parent} is in use by {holder}; wait for it to finish "
-                    "or choose another --workdir"
+                    "or choose another work directory"
                 ) from None
             raise
         os.ftruncate(fd, 0)

@@ -74,7 +74,7 @@ def test_export_refuses_to_write_when_outputs_differ(tmp_path, mnist_test, monke
     monkeypatch.setattr(export, "run_onnx", off)
     out = tmp_path / "m.onnx"
     with pytest.raises(export.ExportMismatch, match="file not written"):
-        export.export(apply_fn, params, codebooks, mnist_test[:16], out)
+        export.export_onnx(apply_fn, params, codebooks, mnist_test[:16], out)
     assert not out.exists()
 
 

@@ -289,10 +289,10 @@ def test_ctrl_c_during_retraining_stops_cleanly_and_resumes_to_the_same_result(r
         (["--gamma", "1,nan"], "'gamma' = (1.0, nan): must be finite"),
         (["--grid-bits", "1"], "'grid_bits' = 1: must be 0 (off) or 2..8"),
         (["--batch-size", "5000"], "'batch_size' = 5000: exceeds the 1438 training examples"),
-        (["--train-subset", "10"], "exceeds the 10 training examples of --train-subset"),
+        (["--train-subset", "10"], "exceeds the 10 training examples of the train_subset"),
         (["--pretrain-lr", "-1e-3"], "'pretrain_lr' = -0.001: must be > 0"),
         (["--retrain", "2"], "unrecognized arguments: --retrain 2"),
-        (["--pretrained", "nowhere"], "--pretrained nowhere: neither a .gqz file nor a work directory"),
+        (["--pretrained", "nowhere"], "pretrained nowhere: neither a .gqz file nor a work directory"),
     ],
 )
 def test_bad_values_are_refused_in_one_line_before_anything_is_created(tmp_path, capsys, flags, message):
