@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from models.cnn import SmallCNN
+from models.cnn import GapCNN, SmallCNN
 from models.lenet import DigitsMLP, LeNet5Caffe, LeNet300_100
 
 MODELS = {
@@ -15,6 +15,7 @@ MODELS = {
     "lenet300_100": LeNet300_100,
     "lenet5_caffe": LeNet5Caffe,
     "small_cnn": SmallCNN,
+    "gap_cnn": GapCNN,
 }
 
 
@@ -25,4 +26,4 @@ def create(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     return MODELS[name](rngs=nnx.Rngs(seed), **kwargs)
 
 
-__all__ = ["MODELS", "DigitsMLP", "LeNet5Caffe", "LeNet300_100", "SmallCNN", "create"]
+__all__ = ["MODELS", "DigitsMLP", "GapCNN", "LeNet5Caffe", "LeNet300_100", "SmallCNN", "create"]
