@@ -4,13 +4,14 @@ The quantised leaves are ``concat([0.0], free_centres)[indices]``, so the gradie
 sum of its members' gradients (Deep Compression's rule), the zero centre is a constant 0.0, and the
 indices never change. Float leaves (biases, ``keep_float`` layers) train alongside when asked.
 
-Grid codebooks (``grid=True``, centres ``scale * level`` for DequantizeLinear export) keep their
-integer levels and train one log-scale per layer instead. The earlier scheme — free centres rounded
-to the grid with a straight-through gradient — made converged models worse: Adam moves every latent
-centre by about the learning rate per step whatever its gradient, so noise carries latents across
-rounding boundaries, and each flip jumps all the centre's members by a whole grid step that the
-straight-through gradient never saw (measured on the digits MLP in tests/test_codebook.py: the training
-loss rose with rounding, not with the scale).
+Grid codebooks (``grid=True``, centres ``scale * level`` for DequantizeLinear export) train latent
+centres that the model uses rounded to the layer's grid, with a straight-through gradient. A centre
+whose best value lies between two levels makes its latent hover at the rounding boundary and flip all
+its members by a whole grid step back and forth; the last flip decides, and a converged model can end
+worse than it started. ``pipeline.keep_better`` therefore compares the full training loss before and
+after and keeps the better. Measured alternatives (BENCHMARKS.md, "Grid fine-tuning"): training one
+scale per layer with the levels fixed never raised the loss either, but lowered it less than the
+rounded centres in all three settings tried, so the rounded centres stay.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmm_quant import grid as grid_lib
-from gmm_quant.codebook import Codebook
+from gmm_quant.codebook import make_codebook
 from gmm_quant.rules import flatten, replace_leaves
 
 
@@ -28,48 +29,42 @@ def init_centres(codebooks: dict) -> dict:
     return {path: jnp.asarray(cb.centres[1:]) for path, cb in codebooks.items()}
 
 
-def grid_levels(codebooks: dict) -> tuple[dict, dict]:
-    """``({path: float32 levels}, {path: log scale})`` of codebooks whose centres lie on a grid."""
-    levels, log_scales = {}, {}
+def grid_scales(codebooks: dict) -> dict:
+    """``{path: scale}`` of codebooks whose centres lie on a grid (``grid.fit``)."""
+    scales = {}
     for path, cb in codebooks.items():
         fitted = grid_lib.fit(cb.centres)
         if fitted is None:
             raise ValueError(f"layer {path}: centres are not on an evenly spaced grid containing zero")
-        scale, _zero_point, lv = fitted
-        levels[path] = jnp.asarray(lv, jnp.float32)
-        log_scales[path] = jnp.log(jnp.float32(scale))
-    return levels, log_scales
+        scales[path] = float(fitted[0])
+    return scales
 
 
-def _full_centres(codebooks, trainable, levels) -> dict:
-    if levels is not None:
-        return {p: jnp.exp(trainable["log_scales"][p]) * levels[p] for p in codebooks}
-    zero = jnp.zeros((1,), jnp.float32)
-    return {p: jnp.concatenate([zero, trainable["centres"][p]]) for p in codebooks}
+def effective_centres(centres: dict, scales: dict | None = None) -> dict:
+    """The free centres as the model uses them: rounded onto each layer's grid when ``scales`` given."""
+    if not scales:
+        return centres
+    return {p: grid_lib.project(c, scales[p]) for p, c in centres.items()}
 
 
 def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = True, grid: bool = False):
-    """Loss over the trainable part of fine-tuning; returns ``(trainable, loss_fn, build)``.
+    """Loss over ``{"centres", "float"}`` for fine-tuning; returns ``(trainable, loss_fn, build)``.
 
-    ``trainable`` holds ``"centres"`` (or ``"log_scales"`` with ``grid``) and, with ``train_float``,
-    ``"float"``. ``build(trainable)`` gives the full params; ``loss_fn(trainable, x, y, step)`` the
-    task loss.
+    ``build(trainable)`` gives the full params; ``loss_fn(trainable, x, y, step)`` the task loss.
+    With ``grid`` the centres are used rounded onto each layer's grid (straight-through gradient).
     """
     flat = flatten(params)
-    levels = None
-    if grid:
-        levels, log_scales = grid_levels(codebooks)
-        trainable = {"log_scales": log_scales}
-    else:
-        trainable = {"centres": init_centres(codebooks)}
+    scales = grid_scales(codebooks) if grid else None
+    trainable = {"centres": init_centres(codebooks)}
     if train_float:
         trainable["float"] = {p: leaf for p, leaf in flat.items() if p not in codebooks}
     indices = {p: jnp.asarray(cb.indices, jnp.int32) for p, cb in codebooks.items()}
+    zero = jnp.zeros((1,), jnp.float32)
 
     def build(tr):
         base = replace_leaves(params, tr.get("float", {}))
-        full = _full_centres(codebooks, tr, levels)
-        return replace_leaves(base, {p: full[p][indices[p]] for p in codebooks})
+        centres = effective_centres(tr["centres"], scales)
+        return replace_leaves(base, {p: jnp.concatenate([zero, centres[p]])[indices[p]] for p in codebooks})
 
     def loss_fn(tr, x, y, step):
         del step
@@ -78,23 +73,12 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
     return trainable, loss_fn, build
 
 
-def _exact_scale(log_scale) -> np.float32:
-    """The scale rounded to 16 significant bits, so ``level * scale`` is exact in float32 for
-    |level| <= 255 and ``grid.fit`` recovers the grid bit for bit."""
-    mantissa, exponent = np.frexp(np.float64(np.exp(np.float64(log_scale))))
-    return np.float32(np.ldexp(np.round(np.ldexp(mantissa, 16)), int(exponent) - 16))
-
-
-def updated_codebooks(codebooks: dict, trainable: dict) -> dict:
-    """Codebooks with the fine-tuned centres (indices unchanged, zero still exactly 0.0)."""
+def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> dict:
+    """Codebooks with the fine-tuned centres: every weight keeps its centre, zero stays exactly 0.0;
+    centres that became equal (two latents rounded onto one grid level) are merged into one."""
+    centres = effective_centres(trainable["centres"], grid_scales(codebooks) if grid else None)
     out = {}
     for path, cb in codebooks.items():
-        if "log_scales" in trainable:
-            _scale, _zp, lv = grid_lib.fit(cb.centres)
-            full = (lv * _exact_scale(trainable["log_scales"][path])).astype(np.float32)
-        else:
-            full = np.concatenate(
-                [np.zeros(1, np.float32), np.asarray(trainable["centres"][path], np.float32)]
-            )
-        out[path] = Codebook(full, cb.indices)
+        full = np.concatenate([np.zeros(1, np.float32), np.asarray(centres[path], np.float32)])
+        out[path] = make_codebook(full[cb.indices], full)
     return out

@@ -1,11 +1,13 @@
 """Evenly spaced codebooks: centres exactly ``scale * (q - zero_point)``, for DequantizeLinear export.
 
-``fit`` recognises centres already on such a grid; ``to_grid`` moves a codebook onto one. Fine-tuning
-keeps the levels and trains the scale (``codebook_tuning``).
+``fit`` recognises centres already on such a grid; ``to_grid`` moves a codebook onto one; ``project``
+rounds centres onto a grid with a straight-through gradient (grid fine-tuning, ``codebook_tuning``).
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -13,6 +15,12 @@ def grid_scale(centres, bits: int) -> float:
     """Scale putting the largest |centre| on the outermost level of a signed ``bits``-bit grid."""
     top = float(np.max(np.abs(np.asarray(centres)))) if np.size(centres) else 0.0
     return top / (2 ** (bits - 1) - 1) if top > 0 else 1.0
+
+
+def project(centres, scale):
+    """Centres rounded to multiples of ``scale``; gradient passes straight through."""
+    snapped = jnp.round(centres / scale) * scale
+    return centres + jax.lax.stop_gradient(snapped.astype(centres.dtype) - centres)
 
 
 def fit(centres):
@@ -37,9 +45,13 @@ def fit(centres):
 
 
 def to_grid(codebook, bits: int = 4):
-    """``codebook`` with its centres rounded onto a signed ``bits``-bit grid (equal centres merged)."""
+    """``codebook`` with its centres rounded onto a signed ``bits``-bit grid (equal centres merged);
+    a codebook already on such a grid is returned unchanged."""
     from gmm_quant.codebook import make_codebook
 
+    fitted = fit(codebook.centres)
+    if fitted is not None and int(np.abs(fitted[2]).max()) <= 2 ** (bits - 1) - 1:
+        return codebook
     scale = np.float32(grid_scale(codebook.centres, bits))
     levels = np.round(np.asarray(codebook.centres) / scale)
     centres = (levels * scale).astype(np.float32)

@@ -205,7 +205,8 @@ def finetune(
     """Fine-tune the codebook centres (indices fixed, zero stays 0); returns ``(codebooks, params)``.
 
     ``grid_bits`` (2..8) first rounds every codebook onto an evenly spaced signed grid of that many
-    bits (exportable with DequantizeLinear) and then trains one scale per layer, levels fixed. The
+    bits (exportable with DequantizeLinear; unchanged if already on one) and trains the centres rounded
+    onto it (straight-through gradient). The
     result is never worse than the start on the training loss (``keep_better``).
     """
     if grid_bits:
@@ -221,7 +222,7 @@ def finetune(
     tuned, improved = keep_better(loss, trainable, state.trainable, data)
     if not improved:
         return codebooks, params
-    codebooks = ct.updated_codebooks(codebooks, tuned)
+    codebooks = ct.updated_codebooks(codebooks, tuned, grid=bool(grid_bits))
     return codebooks, dequantize(codebooks, build(tuned))
 
 

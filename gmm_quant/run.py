@@ -198,7 +198,7 @@ class _Stages:
             tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs, parent).trainable
             tuned, improved = pipeline.keep_better(loss, trainable, tuned, self.train)
             if improved:
-                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned)
+                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.grid_bits))
                 final = codebook.dequantize(codebooks, build(tuned))
         self._record("finetuned", final, "compress_finetune", start)
         return codebooks, final

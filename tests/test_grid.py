@@ -1,3 +1,5 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gmm_quant import grid
@@ -17,3 +19,9 @@ def test_to_grid_puts_centres_on_an_evenly_spaced_grid_that_fit_recovers():
 
 def test_fit_rejects_centres_off_any_grid():
     assert grid.fit(np.array([0.0, 0.1, np.pi / 10], np.float32)) is None
+
+
+def test_project_rounds_with_a_straight_through_gradient():
+    c = jnp.array([0.26, -0.49])
+    np.testing.assert_allclose(grid.project(c, 0.25), [0.25, -0.5])
+    np.testing.assert_allclose(jax.grad(lambda c: jnp.sum(3 * grid.project(c, 0.25)))(c), [3.0, 3.0])
