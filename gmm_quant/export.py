@@ -20,64 +20,22 @@ import pathlib
 import sys
 
 import jax
-import ml_dtypes
 import numpy as np
 import onnx
 from flax import nnx
-from onnx import TensorProto, numpy_helper
 
-from gmm_quant import cli, grid, onnx_export, storage
+from gmm_quant import cli, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.model_spec import make_model
+from gmm_quant.onnx_export.encodings import ENCODERS
 from gmm_quant.rules import path_str
 
 OPSET = 21
-ENCODINGS = ("codebook", "grid")
+ENCODINGS = tuple(ENCODERS)
 
 
 class ExportMismatch(RuntimeError):
     """ONNX Runtime's outputs differ from JAX's beyond the tolerance."""
-
-
-def _codes_initializer(name, codes, bits_max):
-    dtype = ml_dtypes.uint4 if bits_max <= 16 else np.uint8
-    return numpy_helper.from_array(np.ascontiguousarray(codes).astype(dtype), name)
-
-
-def codebook_encoder(codebook):
-    def encode(conv, path, perm):
-        base = f"{path.replace('/', '_')}"
-        idx = np.transpose(np.asarray(codebook.indices), perm)
-        conv.initializers.append(
-            _codes_initializer(conv.fresh(base + "_indices"), idx, len(codebook.centres))
-        )
-        idx_name = conv.initializers[-1].name
-        centres = conv.const(np.asarray(codebook.centres, np.float32), base + "_centres")
-        as_int = conv.node("Cast", [idx_name], hint=base + "_idx32", to=TensorProto.INT32)
-        return conv.node("Gather", [centres, as_int], hint=base)
-
-    return encode
-
-
-def grid_encoder(codebook):
-    g = grid.fit(codebook.centres)
-    if g is None:
-        raise ValueError(
-            "centres are not on an evenly spaced grid containing zero; use the codebook encoding"
-        )
-    scale, zero_point, levels = g
-
-    def encode(conv, path, perm):
-        base = f"{path.replace('/', '_')}"
-        codes = (levels[np.transpose(np.asarray(codebook.indices), perm)] + zero_point).astype(np.uint8)
-        limit = 16 if codes.max() < 16 and zero_point < 16 else 256
-        conv.initializers.append(_codes_initializer(conv.fresh(base + "_q"), codes, limit))
-        q_name = conv.initializers[-1].name
-        scale_name = conv.const(np.float32(scale), base + "_scale")
-        conv.initializers.append(_codes_initializer(conv.fresh(base + "_zp"), np.asarray(zero_point), limit))
-        return conv.node("DequantizeLinear", [q_name, scale_name, conv.initializers[-1].name], hint=base)
-
-    return encode
 
 
 def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -> onnx.ModelProto:
@@ -87,7 +45,7 @@ def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_str(p) for p, _ in flat]
     leaves = [np.asarray(leaf) for _, leaf in flat]
-    make = codebook_encoder if encoding == "codebook" else grid_encoder
+    make = ENCODERS[encoding]
     encoders = {}
     for path, cb in codebooks.items():
         try:
@@ -210,7 +168,7 @@ def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m gmm_quant.export", description=__doc__.splitlines()[0])
     ap.add_argument("source", help="a work directory (uses its model.gqz) or a .gqz file")
     ap.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    ap.add_argument("--encoding", choices=ENCODINGS, default="codebook")
+    ap.add_argument("--encoding", choices=ENCODINGS, default="sparse")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed vs JAX")
     ap.add_argument(
         "--force", action="store_true", help="replace an existing file that is not our ONNX output"

@@ -218,7 +218,7 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         "gzip_ratio": accounting.gzip_ratio(flat),
     }
     if onnx_sample is not None:
-        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "codebook")
+        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "sparse")
     metrics = report.metrics_dict(stage.errors, summary, extra)
     report.write_metrics(workdir, metrics)
     return metrics

@@ -21,12 +21,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gmm_quant import sparse_streams
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.codebook import Codebook, index_dtype
 from gmm_quant.rules import flatten, replace_leaves
 
 MAGIC = b"GMMQ"
-VERSION = 1
+VERSION = 2  # written; 1 and 2 are read
+VERSIONS = (1, 2)
+_MAX_HEADER = 1 << 24
+_MAX_WEIGHTS = 1 << 33  # per layer; v1 layers are bounded by their exact byte counts instead
 _PREFIX = struct.Struct("<4sHI32s")
 
 
@@ -104,12 +108,43 @@ def load_model(path, model=None):
     return load_compressed(path).load_model(model)
 
 
-def save_compressed(path, codebooks: dict, params, *, model: str | None = None, config: dict | None = None):
+def _codebook_entry(cb, add, version: int) -> dict:
+    k = len(cb.centres)
+    centres = add(np.asarray(cb.centres, "<f4").tobytes())
+    if version == 1:
+        bits = bits_for(k)
+        return {
+            "kind": "codebook",
+            "k": k,
+            "bits": bits,
+            "centres": centres,
+            "indices": add(pack_bits(cb.indices, bits)),
+        }
+    gaps, values, nnz = sparse_streams.split(cb.indices)
+    return {
+        "kind": "sparse", "k": k, "nnz": nnz, "gaps_raw": len(gaps), "centres": centres,
+        "gaps": add(sparse_streams.pack(gaps)), "values": add(sparse_streams.pack(values)),
+    }  # fmt: skip
+
+
+def save_compressed(
+    path,
+    codebooks: dict,
+    params,
+    *,
+    model: str | None = None,
+    config: dict | None = None,
+    version: int = VERSION,
+):
     """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
 
     ``model`` names the model so the file can be loaded without a template: a project model name or
-    ``"package.module:factory"`` (see ``model_spec``).
+    ``"package.module:factory"`` (see ``model_spec``). ``version`` 2 (the default) stores each layer's
+    non-zero positions and centre indices entropy-coded (``sparse_streams``); version 1 stores every
+    index bit-packed.
     """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version}")
     chunks, leaves, offset = [], [], 0
 
     def add(data: bytes) -> dict:
@@ -121,11 +156,7 @@ def save_compressed(path, codebooks: dict, params, *, model: str | None = None, 
 
     for name, leaf in flatten(params).items():
         if name in codebooks:
-            cb = codebooks[name]
-            k, bits = len(cb.centres), bits_for(len(cb.centres))
-            centres = add(np.asarray(cb.centres, "<f4").tobytes())
-            indices = add(pack_bits(cb.indices, bits))
-            entry = {"kind": "codebook", "k": k, "bits": bits, "centres": centres, "indices": indices}
+            entry = _codebook_entry(codebooks[name], add, version)
         else:
             entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
         leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
@@ -133,14 +164,17 @@ def save_compressed(path, codebooks: dict, params, *, model: str | None = None, 
     header = json.dumps(
         {
             "format": "gmm_quant",
-            "version": VERSION,
+            "version": version,
             "model": model,
             "config": config,
             "leaves": leaves,
             "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        }
+        },
+        separators=(",", ":") if version > 1 else None,
     ).encode()
-    prefix = _PREFIX.pack(MAGIC, VERSION, len(header), hashlib.sha256(header).digest())
+    if version > 1:
+        header = sparse_streams.pack(header)
+    prefix = _PREFIX.pack(MAGIC, version, len(header), hashlib.sha256(header).digest())
     write_atomic(path, prefix + header + payload)
 
 
@@ -150,17 +184,19 @@ def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
     magic, version, length, digest = _PREFIX.unpack_from(raw)
     if magic != MAGIC:
         raise CorruptFile(f"{path}: not a gmm_quant compressed file (magic {magic!r})")
-    if version != VERSION:
-        raise CorruptFile(f"{path}: format version {version}, this gmm_quant reads version {VERSION}")
+    if version not in VERSIONS:
+        raise CorruptFile(f"{path}: format version {version}, this gmm_quant reads versions {VERSIONS}")
     header = raw[_PREFIX.size : _PREFIX.size + length]
     if len(header) != length or hashlib.sha256(header).digest() != digest:
         raise CorruptFile(f"{path}: header checksum mismatch (file truncated or corrupt)")
     payload = raw[_PREFIX.size + length :]
     try:
-        meta = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = sparse_streams.unpack(header, _MAX_HEADER) if version > 1 else header
+        meta = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise CorruptFile(f"{path}: header is not valid JSON ({err})") from None
     _check_header(meta, path)
+    _require(meta.get("version") == version, path, f"header says version {meta.get('version')!r}")
     if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
         raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
     return meta, payload
@@ -193,6 +229,20 @@ def _check_leaf(leaf, path) -> None:
         _require(bits == bits_for(k), path, f"{name}: {bits!r} bits per index for {k} centres")
         _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
         _check_span(leaf.get("indices"), path, f"{name} indices", (count * bits + 7) // 8)
+    elif leaf.get("kind") == "sparse":
+        _require(count <= _MAX_WEIGHTS, path, f"{name}: {count} weights exceed the {_MAX_WEIGHTS} supported")
+        k, nnz, raw = leaf.get("k"), leaf.get("nnz"), leaf.get("gaps_raw")
+        _require(_is_count(k) and 1 <= k <= 256, path, f"{name}: invalid codebook size {k!r}")
+        _require(_is_count(nnz) and nnz <= count, path, f"{name}: invalid non-zero count {nnz!r}")
+        _require(
+            _is_count(raw) and nnz <= raw <= 10 * nnz, path, f"{name}: invalid gap stream length {raw!r}"
+        )
+        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
+        for stream in ("gaps", "values"):
+            entry = leaf.get(stream)
+            size = entry.get("nbytes") if isinstance(entry, dict) else None
+            _require(_is_count(size), path, f"{name} {stream} has no valid size")
+            _check_span(entry, path, f"{name} {stream}", size)
     else:
         _require(leaf.get("kind") == "float", path, f"{name}: unknown kind {leaf.get('kind')!r}")
         _check_span(leaf.get("data"), path, f"{name} data", 4 * count)
@@ -218,6 +268,20 @@ def _slice(payload: bytes, entry: dict, path, name) -> bytes:
     return payload[start : start + size]
 
 
+def _indices(leaf, payload, path, count) -> np.ndarray:
+    name, shape = leaf["path"], tuple(leaf["shape"])
+    if leaf["kind"] == "codebook":
+        return unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
+    try:
+        gaps = sparse_streams.unpack(_slice(payload, leaf["gaps"], path, name), leaf["gaps_raw"])
+        values = sparse_streams.unpack(_slice(payload, leaf["values"], path, name), leaf["nnz"])
+        return sparse_streams.join(gaps, values, leaf["nnz"], shape, np.uint32).ravel()
+    except MemoryError:
+        raise CorruptFile(f"{path}: {name}: {math.prod(shape)} weights do not fit in memory") from None
+    except ValueError as err:
+        raise CorruptFile(f"{path}: {name}: {err}") from None
+
+
 def load_compressed(path) -> Compressed:
     """Read a ``.gqz`` file; raises ``CorruptFile`` with the reason if anything is wrong."""
     with open(path, "rb") as f:
@@ -227,9 +291,9 @@ def load_compressed(path) -> Compressed:
     for leaf in meta["leaves"]:
         name, shape = leaf["path"], tuple(leaf["shape"])
         count = math.prod(shape)
-        if leaf["kind"] == "codebook":
+        if leaf["kind"] in ("codebook", "sparse"):
             centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
-            indices = unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
+            indices = _indices(leaf, payload, path, count)
             if indices.size and indices.max() >= centres.size:
                 raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
             codebooks[name] = Codebook(centres, indices.astype(index_dtype(centres.size)).reshape(shape))

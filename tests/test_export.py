@@ -104,3 +104,57 @@ def test_user_defined_model_with_unsupported_op_names_the_primitive(mnist_test):
 
     with pytest.raises(NotImplementedError, match="sort"):
         export.to_onnx(apply_fn, params, {}, mnist_test[:1])
+
+
+def _sparse(name, density, seed=0):
+    """``_compressed`` with all but ``density`` of each kernel's weights set to the zero centre."""
+    apply_fn, params, codebooks = _compressed(name, on_grid=False)
+    rng = np.random.default_rng(seed)
+    sparse = {}
+    for path, cb in codebooks.items():
+        keep = rng.random(cb.indices.shape) < density
+        sparse[path] = gq.Codebook(cb.centres, np.where(keep, cb.indices, 0).astype(cb.indices.dtype))
+    return apply_fn, gq.dequantize(sparse, params), sparse
+
+
+@pytest.mark.parametrize("name", ["lenet300_100", "lenet5_caffe"])
+def test_sparse_onnx_matches_jax_on_mnist_and_stores_only_the_non_zeros(name, mnist_test):
+    apply_fn, params, codebooks = _sparse(name, density=0.04)
+    model = export.to_onnx(apply_fn, params, codebooks, mnist_test[:8], encoding="sparse")
+    assert "ScatterElements" in [n.op_type for n in model.graph.node]
+    session = export.session(model)
+    for batch in (1, 7, 256):
+        for start in range(0, 1000, batch * 4 if batch < 256 else batch):
+            x = mnist_test[start : start + batch]
+            if len(x) == batch:
+                diff = np.abs(session.run(None, {"input": x})[0] - np.asarray(apply_fn(params, x))).max()
+                assert diff <= 1e-5, (batch, diff)
+    # per non-zero at most a byte of gap (fillers included) and a byte of index, plus float leaves
+    nnz = sum(int(np.count_nonzero(cb.indices)) for cb in codebooks.values())
+    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(params).items() if k not in codebooks)
+    dense = export.to_onnx(apply_fn, params, codebooks, mnist_test[:8], encoding="codebook")
+    size = len(model.SerializeToString())
+    assert size <= 1.6 * nnz + floats + 4096 and size < 0.5 * len(dense.SerializeToString())
+
+
+@pytest.mark.parametrize("density", [0.0005, 1.0])
+def test_sparse_encoding_exports_very_sparse_and_dense_layers(density, mnist_test):
+    """Gaps far beyond a byte (fillers) and a layer without zeros (stored densely) both decode right."""
+    apply_fn, params, codebooks = _sparse("lenet300_100", density=density, seed=3)
+    model = export.to_onnx(apply_fn, params, codebooks, mnist_test[:8], encoding="sparse")
+    x = mnist_test[:64]
+    np.testing.assert_allclose(export.run_onnx(model, x), np.asarray(apply_fn(params, x)), atol=1e-5)
+
+
+def test_fillers_bridge_long_gaps_and_point_at_zero():
+    from gmm_quant.onnx_export.encodings import _gaps_with_fillers
+
+    flat = np.zeros(1000, np.uint8)
+    flat[[3, 40, 999]] = [2, 1, 5]
+    gaps, idx = _gaps_with_fillers(flat, 15)
+    assert gaps.max() <= 15 and gaps.min() >= 1
+    positions = np.cumsum(gaps) - 1
+    rebuilt = np.zeros(1000, np.uint8)
+    rebuilt[positions] = idx
+    np.testing.assert_array_equal(rebuilt, flat)
+    assert np.count_nonzero(idx) == 3  # every extra entry is a filler pointing at the zero centre

@@ -47,7 +47,7 @@ def test_zoo_model_exports_and_matches_jax(name, encoding):
         assert np.max(np.abs(ours - ref)) <= 1e-4, (name, batch, float(np.max(np.abs(ours - ref))))
     stored = {i.name for i in model.graph.initializer}
     for path in codebooks:  # every quantised leaf is stored as indices, not as float weights
-        assert any(n.startswith(path.replace("/", "_") + ("_indices" if encoding == "codebook" else "_q"))
+        assert any(n.startswith(path.replace("/", "_") + ("_q" if encoding == "grid" else "_indices"))
                    for n in stored), path  # fmt: skip
 
 
