@@ -60,10 +60,15 @@ def format_table(metrics: dict) -> str:
     )
     lines.append(f"float leaves (32-bit): {metrics['float_values']} values")
     line = f"compression ratio (Han et al.): {metrics['compression_ratio']:.1f}x"
-    line += f"   packed: {metrics['packed_ratio']:.1f}x"
+    line += f" = {metrics['han_bytes']:,.0f} bytes   packed: {metrics['packed_ratio']:.1f}x"
     if "gzip_ratio" in metrics:
-        line += f"   gzip -9 of float32: {metrics['gzip_ratio']:.1f}x   file: {metrics['file_bytes']:,} bytes"
+        line += f"   gzip -9 of float32: {metrics['gzip_ratio']:.1f}x"
     lines.append(line)
+    if "file_bytes" in metrics:
+        original = metrics["original_bytes"]
+        files = {"model.gqz": metrics["file_bytes"], "model.onnx": (metrics.get("onnx") or {}).get("bytes")}
+        shown = [f"{name} {n:,} bytes ({original / n:.1f}x)" for name, n in files.items() if n]
+        lines.append("files on disk: " + "   ".join(shown))
     errs = [k for k in ("pretrained", "retrained", "compressed", "finetuned") if f"error_{k}" in metrics]
     lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
     return "\n".join(lines)

@@ -140,6 +140,10 @@ def test_tiny_job_end_to_end_report_matches_metrics(tmp_path):
     assert f"{metrics['compression_ratio']:.1f}x" in table
     assert f"finetuned {100 * metrics['error_finetuned']:.2f}%" in table
     assert metrics["nonzero"] == sum(row["nonzero"] for row in metrics["layers"])
+    # what the user ships, next to what the Han count claims
+    on_disk = {name: (workdir / name).stat().st_size for name in ("model.gqz", "model.onnx")}
+    assert f"files on disk: model.gqz {on_disk['model.gqz']:,} bytes" in table
+    assert f"model.onnx {on_disk['model.onnx']:,} bytes" in table
 
 
 def test_grid_bits_keeps_centres_on_a_grid_and_exports_dequantize_linear(tmp_path, capsys):
