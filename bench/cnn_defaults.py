@@ -73,7 +73,12 @@ def run(model: str, variant: str, data_dir, epochs: int, workdir: pathlib.Path, 
 
     record("pretrained", params)
     start = time.perf_counter()
-    plan = gq.make_plan(params)
+    if overrides.get("plan") in ("shared", "per-layer"):  # one mixture / one mixture per layer
+        per_layer = overrides["plan"] == "per-layer"
+        rules = (gq.Rule(r"(^|/)(bias|scale)$", keep_float=True), gq.Rule(".*", per_layer=per_layer))
+        plan = gq.make_plan(params, rules)
+    else:
+        plan = gq.make_plan(params)
     epochs_run = []
     mixtures, retrained = gq.retrain(
         apply_fn,
@@ -104,6 +109,7 @@ def main():
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--variant", default="defaults")
     ap.add_argument("--model", default="small_cnn", choices=["small_cnn", "gap_cnn"])
+    ap.add_argument("--plan", default="default", choices=["default", "shared", "per-layer"])
     ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
     ap.add_argument("--retrain", default="{}", help="JSON keyword arguments of gq.retrain (none: defaults)")
     ap.add_argument("--finetune", default="{}", help="JSON keyword arguments of gq.finetune")
@@ -111,7 +117,11 @@ def main():
     args = ap.parse_args()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    overrides = {"retrain": json.loads(args.retrain), "finetune": json.loads(args.finetune)}
+    overrides = {
+        "retrain": json.loads(args.retrain),
+        "finetune": json.loads(args.finetune),
+        "plan": args.plan,
+    }
     row = run(args.model, args.variant, args.data_dir, args.epochs, workdir, overrides)
     row["overrides"] = overrides
     print(json.dumps(row, indent=1))

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import pathlib
+import tempfile
 import time
 
 import numpy as np
 
-from gmm_quant import export, grid
+from gmm_quant import accounting, export, grid, storage
+from gmm_quant.rules import flatten
 
 
 def _latency(sessions: dict, x, repeats: int) -> dict:
@@ -42,16 +44,34 @@ def bench_file(path: pathlib.Path, repeats: int):
 
     grid_params = dequantize(grid_codebooks, params)
     models = {
-        "float32": export.to_onnx(apply_fn, params, {}, x[:1]),
-        "codebook": export.to_onnx(apply_fn, params, codebooks, x[:1], encoding="codebook"),
-        "grid": export.to_onnx(apply_fn, grid_params, grid_codebooks, x[:1], encoding="grid"),
+        "float32": export.to_onnx(apply_fn, params, {}, x[:8]),
+        "codebook": export.to_onnx(apply_fn, params, codebooks, x[:8], encoding="codebook"),
+        "sparse": export.to_onnx(apply_fn, params, codebooks, x[:8], encoding="sparse"),
+        "grid": export.to_onnx(apply_fn, grid_params, grid_codebooks, x[:8], encoding="grid"),
     }
     blobs = {name: m.SerializeToString() for name, m in models.items()}
-    blobs[".gqz"] = path.read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        for version in (1, 2):
+            out = pathlib.Path(tmp) / f"v{version}.gqz"
+            storage.save_compressed(out, codebooks, params, model=compressed.model, config=compressed.config,
+                                    version=version)  # fmt: skip
+            blobs[f".gqz v{version}"] = out.read_bytes()
     sizes = {name: (len(b), len(gzip.compress(b, 9))) for name, b in blobs.items()}
+    flat = {p: np.asarray(v) for p, v in flatten(params).items()}
+    sizes["Han count"] = (accounting.summarize(codebooks, flat)["han_bits"] / 8, None)
     sessions = {name: export.session(blobs[name]) for name in models}
     latency = {batch: _latency(sessions, x[:batch], repeats) for batch in (1, 256)}
-    return compressed.model, sizes, latency
+    load = {name: _load_time(blobs[name]) for name in models}
+    return compressed.model, sizes, latency, load
+
+
+def _load_time(blob: bytes, repeats: int = 20) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        export.session(blob)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def main():
@@ -59,22 +79,21 @@ def main():
     ap.add_argument("--model-file", nargs="+", required=True, type=pathlib.Path)
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
-    print("| model | file | bytes | gzip -9 bytes |")
-    print("| --- | --- | --- | --- |")
+    print("| model | file | bytes | / Han count | gzip -9 bytes |")
+    print("| --- | --- | --- | --- | --- |")
     lat_rows = []
     for path in args.model_file:
-        model, sizes, latency = bench_file(path, args.repeats)
+        model, sizes, latency, load = bench_file(path, args.repeats)
+        han = sizes["Han count"][0]
         for name, (raw, gz) in sizes.items():
-            print(f"| {model} | {name} | {raw:,} | {gz:,} |")
+            print(f"| {model} | {name} | {raw:,.0f} | {raw / han:.2f}x | {f'{gz:,}' if gz else ''} |")
         for batch, t in latency.items():
-            lat_rows.append(
-                f"| {model} | {batch} | {t['float32'] * 1e3:.3f} | {t['codebook'] * 1e3:.3f} "
-                f"({t['codebook'] / t['float32']:.2f}x) | {t['grid'] * 1e3:.3f} "
-                f"({t['grid'] / t['float32']:.2f}x) |"
-            )
+            cells = [f"{t[n] * 1e3:.3f} ({t[n] / t['float32']:.2f}x)" for n in ("codebook", "sparse", "grid")]
+            lat_rows.append(f"| {model} | {batch} | {t['float32'] * 1e3:.3f} | " + " | ".join(cells) + " |")
+        lat_rows.append(f"| {model} | load ms | " + " | ".join(f"{load[n] * 1e3:.1f}" for n in load) + " |")
     print()
-    print("| model | batch | float32 ms | codebook ms (ratio) | grid ms (ratio) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| model | batch | float32 ms | codebook ms (ratio) | sparse ms (ratio) | grid ms (ratio) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(lat_rows))
 
 

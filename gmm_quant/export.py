@@ -58,7 +58,8 @@ def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -
 
     model = onnx_export.convert(fn, leaves, paths, encoders, model_input(sample), opset=OPSET)
     onnx.checker.check_model(model, full_check=True)
-    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)  # a check; its value_info is not kept
+    return model
 
 
 def session(model):

@@ -26,6 +26,8 @@ class Rule:
       pattern: regular expression searched in the leaf's path.
       keep_float: leave these leaves in float32: no prior, no quantisation (they may keep training).
       mixture: a mixture of their own with this config; None shares the plan's default mixture.
+      per_layer: every matching leaf gets a mixture of its own (``mixture``, or the plan's default
+        config), so layers whose weights live at different scales do not share centres.
       prune_threshold: components with at most this many members in the layer are pruned;
         values below 1 are a fraction of the layer's size, values of 1 or more an absolute count.
       merge_kl: merge components whose symmetric KL divergence is below this (None: no merging).
@@ -36,6 +38,7 @@ class Rule:
     mixture: MixtureConfig | None = None
     prune_threshold: float = 0.0
     merge_kl: float | None = None
+    per_layer: bool = False
 
     def __post_init__(self):
         try:
@@ -111,6 +114,8 @@ class Plan:
 
     def group_of(self, path: str) -> str:
         rule = self.rules[path]
+        if rule.per_layer:
+            return path
         return SHARED if rule.mixture is None else rule.pattern
 
     def group_paths(self, group: str) -> list[str]:
@@ -135,9 +140,10 @@ def make_plan(params, rules=DEFAULT_RULES, mixture: MixtureConfig | None = None)
     if unused:
         warnings.warn(f"rules matched no parameter: {list(unused)}", stacklevel=2)
     groups = {}
-    for rule in resolved.values():
+    for path, rule in resolved.items():
         if not rule.keep_float:
-            groups.setdefault(SHARED if rule.mixture is None else rule.pattern, rule.mixture or mixture)
+            group = path if rule.per_layer else SHARED if rule.mixture is None else rule.pattern
+            groups.setdefault(group, rule.mixture or mixture)
     if not groups:
         raise ValueError("the rules put no parameter under the prior (every leaf is keep_float)")
     return Plan(resolved, groups, unused)

@@ -45,3 +45,21 @@ def test_bad_rules_are_rejected_with_clear_errors():
         gq.make_plan(_params(), rules=(gq.Rule("kernel"),))
     with pytest.raises(ValueError, match="no parameter under the prior"):
         gq.make_plan(_params(), rules=(gq.Rule(".*", keep_float=True),))
+
+
+def test_per_layer_rule_gives_each_matching_layer_a_mixture_over_its_own_range():
+    params = _params()
+    rules = (gq.Rule(r"bias$", keep_float=True), gq.Rule(r"^conv", per_layer=True), gq.Rule(".*"))
+    plan = gq.make_plan(params, rules=rules)
+    assert [plan.group_of(p) for p in plan.quantised()] == [
+        "conv1/kernel",
+        "conv2/kernel",
+        "shared",
+        "shared",
+    ]
+    mixtures = gq.init_mixtures(plan, params)
+    flat = gq.rules.flatten(params)
+    for path in ("conv1/kernel", "conv2/kernel"):  # free means span exactly that layer's weights
+        means = mixtures[path].means
+        assert float(means.min()) == pytest.approx(float(flat[path].min()), rel=1e-6)
+        assert float(means.max()) == pytest.approx(float(flat[path].max()), rel=1e-6)
