@@ -38,8 +38,11 @@ class ExportMismatch(RuntimeError):
     """ONNX Runtime's outputs differ from JAX's beyond the tolerance."""
 
 
-def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -> onnx.ModelProto:
-    """ONNX model of ``apply_fn(params, x)`` with the leaves in ``codebooks`` stored compressed."""
+def to_onnx(
+    apply_fn, params, codebooks: dict, sample, *, encoding="codebook", remove_dead_units=True
+) -> onnx.ModelProto:
+    """ONNX model of ``apply_fn(params, x)`` with the leaves in ``codebooks`` stored compressed; units
+    whose weights are all zero are removed (matrices shrunk, constant units folded into biases)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -56,7 +59,10 @@ def to_onnx(apply_fn, params, codebooks: dict, sample, *, encoding="codebook") -
     def fn(leaves, x):
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), x)
 
-    model = onnx_export.convert(fn, leaves, paths, encoders, model_input(sample), opset=OPSET)
+    model = onnx_export.convert(
+        fn, leaves, paths, encoders, model_input(sample), opset=OPSET, codebooks=codebooks, make=make,
+        remove_dead_units=remove_dead_units,
+    )  # fmt: skip
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)  # a check; its value_info is not kept
     return model

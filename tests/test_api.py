@@ -16,6 +16,7 @@ import gmm_quant
 import gmm_quant as gq
 import models
 from gmm_quant import codebook_tuning, data, export, grid, loop, pipeline
+from gmm_quant.onnx_export import encodings
 
 
 def test_no_public_name_shadows_a_module():
@@ -159,7 +160,7 @@ def test_errors_raised_from_python_do_not_name_command_line_flags(digits_grid_mo
         codebook_tuning.grid_scales(off_grid)
     assert "--" not in str(err.value)
     with pytest.raises(ValueError) as err:
-        export.grid_encoder(off_grid["w"])
+        encodings.grid_encoder(off_grid["w"])
     assert "--" not in str(err.value)
     with pytest.raises(data.DataError) as err:
         data.load_mnist("/nonexistent-dir")

@@ -45,15 +45,22 @@ def _trace_input(sample: np.ndarray) -> np.ndarray:
 
 
 def convert(
-    apply_fn, params_leaves: list, paths: list, encoders: dict, sample, *, opset: int, name="gmm_quant"
-):
-    """ONNX ModelProto of ``apply_fn(leaves, x)``; leaves whose path is in ``encoders`` stay compressed."""
+    apply_fn, params_leaves: list, paths: list, encoders: dict, sample, *, opset: int, name="gmm_quant",
+    codebooks=None, make=None, remove_dead_units=True,
+):  # fmt: skip
+    """ONNX ModelProto of ``apply_fn(leaves, x)``; leaves whose path is in ``encoders`` stay compressed.
+
+    With ``codebooks`` ({path: Codebook}) and the encoding's factory ``make``, units whose weights are
+    all zero are removed from the graph (``units``) unless ``remove_dead_units`` is False."""
     sample = np.asarray(sample)
     traced = _trace_input(sample)
     closed = jax.make_jaxpr(apply_fn)(params_leaves, traced)
-    conv = Converter()
+    conv = Converter(remove_dead_units=remove_dead_units)
+    codebooks = codebooks or {}
     inputs = [
-        WeightRef(p, encoders[p], np.shape(leaf)) if p in encoders else np.asarray(leaf)
+        WeightRef(p, encoders[p], np.shape(leaf), codebooks.get(p), make)
+        if p in encoders
+        else np.asarray(leaf)
         for p, leaf in zip(paths, params_leaves, strict=True)
     ]
     x = Sym("input", identity(traced.ndim), tuple(traced.shape))

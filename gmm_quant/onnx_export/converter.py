@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 TRACE_BATCH = 97
 HANDLERS: dict = {}
+NARROW_AWARE: set = set()  # handlers that accept a units.Narrow (a value with dead units removed)
 _PASS = {"copy", "copy_p", "stop_gradient", "optimization_barrier", "reduce_precision", "sharding_constraint"}
 _CALLS = {"pjit", "jit", "custom_jvp_call", "custom_vjp_call", "closed_call", "remat", "checkpoint"}
 _DTYPES = {
@@ -36,12 +37,15 @@ _DTYPES = {
 }
 
 
-def register(*names):
-    """Decorator: ``fn(conv, eqn, *args)`` converts the primitives ``names``."""
+def register(*names, narrow: bool = False):
+    """Decorator: ``fn(conv, eqn, *args)`` converts the primitives ``names``; ``narrow`` says it
+    accepts ``units.Narrow`` arguments (others get them restored to full width first)."""
 
     def wrap(fn):
         for name in names:
             HANDLERS[name] = fn
+            if narrow:
+                NARROW_AWARE.add(name)
         return fn
 
     return wrap
@@ -62,6 +66,17 @@ class Sym(NamedTuple):
     shape: tuple  # the JAX (logical) shape at trace time
 
 
+class Narrow(NamedTuple):
+    """A value whose last axis holds ``live`` features in the graph (``sym``) and constants ``fill``
+    at the other positions (``dead``) of a full width ``width``."""
+
+    sym: Sym
+    live: np.ndarray
+    dead: np.ndarray
+    fill: np.ndarray  # float32 [len(dead)]
+    shape: tuple  # the full logical shape
+
+
 def identity(n):
     return tuple(range(n))
 
@@ -77,11 +92,19 @@ def compose(perm, logical):
 
 
 class WeightRef:
-    """A quantised weight, emitted lazily in the layout its consumer needs (indices permuted offline)."""
+    """A quantised weight, emitted lazily in the layout its consumer needs (indices permuted offline).
 
-    def __init__(self, path: str, encoder, shape):
+    With its ``codebook`` and the encoding's factory ``make`` it can also be cut to a sub-matrix
+    (``subset``, used to remove dead units)."""
+
+    def __init__(self, path: str, encoder, shape, codebook=None, make=None):
         self.path, self.encoder, self.shape = path, encoder, tuple(shape)
+        self.codebook, self.make = codebook, make
         self._cache = {}
+
+    def subset(self, rows, cols) -> WeightRef:
+        cb = self.codebook._replace(indices=np.asarray(self.codebook.indices)[rows][:, cols])
+        return WeightRef(f"{self.path}/live", self.make(cb), cb.indices.shape, cb, self.make)
 
     def materialise(self, conv: Converter, perm) -> Sym:
         perm = tuple(perm)
@@ -100,8 +123,8 @@ def _where(eqn) -> str:
 class Converter:
     """Walks a jaxpr, emitting ONNX nodes through the registered handlers."""
 
-    def __init__(self, batch: int = TRACE_BATCH):
-        self.batch = batch
+    def __init__(self, batch: int = TRACE_BATCH, remove_dead_units: bool = True):
+        self.batch, self.remove_dead_units = batch, remove_dead_units
         self.nodes, self.initializers, self.count = [], [], 0
         self._memo, self._calls = {}, []  # the call sites of the nested jaxprs being walked
 
@@ -137,12 +160,22 @@ class Converter:
 
     def plain(self, value) -> str:
         """ONNX name of a value (Sym, WeightRef or constant) in the JAX layout."""
+        value = self.full(value)
         if isinstance(value, (Sym, WeightRef)):
             sym = self.sym(value)
             return self.layout(sym, identity(len(sym.shape)))
         return self.const(self.broadcastable(np.asarray(value)))
 
+    def full(self, value):
+        """``value`` with a Narrow (dead units removed) restored to its full width."""
+        if not isinstance(value, Narrow):
+            return value
+        from gmm_quant.onnx_export import units
+
+        return units.materialise(self, value)
+
     def sym(self, value) -> Sym:
+        value = self.full(value)
         if isinstance(value, WeightRef):
             return value.materialise(self, identity(len(value.shape)))
         if isinstance(value, Sym):
@@ -205,7 +238,7 @@ class Converter:
 
     def eqn(self, eqn, args):
         name = eqn.primitive.name
-        if all(not isinstance(a, (Sym, WeightRef)) for a in args):  # fold constants
+        if all(not isinstance(a, (Sym, WeightRef, Narrow)) for a in args):  # fold constants
             out = eqn.primitive.bind(*args, **eqn.params)
             return [np.asarray(o) for o in out] if eqn.primitive.multiple_results else [np.asarray(out)]
         if name in _CALLS:
@@ -218,6 +251,8 @@ class Converter:
                 self._calls.pop()
         if name in _PASS:
             return [args[0]]
+        if name not in NARROW_AWARE:
+            args = [self.full(a) for a in args]
         handler = HANDLERS.get(name)
         if handler is None:
             where = next((w for w in [_where(eqn), *reversed(self._calls)] if w), "an unknown place")

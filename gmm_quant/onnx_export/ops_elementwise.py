@@ -6,6 +6,7 @@ import numpy as np
 from onnx import TensorProto
 
 from gmm_quant.onnx_export.converter import Sym, WeightRef, identity, onnx_dtype, register
+from gmm_quant.onnx_export.units import narrowable
 
 _BINARY = {
     "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min", "pow": "Pow",
@@ -55,9 +56,9 @@ def _binary_handler(op):
 
 for _name, _op in _BINARY.items():
     if _op is not None:
-        register(_name)(_binary_handler(_op))
+        register(_name, narrow=True)(narrowable(_binary_handler(_op)))
 for _name, _op in _UNARY.items():
-    register(_name)(lambda conv, eqn, x, _op=_op: _unary(conv, _op, x))
+    register(_name, narrow=True)(narrowable(lambda conv, eqn, x, _op=_op: _unary(conv, _op, x)))
 
 
 @register("ne")
@@ -65,24 +66,28 @@ def ne(conv, eqn, a, b):
     return _unary(conv, "Not", elementwise(conv, "Equal", eqn, [a, b]))
 
 
-@register("rsqrt")
+@register("rsqrt", narrow=True)
+@narrowable
 def rsqrt(conv, eqn, x):
     return _unary(conv, "Reciprocal", _unary(conv, "Sqrt", x))
 
 
-@register("erfc")
+@register("erfc", narrow=True)
+@narrowable
 def erfc(conv, eqn, x):
     e = _unary(conv, "Erf", x)
     return Sym(conv.node("Sub", [conv.const(np.float32(1.0)), e.name]), e.perm, e.shape)
 
 
-@register("square")
+@register("square", narrow=True)
+@narrowable
 def square(conv, eqn, x):
     s = conv.sym(x)
     return Sym(conv.node("Mul", [s.name, s.name]), s.perm, s.shape)
 
 
-@register("integer_pow")
+@register("integer_pow", narrow=True)
+@narrowable
 def integer_pow(conv, eqn, x):
     s, y = conv.sym(x), eqn.params["y"]
     if y == 2:
@@ -90,13 +95,15 @@ def integer_pow(conv, eqn, x):
     return Sym(conv.node("Pow", [s.name, conv.const(np.float32(y))]), s.perm, s.shape)
 
 
-@register("log1p")
+@register("log1p", narrow=True)
+@narrowable
 def log1p(conv, eqn, x):
     s = conv.sym(x)
     return _unary(conv, "Log", Sym(conv.node("Add", [s.name, conv.const(np.float32(1))]), s.perm, s.shape))
 
 
-@register("expm1")
+@register("expm1", narrow=True)
+@narrowable
 def expm1(conv, eqn, x):
     e = _unary(conv, "Exp", x)
     return Sym(conv.node("Sub", [e.name, conv.const(np.float32(1))]), e.perm, e.shape)

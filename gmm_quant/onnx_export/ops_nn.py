@@ -6,7 +6,8 @@ import string
 
 import numpy as np
 
-from gmm_quant.onnx_export.converter import Sym, WeightRef, identity, onnx_dtype, register
+from gmm_quant.onnx_export import units
+from gmm_quant.onnx_export.converter import Narrow, Sym, WeightRef, identity, onnx_dtype, register
 
 
 def _out_shape(eqn) -> tuple:
@@ -23,17 +24,24 @@ def _operand(conv, value, perm) -> str:
 
 
 def _rank(value) -> int:
-    return len(value.shape) if isinstance(value, (Sym, WeightRef)) else np.ndim(value)
+    return len(value.shape) if isinstance(value, (Sym, WeightRef, Narrow)) else np.ndim(value)
 
 
-@register("dot_general")
+def _matmul(conv, x, w, shape):
+    out = conv.node("MatMul", [_operand(conv, x, identity(_rank(x))), _operand(conv, w, (0, 1))])
+    return Sym(out, identity(len(shape)), shape)
+
+
+@register("dot_general", narrow=True)
 def dot_general(conv, eqn, x, w):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     shape = _out_shape(eqn)
     nx, nw = _rank(x), _rank(w)
     if not lb and tuple(lc) == (nx - 1,) and tuple(rc) == (0,) and nw == 2:  # x @ W: MatMul
-        out = conv.node("MatMul", [_operand(conv, x, identity(nx)), _operand(conv, w, (0, 1))])
-        return Sym(out, identity(len(shape)), shape)
+        if conv.remove_dead_units and (isinstance(x, Narrow) or units.weight_array(w) is not None):
+            return units.narrow_matmul(conv, eqn, x, w, _matmul)
+        return _matmul(conv, x, w, shape)
+    x, w = conv.full(x), conv.full(w)
     letters = iter(string.ascii_lowercase)
     xs, ws = [next(letters) for _ in range(nx)], [None] * nw
     for i, j in zip(lb, rb, strict=True):
