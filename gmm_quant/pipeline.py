@@ -15,6 +15,8 @@ Each stage accepts ``on_epoch(epoch, state, metrics)`` (progress, checkpoints) a
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import optax
 
@@ -103,6 +105,9 @@ def retrain_setup(
     return loss, obj.joint_optimizer(rates), {"params": params, "mixtures": mixtures}
 
 
+PATIENCE = 3  # epochs without a 5% gain in tightness before retraining stops short of the target
+
+
 def retrain(
     apply_fn,
     params,
@@ -126,7 +131,8 @@ def retrain(
     Returns ``(mixtures, params)``. ``mixtures`` defaults to ``init_mixtures(plan, params)``.
 
     Convergence check: after ``epochs`` epochs, training goes on (up to ``max_epochs``, default
-    ``4 * epochs``) until every quantised layer's weights sit tight around their centres —
+    ``4 * epochs``, or until the tightness has not improved by 5% in ``PATIENCE`` epochs, with a
+    warning) until every quantised layer's weights sit tight around their centres —
     ``codebook.tightness`` (RMS distance to the nearest centre over the layer's std) at most
     ``tightness`` — because snapping loose weights is what costs accuracy (BENCHMARKS.md, "A 3x3 CNN
     with average pooling"). ``tightness=None`` trains exactly ``epochs`` epochs.
@@ -146,16 +152,27 @@ def retrain(
     )
     limit = epochs if tightness is None else max_epochs or 4 * epochs
 
+    history = []
+
     def tight(epoch, state):
         if epoch + 1 < epochs:
             return False
         loose = codebook.tightness(plan, state.trainable["mixtures"], state.trainable["params"])
-        return max(loose.values()) <= tightness
+        history.append(max(loose.values()))
+        stalled = len(history) > PATIENCE and min(history[-PATIENCE:]) >= 0.95 * min(history[:-PATIENCE])
+        return history[-1] <= tightness or stalled
 
     state = run_epochs(
         loss, opt, trainable, data, epochs=limit, batch_size=batch_size, seed=seed, name="retrain",
         stop=None if tightness is None else tight, **kw,
     )  # fmt: skip
+    if history and history[-1] > tightness:
+        warnings.warn(
+            f"retraining ended with weights {history[-1]:.2f} (RMS distance / std) from their centres, "
+            f"above the {tightness} aimed for: snapping will cost accuracy. codebook.tightness gives "
+            "the value per layer; a larger tau pulls the weights harder towards the centres.",
+            stacklevel=2,
+        )
     return state.trainable["mixtures"], state.trainable["params"]
 
 
