@@ -291,3 +291,15 @@ def test_sparse_streams_invert_exactly(shape, density):
     values = sparse_streams.unpack(sparse_streams.pack(values), nnz)
     back = sparse_streams.join(gaps, values, nnz, shape, np.uint8)
     np.testing.assert_array_equal(back, idx)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_v2_round_trip_for_every_model(name, tmp_path):
+    _graphdef, params = nnx.split(models.create(name), nnx.Param)
+    plan = gq.make_plan(params)
+    codebooks, snapped = gq.compress(plan, gq.init_mixtures(plan, params), params)
+    path = tmp_path / "m.gqz"
+    storage.save_compressed(path, codebooks, snapped, model=name, version=2)
+    restored = gq.rules.flatten(gq.load_compressed(path).params())
+    for key, leaf in gq.rules.flatten(snapped).items():
+        np.testing.assert_array_equal(restored[key], np.asarray(leaf))
