@@ -146,6 +146,11 @@ def export_file(
     if sample is None:
         shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
         sample = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
+    try:
+        jax.eval_shape(apply_fn, params, model_input(sample[:1]))
+    except (TypeError, ValueError) as err:
+        first = str(err).splitlines()[0]
+        raise ValueError(f"the model does not run on inputs of shape {sample.shape[1:]} ({first})") from None
     return export_onnx(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
 
 
@@ -193,7 +198,12 @@ def main(argv=None) -> int:
         model_path = source / "model.gqz" if source.is_dir() else source
         sample = None
         if args.input_shape:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
+            try:
+                shape = tuple(int(v) for v in args.input_shape.split(","))
+            except ValueError:
+                raise ValueError(f"--input-shape {args.input_shape!r}: expected sizes like 28,28,1") from None
+            if min(shape) < 1:
+                raise ValueError(f"--input-shape {args.input_shape!r}: sizes must be >= 1")
             sample = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
         info = export_file(
             model_path,
