@@ -113,7 +113,10 @@ class StageCheckpoints:
 
     def _open(self):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=not self.read_only, read_only=self.read_only, cleanup_tmp_directories=True
+            max_to_keep=2,
+            create=not self.read_only,
+            read_only=self.read_only,
+            cleanup_tmp_directories=not self.read_only,
         )
         return ocp.CheckpointManager(self.directory, options=options)
 
