@@ -109,7 +109,7 @@ def plot(result: dict, path) -> None:
     plt.close(fig)
 
 
-def _run(workdir: pathlib.Path, ks, fractions) -> dict:
+def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
     import optax
     from flax import nnx
 
@@ -125,7 +125,7 @@ def _run(workdir: pathlib.Path, ks, fractions) -> dict:
     store.close()
     if state is None:
         raise FileNotFoundError(f"{workdir}: no intact pretraining checkpoint")
-    ds = data.load(cfg.dataset, None, cfg.train_subset or None)
+    ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
     _train, val = validation_split(ds.x_train, ds.y_train, cfg.seed)
     plan = run.build_plan(cfg, state.trainable)
 
@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = cli.Parser(prog="python -m gmm_quant.sensitivity", description=__doc__.splitlines()[0])
     ap.add_argument("workdir", help="a work directory with a finished pretraining")
+    ap.add_argument(
+        "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
+    )
     ap.add_argument("--ks", default="3,5,9,17", help="numbers of centres to try per layer")
     ap.add_argument("--fractions", default="0.5,0.9,0.99", help="fractions of smallest weights to zero")
     cli.add_debug_flag(ap)
@@ -151,7 +154,9 @@ def main(argv=None) -> int:
         if min(ks) < 1 or not all(0 <= f < 1 for f in fractions):
             raise ValueError("--ks must be >= 1 and --fractions in [0, 1)")
         workdir = pathlib.Path(args.workdir)
-        result = _run(workdir, ks, fractions)
+        if not (workdir / "config.json").is_file():
+            raise FileNotFoundError(f"{workdir} is not a gmm_quant work directory (no config.json)")
+        result = _run(workdir, ks, fractions, args.data_dir)
         write_atomic(workdir / "sensitivity.json", json.dumps(result, indent=1).encode())
         plot(result, workdir / "sensitivity.png")
         print(format_table(result))
