@@ -26,6 +26,7 @@ class Config:
     model: str = "digits_mlp"  # a name in models.MODELS
     dataset: str = "digits"  # "digits" (bundled with scikit-learn) or "mnist" (IDX files, --data-dir)
     train_subset: int = 0  # use only the first N training examples (0 = all)
+    val_fraction: float = 0.1  # held out of the training data (seeded) for every selection decision
     seed: int = 0  # model init and batch order
     batch_size: int = 64  # mini-batch size of every stage
     # --- stage 1: pretraining ---
@@ -96,6 +97,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, name)
         _check(len(value) == 2 and min(value) > 0, name, "needs two values > 0 (alpha, beta)", value)
     _check(cfg.init_std >= 0, "init_std", "must be >= 0", cfg.init_std)
+    _check(0 <= cfg.val_fraction < 1, "val_fraction", "must be in [0, 1)", cfg.val_fraction)
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
     bits = cfg.grid_bits
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)

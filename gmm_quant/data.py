@@ -146,6 +146,21 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return Dataset(x[train], y[train], x[test], y[test])
 
 
+def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, tuple]:
+    """``(ds with the training part only, (x_val, y_val))``: the validation examples are the last
+    ``fraction`` of a permutation of the training set seeded by ``seed`` (none when ``fraction`` is 0).
+    The test set is untouched: it is only ever reported, never used to choose."""
+    if fraction <= 0:
+        return ds, (ds.x_train[:0], ds.y_train[:0])
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))
+    n_val = max(1, round(fraction * len(order)))
+    train, val = np.sort(order[:-n_val]), np.sort(order[-n_val:])
+    return ds._replace(x_train=ds.x_train[train], y_train=ds.y_train[train]), (
+        ds.x_train[val],
+        ds.y_train[val],
+    )
+
+
 def load(name: str, data_dir=None, train_subset: int | None = None) -> Dataset:
     """Dataset by name (``digits`` or ``mnist``), optionally the first ``train_subset`` examples."""
     if name == "digits":

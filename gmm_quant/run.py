@@ -90,12 +90,13 @@ def _load_pretrained(path, like):
     return state.trainable
 
 
-def _check_data(cfg: cfgm.Config, ds: data.Dataset) -> None:
+def _check_data(cfg: cfgm.Config, ds: data.Dataset, n_val: int) -> None:
     n = ds.x_train.shape[0]
     if cfg.batch_size > n:
         raise cfgm.ConfigError(
             f"invalid config field 'batch_size' = {cfg.batch_size}: exceeds the {n} training examples"
             + (" of the train_subset" if cfg.train_subset else "")
+            + (f" left after {n_val} held out for validation" if n_val else "")
         )
     for name in ("x_train", "x_test"):
         if not np.all(np.isfinite(getattr(ds, name))):
@@ -125,8 +126,9 @@ def train_and_evaluate(
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
-    ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
-    _check_data(cfg, ds)
+    ds, val = data.split_validation(data.load(cfg.dataset, data_dir, cfg.train_subset or None),
+                                    cfg.val_fraction, cfg.seed)  # fmt: skip
+    _check_data(cfg, ds, len(val[1]))
     if pretrained is not None:
         params = _load_pretrained(pretrained, params)
 
@@ -137,7 +139,7 @@ def train_and_evaluate(
         if overwrite:
             wd.clear(workdir)
         wd.claim(workdir, cfg)
-        stage = _Stages(cfg, workdir, apply_fn, ds, progress)
+        stage = _Stages(cfg, workdir, apply_fn, ds, progress, val)
         pretrained_params = stage.pretrain(params)
         mixtures, retrained = stage.retrain(plan, pretrained_params)
         codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
@@ -150,13 +152,19 @@ def train_and_evaluate(
 class _Stages:
     """The training stages of one run, recording test errors and wall times as they go."""
 
-    def __init__(self, cfg, workdir, apply_fn, ds, progress):
+    def __init__(self, cfg, workdir, apply_fn, ds, progress, val):
         self.cfg, self.workdir, self.apply_fn, self.ds, self.progress = cfg, workdir, apply_fn, ds, progress
-        self.train = (ds.x_train, ds.y_train)
-        self.errors, self.times = {}, {}
+        self.train, self.val = (ds.x_train, ds.y_train), val
+        self.errors, self.val_errors, self.times = {}, {}, {}
+
+    def _errors(self, name, params):
+        """Test error (reported only) and validation error (what selection may look at)."""
+        self.errors[name] = loop.error_rate(self.apply_fn, params, self.ds.x_test, self.ds.y_test)
+        if len(self.val[1]):
+            self.val_errors[name] = loop.error_rate(self.apply_fn, params, *self.val)
 
     def _record(self, name, params, timer, start):
-        self.errors[name] = loop.error_rate(self.apply_fn, params, self.ds.x_test, self.ds.y_test)
+        self._errors(name, params)
         self.times[timer] = time.perf_counter() - start
 
     def _run(self, name, setup, epochs, parent=None):
@@ -188,7 +196,7 @@ class _Stages:
         if cfg.grid_bits:
             codebooks = {p: grid.to_grid(cb, cfg.grid_bits) for p, cb in codebooks.items()}
             snapped = codebook.dequantize(codebooks, retrained)
-        self.errors["compressed"] = loop.error_rate(self.apply_fn, snapped, self.ds.x_test, self.ds.y_test)
+        self._errors("compressed", snapped)
         final = snapped
         if cfg.finetune_epochs:
             loss, opt, trainable, build = pipeline.finetune_setup(
@@ -196,7 +204,8 @@ class _Stages:
             )
             parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs, parent).trainable
-            tuned, improved = pipeline.keep_better(loss, trainable, tuned, self.train)
+            selection = self.val if len(self.val[1]) else self.train  # never the test set
+            tuned, improved = pipeline.keep_better(loss, trainable, tuned, selection)
             if improved:
                 codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.grid_bits))
                 final = codebook.dequantize(codebooks, build(tuned))
@@ -216,6 +225,8 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         "seconds": stage.times,
         "file_bytes": model_path.stat().st_size,
         "gzip_ratio": accounting.gzip_ratio(flat),
+        "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(stage.val[1])},
+        **{f"val_error_{k}": v for k, v in stage.val_errors.items()},
     }
     if onnx_sample is not None:
         extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "sparse")

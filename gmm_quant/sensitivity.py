@@ -3,9 +3,9 @@
     python -m gmm_quant.sensitivity WORKDIR [--ks 3,5,9,17] [--fractions 0.5,0.9,0.99]
 
 For every quantised layer of a run's pretrained model, with all other layers untouched: the error
-on a validation split of the *training* data (the last ``VAL_FRACTION`` of a seeded permutation; the
-test set is never read) when the layer is snapped to ``k`` centres of its own 1-D k-means, and when
-its smallest ``p`` of weights (by magnitude) are zeroed. No training: seconds for LeNet-5. Writes
+on the run's validation split (held out of the training data, ``val_fraction``; the test set is never
+read) when the layer is snapped to ``k`` centres of its own 1-D k-means, and when its smallest ``p``
+of weights (by magnitude) are zeroed. No training: seconds for LeNet-5. Writes
 ``sensitivity.json`` and ``sensitivity.png`` (a heat map of the error increase) into WORKDIR and
 prints the table. Meant to seed or bound a search over per-layer settings.
 """
@@ -51,11 +51,11 @@ def zero_smallest(weights, fraction: float) -> np.ndarray:
 
 
 def validation_split(x, y, seed: int = 0, fraction: float = VAL_FRACTION):
-    """``((x_train, y_train), (x_val, y_val))``: the last ``fraction`` of a permutation seeded by ``seed``."""
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_val = max(1, round(fraction * len(y)))
-    train, val = order[:-n_val], order[-n_val:]
-    return (x[train], y[train]), (x[val], y[val])
+    """``((x_train, y_train), (x_val, y_val))``, as ``data.split_validation`` makes them."""
+    from gmm_quant.data import Dataset, split_validation
+
+    ds, val = split_validation(Dataset(x, y, x[:0], y[:0]), fraction, seed)
+    return (ds.x_train, ds.y_train), val
 
 
 def layer_sensitivity(apply_fn, params, paths, val, *, ks=(3, 5, 9, 17), fractions=(0.5, 0.9, 0.99)):
@@ -115,10 +115,12 @@ def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
 
     from gmm_quant import checkpoint, data, run
     from gmm_quant import config as cfgm
+    from gmm_quant import workdir as workdir_lib
     from gmm_quant.model_spec import make_model
 
     saved = json.loads((workdir / "config.json").read_text())
-    cfg = cfgm.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    fields = {**workdir_lib.LEGACY, **saved["config"]}
+    cfg = cfgm.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     graphdef, like = nnx.split(make_model(cfg.model, cfg.seed), nnx.Param)
     store = checkpoint.StageCheckpoints(workdir, "pretrain", read_only=True)
     _epoch, state = store.restore_latest(loop.init_state(like, optax.adam(1e-3)))
@@ -126,7 +128,9 @@ def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
     if state is None:
         raise FileNotFoundError(f"{workdir}: no intact pretraining checkpoint")
     ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
-    _train, val = validation_split(ds.x_train, ds.y_train, cfg.seed)
+    # the run's own held-out split; runs made before it existed (val_fraction 0) get a fresh 10%,
+    # which they have trained on
+    _ds, val = data.split_validation(ds, cfg.val_fraction or VAL_FRACTION, cfg.seed)
     plan = run.build_plan(cfg, state.trainable)
 
     def apply_fn(p, x):

@@ -27,6 +27,7 @@ from gmm_quant.checkpoint import write_atomic
 from gmm_quant.config import Config
 
 FORMAT = "gmm_quant workdir"
+LEGACY = {"val_fraction": 0.0}  # fields added later: their value in runs made before they existed
 LOCK = ".lock"
 OUTPUTS = (
     "checkpoints", "config.json", "metrics.json", "model.gqz", "model.onnx", "weights.png", "scatter.png",
@@ -107,8 +108,10 @@ def claim(workdir: pathlib.Path, cfg: Config) -> None:
         saved = _read_config(workdir)
         if saved is None:
             raise WorkdirError(f"{workdir}/config.json is not gmm_quant's; choose another work directory")
-        if saved.get("fingerprint") != cfg.fingerprint():
-            old = saved.get("config", {})
+        # a field added since the run started takes the value that reproduces how it ran then
+        defaults = {k: _jsonable(v) for k, v in {**dataclasses.asdict(Config()), **LEGACY}.items()}
+        old = {**defaults, **saved.get("config", {})}
+        if {k: _jsonable(v) for k, v in current.items()} != old:
             diff = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != _jsonable(v)}
             raise CheckpointMismatch(
                 f"{workdir} holds checkpoints of a different config (saved vs now: {diff}); "

@@ -288,8 +288,14 @@ def test_ctrl_c_during_retraining_stops_cleanly_and_resumes_to_the_same_result(r
         (["--lr-weights", "-inf"], "'lr_weights' = -inf"),
         (["--gamma", "1,nan"], "'gamma' = (1.0, nan): must be finite"),
         (["--grid-bits", "1"], "'grid_bits' = 1: must be 0 (off) or 2..8"),
-        (["--batch-size", "5000"], "'batch_size' = 5000: exceeds the 1438 training examples"),
-        (["--train-subset", "10"], "exceeds the 10 training examples of the train_subset"),
+        (
+            ["--batch-size", "5000"],
+            "'batch_size' = 5000: exceeds the 1294 training examples left after 144 held out",
+        ),
+        (
+            ["--train-subset", "10"],
+            "exceeds the 9 training examples of the train_subset left after 1 held out",
+        ),
         (["--pretrain-lr", "-1e-3"], "'pretrain_lr' = -0.001: must be > 0"),
         (["--retrain", "2"], "unrecognized arguments: --retrain 2"),
         (["--pretrained", "nowhere"], "pretrained nowhere: neither a .gqz file nor a work directory"),
@@ -381,3 +387,47 @@ def test_mnist_files_beside_an_empty_mnist_folder_are_found(tmp_path, mnist_dir)
     (empty / "mnist").mkdir(parents=True)
     with pytest.raises(data.DataError, match=f"looked in {empty / 'mnist'} and {empty}"):
         data.load_mnist(empty)
+
+
+def test_selection_sees_the_validation_split_never_the_test_set(tmp_path, monkeypatch):
+    """keep_better (the one selection the run makes) gets the held-out part of the training data."""
+    from gmm_quant import pipeline
+
+    seen = []
+    real = pipeline.keep_better
+
+    def spy(loss, start, end, data_xy, batch_size=1000):
+        seen.append(data_xy)
+        return real(loss, start, end, data_xy, batch_size)
+
+    monkeypatch.setattr(pipeline, "keep_better", spy)
+    argv = ["--config", "tiny", "--workdir", str(tmp_path / "w"), "--no-progress", "--no-onnx"]
+    assert train.main(argv) == 0
+    ds = data.load_digits()
+    train_part, (x_val, y_val) = data.split_validation(ds, 0.1, 0)
+    assert len(seen) == 1 and np.array_equal(seen[0][0], x_val) and np.array_equal(seen[0][1], y_val)
+    as_rows = {r.tobytes() for r in x_val.reshape(len(x_val), -1)}
+    assert not as_rows & {r.tobytes() for r in train_part.x_train.reshape(len(train_part.x_train), -1)}
+    assert not as_rows & {r.tobytes() for r in ds.x_test.reshape(len(ds.x_test), -1)}
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert metrics["validation"] == {"fraction": 0.1, "seed": 0, "examples": 144}
+    assert metrics["val_error_finetuned"] == pytest.approx(
+        float(np.mean(np.argmax(_predict(tmp_path / "w", x_val), -1) != y_val)), abs=1e-9
+    )
+
+
+def _predict(workdir, x):
+    import gmm_quant as gq
+
+    return np.asarray(gq.load_model(workdir / "model.gqz")(x))
+
+
+def test_a_run_made_before_the_validation_split_still_resumes(tmp_path):
+    cfg = cfgm.load("tiny")
+    wd.claim(tmp_path, cfg)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["config"]["val_fraction"]  # as written by an earlier version
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(wd.CheckpointMismatch, match="val_fraction"):
+        wd.claim(tmp_path, cfg)  # it trained on all the data: resuming with a split would differ
+    wd.claim(tmp_path, cfgm.override(cfg, {"val_fraction": "0"}))
