@@ -7,6 +7,7 @@ codebook (centres + integer indices) that is fine-tuned on the training data.
 
 from gmm_quant.accounting import summarize
 from gmm_quant.codebook import Codebook, compress, dequantize, make_codebook, snap
+from gmm_quant.distillation import distillation_loss
 from gmm_quant.init import sample_params
 from gmm_quant.loop import error_rate
 from gmm_quant.mixture import (
@@ -52,6 +53,7 @@ __all__ = [
     "compress",
     "cross_entropy",
     "dequantize",
+    "distillation_loss",
     "error_rate",
     "export_onnx",
     "finetune",

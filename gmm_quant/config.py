@@ -47,6 +47,8 @@ class Config:
     gamma: tuple[float, float] = (250.0, 0.1)  # Gamma(alpha, beta) on the other precisions
     init_std: float = 0.0  # initial component std (0 = weight range / 5)
     keep_float: tuple[str, ...] = ()  # regexes of weight paths kept float32 (no prior, no codebook)
+    distill_alpha: float = 0.0  # > 0: the pretrained model teaches retraining and fine-tuning (KL weight)
+    distill_temperature: float = 4.0  # softmax temperature of the distillation term
     # --- stage 3: compression ---
     assignment: str = "nearest"  # "nearest" centre or maximum "responsibility"
     prune_threshold: float = 0.0  # prune components with <= this many members (< 1: fraction)
@@ -98,6 +100,8 @@ def validate(cfg: Config) -> Config:
         _check(len(value) == 2 and min(value) > 0, name, "needs two values > 0 (alpha, beta)", value)
     _check(cfg.init_std >= 0, "init_std", "must be >= 0", cfg.init_std)
     _check(0 <= cfg.val_fraction < 1, "val_fraction", "must be in [0, 1)", cfg.val_fraction)
+    _check(cfg.distill_alpha >= 0, "distill_alpha", "must be >= 0", cfg.distill_alpha)
+    _check(cfg.distill_temperature > 0, "distill_temperature", "must be > 0", cfg.distill_temperature)
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
     bits = cfg.grid_bits
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)

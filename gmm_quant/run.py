@@ -21,6 +21,7 @@ from gmm_quant import accounting, codebook, codebook_tuning, data, grid, loop, p
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
+from gmm_quant.distillation import distillation_loss
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
 from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
@@ -178,13 +179,25 @@ class _Stages:
         self._record("pretrained", params, "pretrain", start)
         return params
 
+    def _task_loss(self):
+        """Distillation from the pretrained model when ``distill_alpha`` > 0, else cross-entropy."""
+        if not self.cfg.distill_alpha:
+            return None
+        return distillation_loss(
+            self.apply_fn,
+            self.teacher,
+            alpha=self.cfg.distill_alpha,
+            temperature=self.cfg.distill_temperature,
+        )
+
     def retrain(self, plan, params):
         start, cfg, n = time.perf_counter(), self.cfg, self.train[0].shape[0]
+        self.teacher = params
         rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
         steps = max(n // cfg.batch_size, 1)
         setup = pipeline.retrain_setup(
             self.apply_fn, params, plan, num_train=n, steps_per_epoch=steps, tau=cfg.tau,
-            warmup_epochs=cfg.warmup_epochs, rates=rates,
+            warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=self._task_loss(),
         )  # fmt: skip
         trained = self._run("retrain", setup, cfg.retrain_epochs).trainable
         self._record("retrained", trained["params"], "retrain", start)
@@ -200,7 +213,12 @@ class _Stages:
         final = snapped
         if cfg.finetune_epochs:
             loss, opt, trainable, build = pipeline.finetune_setup(
-                self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr, grid=bool(cfg.grid_bits)
+                self.apply_fn,
+                codebooks,
+                snapped,
+                learning_rate=cfg.finetune_lr,
+                grid=bool(cfg.grid_bits),
+                task_loss=self._task_loss(),
             )
             parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs, parent).trainable
