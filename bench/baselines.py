@@ -13,23 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import gmm_quant as gq
-from gmm_quant.codebook import Codebook, index_dtype
-
-
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = 50) -> np.ndarray:
-    """Lloyd's k-means on scalars, centres initialised linearly over [min, max] (Han et al.)."""
-    values = np.sort(np.asarray(values, np.float64).ravel())
-    centres = np.linspace(values[0], values[-1], k)
-    for _ in range(iterations):
-        bounds = (centres[1:] + centres[:-1]) / 2
-        labels = np.searchsorted(bounds, values)
-        sums = np.bincount(labels, values, minlength=k)
-        counts = np.bincount(labels, minlength=k)
-        new = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
-        if np.allclose(new, centres, rtol=0, atol=1e-9):
-            break
-        centres = np.sort(new)
-    return centres.astype(np.float32)
+from gmm_quant.codebook import Codebook, index_dtype, kmeans_1d
 
 
 def kmeans_codebook(weights: np.ndarray, k: int, keep_fraction: float | None = None) -> Codebook:

@@ -89,6 +89,29 @@ def assign(config, state, weights, rule: str = "nearest") -> np.ndarray:
     return out.reshape(np.shape(weights))
 
 
+def kmeans_1d(values, k: int, *, init: str = "linear", iterations: int = 50) -> np.ndarray:
+    """Lloyd's k-means on scalars: ``k`` sorted float32 centres. ``init`` "linear" spreads them over
+    [min, max] (Deep Compression's choice), "quantile" puts them at evenly spaced quantiles. Values with
+    at most ``k`` distinct entries get exactly those entries."""
+    values = np.sort(np.asarray(values, np.float64).ravel())
+    distinct = np.unique(values)
+    if distinct.size <= k:
+        return distinct.astype(np.float32)
+    if init == "linear":
+        centres = np.linspace(values[0], values[-1], k)
+    else:
+        centres = np.quantile(values, (np.arange(k) + 0.5) / k)
+    for _ in range(iterations):
+        labels = np.searchsorted((centres[1:] + centres[:-1]) / 2, values)
+        sums = np.bincount(labels, values, minlength=k)
+        counts = np.bincount(labels, minlength=k)
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        if np.allclose(new, centres, rtol=0, atol=1e-9):
+            break
+        centres = np.sort(new)
+    return centres.astype(np.float32)
+
+
 def tightness(plan: Plan, mixtures: dict, params) -> dict:
     """``{path: RMS distance of the layer's weights to their nearest component mean / their std}``.
 

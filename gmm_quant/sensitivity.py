@@ -20,26 +20,10 @@ import numpy as np
 
 from gmm_quant import cli, loop
 from gmm_quant.checkpoint import write_atomic
-from gmm_quant.codebook import snap
+from gmm_quant.codebook import kmeans_1d, snap
 from gmm_quant.rules import flatten, replace_leaves
 
 VAL_FRACTION = 0.1
-
-
-def kmeans_1d(weights, k: int, iterations: int = 30) -> np.ndarray:
-    """``k`` centres of a 1-D k-means (Lloyd, initialised at evenly spaced quantiles); a layer with at
-    most ``k`` distinct values gets exactly those values."""
-    w = np.asarray(weights, np.float32).ravel()
-    distinct = np.unique(w)
-    if distinct.size <= k:
-        return distinct
-    centres = np.quantile(w, (np.arange(k) + 0.5) / k).astype(np.float32)
-    for _ in range(iterations):
-        assign = snap(w, centres)
-        sums = np.bincount(assign, weights=w, minlength=k)
-        counts = np.bincount(assign, minlength=k)
-        centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres).astype(np.float32)
-    return centres
 
 
 def zero_smallest(weights, fraction: float) -> np.ndarray:
@@ -50,14 +34,6 @@ def zero_smallest(weights, fraction: float) -> np.ndarray:
     return np.where(np.abs(w) <= cut, np.float32(0), w)
 
 
-def validation_split(x, y, seed: int = 0, fraction: float = VAL_FRACTION):
-    """``((x_train, y_train), (x_val, y_val))``, as ``data.split_validation`` makes them."""
-    from gmm_quant.data import Dataset, split_validation
-
-    ds, val = split_validation(Dataset(x, y, x[:0], y[:0]), fraction, seed)
-    return (ds.x_train, ds.y_train), val
-
-
 def layer_sensitivity(apply_fn, params, paths, val, *, ks=(3, 5, 9, 17), fractions=(0.5, 0.9, 0.99)):
     """``{"baseline": error, "layers": {path: {"k=3": error, ..., "zero 50%": error}}}`` on ``val``."""
     flat = flatten(params)
@@ -66,7 +42,7 @@ def layer_sensitivity(apply_fn, params, paths, val, *, ks=(3, 5, 9, 17), fractio
         w = np.asarray(flat[path], np.float32)
         row = {}
         for k in ks:
-            centres = kmeans_1d(w, k)
+            centres = kmeans_1d(w, k, init="quantile", iterations=30)
             snapped = centres[snap(w, centres)]
             row[f"k={k}"] = loop.error_rate(apply_fn, replace_leaves(params, {path: snapped}), *val)
         for p in fractions:
@@ -114,13 +90,10 @@ def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
     from flax import nnx
 
     from gmm_quant import checkpoint, data, run
-    from gmm_quant import config as cfgm
     from gmm_quant import workdir as workdir_lib
     from gmm_quant.model_spec import make_model
 
-    saved = json.loads((workdir / "config.json").read_text())
-    fields = {**workdir_lib.LEGACY, **saved["config"]}
-    cfg = cfgm.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    cfg = workdir_lib.saved_config(workdir)
     graphdef, like = nnx.split(make_model(cfg.model, cfg.seed), nnx.Param)
     store = checkpoint.StageCheckpoints(workdir, "pretrain", read_only=True)
     _epoch, state = store.restore_latest(loop.init_state(like, optax.adam(1e-3)))
@@ -158,8 +131,6 @@ def main(argv=None) -> int:
         if min(ks) < 1 or not all(0 <= f < 1 for f in fractions):
             raise ValueError("--ks must be >= 1 and --fractions in [0, 1)")
         workdir = pathlib.Path(args.workdir)
-        if not (workdir / "config.json").is_file():
-            raise FileNotFoundError(f"{workdir} is not a gmm_quant work directory (no config.json)")
         result = _run(workdir, ks, fractions, args.data_dir)
         write_atomic(workdir / "sensitivity.json", json.dumps(result, indent=1).encode())
         plot(result, workdir / "sensitivity.png")

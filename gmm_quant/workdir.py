@@ -100,6 +100,22 @@ def clear(workdir: pathlib.Path) -> list[str]:
     return removed
 
 
+def _recorded(saved: dict) -> dict:
+    """The config a run recorded, JSON-shaped; a field added since it started takes the value that
+    reproduces how it ran then (``LEGACY``) or, failing that, its default."""
+    defaults = {k: _jsonable(v) for k, v in {**dataclasses.asdict(Config()), **LEGACY}.items()}
+    return {**defaults, **saved.get("config", {})}
+
+
+def saved_config(workdir: pathlib.Path) -> Config:
+    """The ``Config`` a work directory's run was made with; raises WorkdirError if it is not ours."""
+    saved = _read_config(pathlib.Path(workdir))
+    if saved is None:
+        raise WorkdirError(f"{workdir} is not a gmm_quant work directory (no config.json of ours)")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in _recorded(saved).items()}
+    return Config(**fields)
+
+
 def claim(workdir: pathlib.Path, cfg: Config) -> None:
     """Record ``cfg`` in ``workdir``; refuse a directory whose checkpoints came from another config."""
     workdir = pathlib.Path(workdir)
@@ -108,9 +124,7 @@ def claim(workdir: pathlib.Path, cfg: Config) -> None:
         saved = _read_config(workdir)
         if saved is None:
             raise WorkdirError(f"{workdir}/config.json is not gmm_quant's; choose another work directory")
-        # a field added since the run started takes the value that reproduces how it ran then
-        defaults = {k: _jsonable(v) for k, v in {**dataclasses.asdict(Config()), **LEGACY}.items()}
-        old = {**defaults, **saved.get("config", {})}
+        old = _recorded(saved)
         if {k: _jsonable(v) for k, v in current.items()} != old:
             diff = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != _jsonable(v)}
             raise CheckpointMismatch(

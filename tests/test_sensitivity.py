@@ -11,13 +11,15 @@ from flax import nnx
 import gmm_quant as gq
 import models
 from gmm_quant import data, sensitivity
+from gmm_quant.codebook import kmeans_1d
 
 
 def test_kmeans_recovers_a_layer_with_k_distinct_values_and_fits_a_hand_case():
     w = np.array([0.0, 0.0, 0.5, 0.5, -0.25, 0.5], np.float32)
-    np.testing.assert_array_equal(np.sort(sensitivity.kmeans_1d(w, 3)), [-0.25, 0.0, 0.5])
+    np.testing.assert_array_equal(np.sort(kmeans_1d(w, 3, init="quantile")), [-0.25, 0.0, 0.5])
     two_clusters = np.array([0.0, 0.1, 0.2, 10.0, 10.1, 10.2], np.float32)
-    np.testing.assert_allclose(np.sort(sensitivity.kmeans_1d(two_clusters, 2)), [0.1, 10.1], atol=1e-6)
+    for init in ("quantile", "linear"):
+        np.testing.assert_allclose(np.sort(kmeans_1d(two_clusters, 2, init=init)), [0.1, 10.1], atol=1e-6)
 
 
 def test_zero_smallest_zeroes_that_fraction_by_magnitude():
@@ -29,9 +31,11 @@ def test_zero_smallest_zeroes_that_fraction_by_magnitude():
 
 def test_validation_split_is_disjoint_from_training_and_seeded():
     x, y = np.arange(100).reshape(100, 1), np.arange(100)
-    (_xt, yt), (_xv, yv) = sensitivity.validation_split(x, y, seed=3)
+    ds = data.Dataset(x, y, x[:0], y[:0])
+    part, (_xv, yv) = data.split_validation(ds, 0.1, seed=3)
+    yt = part.y_train
     assert len(yv) == 10 and not set(yt) & set(yv) and len(set(yt) | set(yv)) == 100
-    assert np.array_equal(sensitivity.validation_split(x, y, seed=3)[1][1], yv)
+    assert np.array_equal(data.split_validation(ds, 0.1, seed=3)[1][1], yv)
 
 
 def test_a_layer_snapped_at_its_own_number_of_distinct_values_costs_nothing():
@@ -44,7 +48,7 @@ def test_a_layer_snapped_at_its_own_number_of_distinct_values_costs_nothing():
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    _train, val = sensitivity.validation_split(ds.x_train, ds.y_train)
+    _train, val = data.split_validation(ds, 0.1)
     result = sensitivity.layer_sensitivity(
         apply_fn, snapped, plan.quantised(), val, ks=(k,), fractions=(0.0,)
     )

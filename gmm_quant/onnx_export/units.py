@@ -60,7 +60,7 @@ def weight_array(w) -> np.ndarray | None:
     return np.asarray(w)
 
 
-def subset(conv, w, rows=None, cols=None):
+def subset(w, rows=None, cols=None):
     """``w[rows][:, cols]`` as a constant or a quantised WeightRef of the same encoding."""
     rows = slice(None) if rows is None else rows
     cols = slice(None) if cols is None else cols
@@ -120,7 +120,7 @@ def narrow_matmul(conv, eqn, x, w, matmul):
         if pos.size != x.live.size:
             x_sym = Sym(conv.node("Gather", [conv.plain(x_sym), small_indices(conv, pos)], axis=-1),
                         identity(len(x.shape)), (*x.shape[:-1], pos.size))  # fmt: skip
-        x, w = x_sym, subset(conv, w, rows=keep)
+        x, w = x_sym, subset(w, rows=keep)
     else:
         rows = live_rows(w)
         n_in = np.shape(weight_array(w))[0]
@@ -128,12 +128,12 @@ def narrow_matmul(conv, eqn, x, w, matmul):
             xs = conv.sym(x)
             x = Sym(conv.node("Gather", [conv.plain(xs), small_indices(conv, rows)], axis=-1),
                     identity(len(xs.shape)), (*xs.shape[:-1], rows.size))  # fmt: skip
-            w = subset(conv, w, rows=rows)
+            w = subset(w, rows=rows)
     dead = dead_columns(w)
     n_out = shape[-1]
     live = np.setdiff1d(np.arange(n_out), dead if dead is not None else [])
     if dead is not None and 0 < dead.size < n_out:
-        w = subset(conv, w, cols=live)
+        w = subset(w, cols=live)
     else:
         dead, live = np.zeros(0, np.int64), np.arange(n_out)
     out = matmul(conv, x, w, (*shape[:-1], live.size))
