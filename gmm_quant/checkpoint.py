@@ -23,6 +23,7 @@ Invariants (tests/test_reliability.py):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -50,9 +51,19 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # name the file the user asked for, not our temporary one
+        _remove(tmp)
+        if err.errno is None:
+            raise
+        raise type(err)(err.errno, err.strerror, str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or on a read-only file system
+        path.unlink()
 
 
 def tree_digest(tree) -> str:
@@ -84,6 +95,16 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+def _as_os_error(err: Exception, directory: pathlib.Path) -> Exception:
+    """orbax's wrapped write failure as the OSError it was (full disk, permissions), else unchanged."""
+    text = str(err)
+    for code, marker in ((errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied"),
+                         (errno.EROFS, "Read-only file system")):  # fmt: skip
+        if marker in text or f"os_error_code='{code}'" in text:
+            return OSError(code, os.strerror(code), str(directory))
+    return err
 
 
 def _file_digests(step: pathlib.Path) -> dict:
@@ -123,8 +144,11 @@ class StageCheckpoints:
     def save(self, epoch: int, state) -> None:
         """Save ``state`` as step ``epoch``; the step counts only once its ``gmm_quant.json`` exists."""
         with deferred_interrupt():
-            self.manager.save(epoch, args=ocp.args.StandardSave(state))
-            self.manager.wait_until_finished()
+            try:
+                self.manager.save(epoch, args=ocp.args.StandardSave(state))
+                self.manager.wait_until_finished()
+            except (ValueError, RuntimeError) as err:  # orbax reports a failed write as these
+                raise _as_os_error(err, self.directory) from None
             step = self.directory / str(epoch)
             meta = {"digest": tree_digest(state), "parent": self.parent, "files": _file_digests(step)}
             write_atomic(step / META, json.dumps(meta, indent=1).encode())

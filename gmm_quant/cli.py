@@ -39,7 +39,15 @@ def quiet_libraries(argv) -> None:
         return
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.FATAL)  # orbax logs write failures with tracebacks
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if _closed_loop(u.exc_type, u.exc_value) else previous(u)
+
+
+def _closed_loop(kind, value) -> bool:
+    """After a failed checkpoint write, tensorstore's callbacks still try orbax's closed event loop
+    and report one unraisable traceback each; the failure itself is reported in our one line."""
+    return kind is RuntimeError and str(value) == "Event loop is closed"
 
 
 def quote_negative_values(argv: list[str], value_flags) -> list[str]:

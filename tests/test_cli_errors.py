@@ -162,3 +162,33 @@ def test_a_run_made_before_the_validation_split_still_resumes(tmp_path):
     with pytest.raises(wd.CheckpointMismatch, match="val_fraction"):
         wd.claim(tmp_path, cfg)  # it trained on all the data: resuming with a split would differ
     wd.claim(tmp_path, cfgm.override(cfg, {"val_fraction": "0"}))
+
+
+def test_a_full_disk_inside_orbax_is_one_line_naming_the_directory(tmp_path, capsys, monkeypatch):
+    """orbax reports ENOSPC as a ValueError from its writer threads; the user sees the OS error."""
+    import orbax.checkpoint as ocp
+
+    def full(self, step, args=None):
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "opt_state" in OCDBT database: Failed to write 388072 bytes '
+            "to file 15: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    assert train.main(["--config", "tiny", "--workdir", str(tmp_path / "w"), "--no-progress"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: no space left on device: ") and "checkpoints/pretrain" in line
+
+
+def test_an_unwritable_output_is_named_not_its_temporary_file(tmp_path, monkeypatch):
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(OSError) as err:
+        ckpt.write_atomic(tmp_path / "model.onnx", b"x")
+    assert err.value.errno == errno.EROFS and err.value.filename == str(tmp_path / "model.onnx")
