@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import pkgutil
+import re
 
 from gmm_quant.codebook import ASSIGNMENTS
 from gmm_quant.data import DATASETS
@@ -47,11 +48,14 @@ class Config:
     gamma: tuple[float, float] = (250.0, 0.1)  # Gamma(alpha, beta) on the other precisions
     init_std: float = 0.0  # initial component std (0 = weight range / 5)
     keep_float: tuple[str, ...] = ()  # regexes of weight paths kept float32 (no prior, no codebook)
+    own_mixture: tuple[str, ...] = ()  # regexes of layers that each get a mixture of their own
+    quantise_biases: bool = False  # biases get a prior and a codebook too (one mixture per bias)
     distill_alpha: float = 0.0  # > 0: the pretrained model teaches retraining and fine-tuning (KL weight)
     distill_temperature: float = 4.0  # softmax temperature of the distillation term
     # --- stage 3: compression ---
     assignment: str = "nearest"  # "nearest" centre or maximum "responsibility"
     prune_threshold: float = 0.0  # prune components with <= this many members (< 1: fraction)
+    layer_prune: tuple[str, ...] = ()  # per-layer thresholds "REGEX=VALUE" (first match wins)
     merge_kl: float = 0.0  # merge components closer than this KL (0 = no merging)
     # --- stage 4: codebook fine-tuning ---
     finetune_epochs: int = 10  # epochs of centre fine-tuning (0 skips)
@@ -106,7 +110,34 @@ def validate(cfg: Config) -> Config:
     bits = cfg.grid_bits
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
+    layer_thresholds(cfg)
+    for name in ("keep_float", "own_mixture"):
+        for pattern in getattr(cfg, name):
+            _check(_compiles(pattern), name, "not a valid regular expression", pattern)
     return cfg
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def layer_thresholds(cfg: Config) -> list[tuple[str, float]]:
+    """``layer_prune`` as [(regex, threshold)], each checked."""
+    out = []
+    for item in cfg.layer_prune:
+        pattern, sep, value = item.rpartition("=")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = float("nan")
+        ok = bool(sep) and _compiles(pattern) and math.isfinite(threshold) and threshold >= 0
+        _check(ok, "layer_prune", "each item must be REGEX=THRESHOLD with a threshold >= 0", item)
+        out.append((pattern, threshold))
+    return out
 
 
 def _check_finite(cfg: Config) -> None:
@@ -136,6 +167,47 @@ def load(name: str) -> Config:
     if name not in available():
         raise ConfigError(f"unknown config {name!r}; choose one of {available()}")
     return importlib.import_module(f"gmm_quant.configs.{name}").get_config()
+
+
+def load_file(path) -> Config:
+    """A config from a JSON file of Config fields (as ``python -m gmm_quant.tune`` writes), validated."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not a text (UTF-8 JSON) file") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object of config fields")
+    kinds = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown config fields {unknown}")
+    return override(Config(), {k: _from_json(kinds[k], v, path) for k, v in values.items()})
+
+
+def _from_json(field: dataclasses.Field, value, path):
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(kind, isinstance(value, list))
+    if ok and kind.startswith("tuple[float"):
+        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if ok and kind.startswith("tuple[str"):
+        ok = all(isinstance(v, str) for v in value)
+    if not ok:
+        raise ConfigError(f"config file {path}: field {field.name!r} = {value!r}: expected {kind}")
+    if kind == "float":
+        return float(value)
+    if kind.startswith("tuple[float"):
+        return tuple(float(v) for v in value)
+    if kind.startswith("tuple[str"):
+        return tuple(str(v) for v in value)
+    return value
 
 
 def _parse(field: dataclasses.Field, text: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 
 import numpy as np
 import optax
@@ -17,31 +16,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import models
-from gmm_quant import accounting, codebook, codebook_tuning, data, grid, loop, pipeline, report, storage
+from gmm_quant import accounting, codebook, data, loop, pipeline, report, storage
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
-from gmm_quant.distillation import distillation_loss
-from gmm_quant.mixture import MixtureConfig
-from gmm_quant.objective import LearningRates
-from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
-
-
-def build_plan(cfg: cfgm.Config, params):
-    mixture = MixtureConfig(
-        num_components=cfg.num_components,
-        pi_zero=cfg.pi_zero,
-        learn_pi_zero=cfg.learn_pi_zero,
-        zero_gamma=tuple(cfg.zero_gamma),
-        gamma=tuple(cfg.gamma),
-        init_std=cfg.init_std or None,
-    )
-    rules = (
-        DEFAULT_RULES[0],
-        *(Rule(p, keep_float=True) for p in cfg.keep_float),
-        Rule(".*", prune_threshold=cfg.prune_threshold, merge_kl=cfg.merge_kl or None),
-    )
-    return make_plan(params, rules, mixture)
+from gmm_quant.rules import flatten
+from gmm_quant.stages import Stages, build_plan
 
 
 def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None):
@@ -140,7 +120,11 @@ def train_and_evaluate(
         if overwrite:
             wd.clear(workdir)
         wd.claim(workdir, cfg)
-        stage = _Stages(cfg, workdir, apply_fn, ds, progress, val)
+
+        def runner(name, setup, epochs, parent):
+            return _run_stage(workdir, name, setup, (ds.x_train, ds.y_train), cfg, epochs, progress, parent)
+
+        stage = Stages(cfg, apply_fn, (ds.x_train, ds.y_train), val, runner, test=(ds.x_test, ds.y_test))
         pretrained_params = stage.pretrain(params)
         mixtures, retrained = stage.retrain(plan, pretrained_params)
         codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
@@ -148,87 +132,6 @@ def train_and_evaluate(
         metrics = _save_results(cfg, workdir, codebooks, final, stage, sample)
         _figures(workdir, plan, mixtures, pretrained_params, retrained)
     return metrics
-
-
-class _Stages:
-    """The training stages of one run, recording test errors and wall times as they go."""
-
-    def __init__(self, cfg, workdir, apply_fn, ds, progress, val):
-        self.cfg, self.workdir, self.apply_fn, self.ds, self.progress = cfg, workdir, apply_fn, ds, progress
-        self.train, self.val = (ds.x_train, ds.y_train), val
-        self.errors, self.val_errors, self.times = {}, {}, {}
-
-    def _errors(self, name, params):
-        """Test error (reported only) and validation error (what selection may look at)."""
-        self.errors[name] = loop.error_rate(self.apply_fn, params, self.ds.x_test, self.ds.y_test)
-        if len(self.val[1]):
-            self.val_errors[name] = loop.error_rate(self.apply_fn, params, *self.val)
-
-    def _record(self, name, params, timer, start):
-        self._errors(name, params)
-        self.times[timer] = time.perf_counter() - start
-
-    def _run(self, name, setup, epochs, parent=None):
-        return _run_stage(self.workdir, name, setup, self.train, self.cfg, epochs, self.progress, parent)
-
-    def pretrain(self, params):
-        start, cfg = time.perf_counter(), self.cfg
-        if cfg.pretrain_epochs:
-            setup = pipeline.pretrain_setup(self.apply_fn, params, learning_rate=cfg.pretrain_lr)
-            params = self._run("pretrain", setup, cfg.pretrain_epochs).trainable
-        self._record("pretrained", params, "pretrain", start)
-        return params
-
-    def _task_loss(self):
-        """Distillation from the pretrained model when ``distill_alpha`` > 0, else cross-entropy."""
-        if not self.cfg.distill_alpha:
-            return None
-        return distillation_loss(
-            self.apply_fn,
-            self.teacher,
-            alpha=self.cfg.distill_alpha,
-            temperature=self.cfg.distill_temperature,
-        )
-
-    def retrain(self, plan, params):
-        start, cfg, n = time.perf_counter(), self.cfg, self.train[0].shape[0]
-        self.teacher = params
-        rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
-        steps = max(n // cfg.batch_size, 1)
-        setup = pipeline.retrain_setup(
-            self.apply_fn, params, plan, num_train=n, steps_per_epoch=steps, tau=cfg.tau,
-            warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=self._task_loss(),
-        )  # fmt: skip
-        trained = self._run("retrain", setup, cfg.retrain_epochs).trainable
-        self._record("retrained", trained["params"], "retrain", start)
-        return trained["mixtures"], trained["params"]
-
-    def compress_and_finetune(self, plan, mixtures, retrained):
-        start, cfg = time.perf_counter(), self.cfg
-        codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=cfg.assignment)
-        if cfg.grid_bits:
-            codebooks = {p: grid.to_grid(cb, cfg.grid_bits) for p, cb in codebooks.items()}
-            snapped = codebook.dequantize(codebooks, retrained)
-        self._errors("compressed", snapped)
-        final = snapped
-        if cfg.finetune_epochs:
-            loss, opt, trainable, build = pipeline.finetune_setup(
-                self.apply_fn,
-                codebooks,
-                snapped,
-                learning_rate=cfg.finetune_lr,
-                grid=bool(cfg.grid_bits),
-                task_loss=self._task_loss(),
-            )
-            parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
-            tuned = self._run("finetune", (loss, opt, trainable), cfg.finetune_epochs, parent).trainable
-            selection = self.val if len(self.val[1]) else self.train  # never the test set
-            tuned, improved = pipeline.keep_better(loss, trainable, tuned, selection)
-            if improved:
-                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.grid_bits))
-                final = codebook.dequantize(codebooks, build(tuned))
-        self._record("finetuned", final, "compress_finetune", start)
-        return codebooks, final
 
 
 def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:

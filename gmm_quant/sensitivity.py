@@ -89,7 +89,7 @@ def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
     import optax
     from flax import nnx
 
-    from gmm_quant import checkpoint, data, run
+    from gmm_quant import checkpoint, data, stages
     from gmm_quant import workdir as workdir_lib
     from gmm_quant.model_spec import make_model
 
@@ -104,7 +104,7 @@ def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
     # the run's own held-out split; runs made before it existed (val_fraction 0) get a fresh 10%,
     # which they have trained on
     _ds, val = data.split_validation(ds, cfg.val_fraction or VAL_FRACTION, cfg.seed)
-    plan = run.build_plan(cfg, state.trainable)
+    plan = stages.build_plan(cfg, state.trainable)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)

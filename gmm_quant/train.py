@@ -8,6 +8,7 @@ Parses flags (every config field is a flag: ``--tau 0.01``, ``--retrain-epochs 2
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 from gmm_quant import cli
@@ -20,7 +21,14 @@ def parser() -> argparse.ArgumentParser:
         description="Compress a model by soft weight-sharing: pretrain, retrain with the mixture prior, "
         "compress to per-layer codebooks, fine-tune, evaluate, save and export.",
     )
-    ap.add_argument("--config", default="digits_mlp", help=f"experiment: one of {cfgm.available()}")
+    ap.add_argument(
+        "--config", default=None, help=f"experiment: one of {cfgm.available()} (default digits_mlp)"
+    )
+    ap.add_argument(
+        "--config-file",
+        default=None,
+        help="a JSON file of config fields (as python -m gmm_quant.tune writes)",
+    )
     ap.add_argument("--workdir", default=None, help="where checkpoints and results go (default runs/CONFIG)")
     ap.add_argument(
         "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
@@ -49,12 +57,22 @@ def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(cli.quote_negative_values(argv, _value_flags(ap)))
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    if args.config and args.config_file:
+        print("error: give --config or --config-file, not both", file=sys.stderr)
+        return 2
     try:
-        cfg = cfgm.override(cfgm.load(args.config), overrides)
+        base = (
+            cfgm.load_file(args.config_file) if args.config_file else cfgm.load(args.config or "digits_mlp")
+        )
+        cfg = cfgm.override(base, overrides)
     except cfgm.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    workdir = args.workdir or f"runs/{args.config}"
+    except OSError as err:
+        print(f"error: {cli.describe(err)}", file=sys.stderr)
+        return 2
+    name = pathlib.Path(args.config_file).stem if args.config_file else args.config or "digits_mlp"
+    workdir = args.workdir or f"runs/{name}"
 
     def body() -> int:
         cli.quiet_libraries(argv)

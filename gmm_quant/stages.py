@@ -1,0 +1,151 @@
+"""The stages of one compression run, shared by ``run.train_and_evaluate`` and the search's trials.
+
+``build_plan`` turns a ``Config`` into per-layer rules; ``Stages`` runs pretrain -> retrain ->
+compress -> fine-tune through a ``runner(name, setup, epochs, parent) -> TrainState`` (with
+checkpoints in a work directory, or in memory for a search trial) and records the validation error
+of every stage (and the test error when a test set is given: reported, never used to choose).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+
+from gmm_quant import checkpoint as ckpt
+from gmm_quant import codebook, codebook_tuning, grid, loop, pipeline
+from gmm_quant import config as cfgm
+from gmm_quant.distillation import distillation_loss
+from gmm_quant.mixture import MixtureConfig
+from gmm_quant.objective import LearningRates
+from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
+
+BIAS = DEFAULT_RULES[0].pattern
+
+
+def build_plan(cfg: cfgm.Config, params):
+    """The plan of ``cfg`` on ``params``: one explicit rule per leaf.
+
+    A leaf is kept float when it is a bias or scale (unless ``quantise_biases``: then biases get a
+    mixture each) or matches ``keep_float``; it gets a mixture of its own when it matches
+    ``own_mixture``; its prune threshold is the first matching ``layer_prune`` item's, else
+    ``prune_threshold``. Patterns of the config that match no leaf are reported (a warning).
+    """
+    mixture = MixtureConfig(
+        num_components=cfg.num_components,
+        pi_zero=cfg.pi_zero,
+        learn_pi_zero=cfg.learn_pi_zero,
+        zero_gamma=tuple(cfg.zero_gamma),
+        gamma=tuple(cfg.gamma),
+        init_std=cfg.init_std or None,
+    )
+    thresholds = cfgm.layer_thresholds(cfg)
+    used, rules = set(), []
+    for path in flatten(params):
+        rules.append(Rule(f"^{re.escape(path)}$", **_leaf_settings(cfg, path, thresholds, used)))
+    patterns = [*cfg.keep_float, *cfg.own_mixture, *(p for p, _ in thresholds)]
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        warnings.warn(f"config patterns matched no parameter: {unused}", stacklevel=2)
+    return make_plan(params, tuple(rules), mixture)
+
+
+def _leaf_settings(cfg, path, thresholds, used) -> dict:
+    def first(patterns):
+        hit = next((p for p in patterns if re.search(p, path)), None)
+        used.add(hit)
+        return hit
+
+    bias = re.search(BIAS, path) is not None
+    if (bias and not (cfg.quantise_biases and path.endswith("bias"))) or first(cfg.keep_float):
+        first(cfg.own_mixture), first(p for p, _ in thresholds)  # matched, though float
+        return {"keep_float": True}
+    hit = first(p for p, _ in thresholds)
+    threshold = dict(thresholds)[hit] if hit is not None else cfg.prune_threshold
+    per_layer = bias or first(cfg.own_mixture) is not None
+    return {"per_layer": per_layer, "prune_threshold": threshold, "merge_kl": cfg.merge_kl or None}
+
+
+class Stages:
+    """The training stages of one run, recording errors and wall times as they go.
+
+    ``val`` (x, y) is what selection looks at; ``test`` (x, y) or None is only reported.
+    """
+
+    def __init__(self, cfg, apply_fn, train, val, runner, test=None):
+        self.cfg, self.apply_fn, self.runner = cfg, apply_fn, runner
+        self.train, self.val, self.test = train, val, test
+        self.errors, self.val_errors, self.times = {}, {}, {}
+
+    def _errors(self, name, params):
+        if self.test is not None:
+            self.errors[name] = loop.error_rate(self.apply_fn, params, *self.test)
+        if len(self.val[1]):
+            self.val_errors[name] = loop.error_rate(self.apply_fn, params, *self.val)
+
+    def _record(self, name, params, timer, start):
+        self._errors(name, params)
+        self.times[timer] = time.perf_counter() - start
+
+    def pretrain(self, params):
+        start, cfg = time.perf_counter(), self.cfg
+        if cfg.pretrain_epochs:
+            setup = pipeline.pretrain_setup(self.apply_fn, params, learning_rate=cfg.pretrain_lr)
+            params = self.runner("pretrain", setup, cfg.pretrain_epochs, None).trainable
+        self._record("pretrained", params, "pretrain", start)
+        return params
+
+    def _task_loss(self):
+        """Distillation from the pretrained model when ``distill_alpha`` > 0, else cross-entropy."""
+        if not self.cfg.distill_alpha:
+            return None
+        return distillation_loss(
+            self.apply_fn,
+            self.teacher,
+            alpha=self.cfg.distill_alpha,
+            temperature=self.cfg.distill_temperature,
+        )
+
+    def retrain(self, plan, params):
+        start, cfg, n = time.perf_counter(), self.cfg, self.train[0].shape[0]
+        self.teacher = params
+        rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
+        setup = pipeline.retrain_setup(
+            self.apply_fn, params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1),
+            tau=cfg.tau, warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=self._task_loss(),
+        )  # fmt: skip
+        trained = self.runner("retrain", setup, cfg.retrain_epochs, None).trainable
+        self._record("retrained", trained["params"], "retrain", start)
+        return trained["mixtures"], trained["params"]
+
+    def compress(self, plan, mixtures, retrained):
+        """(codebooks, snapped params) of the retrained model, on the grid when ``grid_bits``."""
+        codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=self.cfg.assignment)
+        if self.cfg.grid_bits:
+            codebooks = {p: grid.to_grid(cb, self.cfg.grid_bits) for p, cb in codebooks.items()}
+            snapped = codebook.dequantize(codebooks, retrained)
+        self._errors("compressed", snapped)
+        return codebooks, snapped
+
+    def finetune(self, codebooks, snapped, epochs, start=None):
+        """Fine-tune the centres for ``epochs`` epochs from ``snapped``; kept only if better on val."""
+        start, cfg, final = start or time.perf_counter(), self.cfg, snapped
+        if epochs:
+            loss, opt, trainable, build = pipeline.finetune_setup(
+                self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr,
+                grid=bool(cfg.grid_bits), task_loss=self._task_loss(),
+            )  # fmt: skip
+            parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
+            tuned = self.runner("finetune", (loss, opt, trainable), epochs, parent).trainable
+            selection = self.val if len(self.val[1]) else self.train  # never the test set
+            tuned, improved = pipeline.keep_better(loss, trainable, tuned, selection)
+            if improved:
+                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.grid_bits))
+                final = codebook.dequantize(codebooks, build(tuned))
+        self._record("finetuned", final, "compress_finetune", start)
+        return codebooks, final
+
+    def compress_and_finetune(self, plan, mixtures, retrained):
+        start = time.perf_counter()
+        codebooks, snapped = self.compress(plan, mixtures, retrained)
+        return self.finetune(codebooks, snapped, self.cfg.finetune_epochs, start)
