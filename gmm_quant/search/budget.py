@@ -1,0 +1,126 @@
+"""``compress_to_budget``: the search as a library call on any model and data.
+
+    result = compress_to_budget(apply_fn, params, (x_train, y_train), (x_val, y_val),
+                                budget=0.1, trials=30)
+    result.config, result.codebooks, result.params, result.study
+
+``budget`` is the largest acceptable increase of the validation error over ``params``' own, in
+percentage points. The search never sees a test set: only the training and validation splits given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gmm_quant import loop, sensitivity
+from gmm_quant.config import Config
+from gmm_quant.rules import flatten
+from gmm_quant.search import space as space_lib
+from gmm_quant.search import study as study_lib
+from gmm_quant.search.trial import run_trial
+from gmm_quant.stages import build_plan
+
+
+class SearchResult(NamedTuple):
+    """The best trial's config, its compressed model (re-run from the pretrained params), the study."""
+
+    config: Config | None  # None when no trial met the budget
+    codebooks: dict | None
+    params: object
+    val_error: float
+    compression_ratio: float
+    study: object
+
+
+class BudgetError(ValueError):
+    """Bad search input, found before any training."""
+
+
+def check_inputs(budget, trials, val) -> None:
+    if not isinstance(budget, int | float) or not math.isfinite(budget) or budget < 0:
+        raise BudgetError(f"budget must be a finite number of percentage points >= 0, got {budget!r}")
+    if not isinstance(trials, int) or trials < 1:
+        raise BudgetError(f"trials must be a whole number >= 1, got {trials!r}")
+    if len(val[1]) == 0:
+        raise BudgetError("the search needs a validation split (val_fraction > 0 or a val set)")
+
+
+def prepare(apply_fn, params, train, val, *, budget, base, space) -> study_lib.Search:
+    """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit."""
+    plan = build_plan(base, params)
+    layers = plan.quantised()
+    baseline = loop.error_rate(apply_fn, params, *val)
+    sensitive = []
+    if "keep_float" in space:
+        table = sensitivity.layer_sensitivity(apply_fn, params, layers, val, ks=(3,), fractions=())
+        sizes = {p: int(np.size(v)) for p, v in flatten(params).items() if p in layers}
+        sensitive = space_lib.sensitive_layers(table, budget / 100, sizes)
+    return study_lib.Search(
+        apply_fn, params, train, val, base, space, layers, sensitive, baseline + budget / 100, budget / 100
+    )
+
+
+def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=None, progress=True):
+    """Run trials until ``trials`` have finished in the study, ``timeout`` seconds, or convergence."""
+    done = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
+    if not study.trials:
+        study.enqueue_trial(
+            space_lib.base_point(search.space, search.layers, search.sensitive), skip_if_exists=True
+        )
+    bar = tqdm(total=trials, initial=min(done, trials), desc="trials", disable=not progress, unit="trial")
+
+    def tick(study_, trial):
+        bar.update(trial.state.name != "FAIL")
+        best = study_lib.feasible(study_)
+        bar.set_postfix(best=f"{best[0].value:.1f}x" if best else "none within budget")
+
+    try:
+        if done < trials:
+            study.optimize(
+                study_lib.objective(search), n_trials=trials - done, timeout=timeout, catch=study_lib.CATCH,
+                callbacks=[tick, study_lib.stop_when_converged(patience, trials)],
+            )  # fmt: skip
+    finally:
+        bar.close()
+    return study
+
+
+def best_model(search: study_lib.Search, study) -> SearchResult:
+    """Re-run the best feasible trial's config (deterministic) to get its compressed model."""
+    best = study_lib.feasible(study)
+    if not best:
+        return SearchResult(None, None, None, math.nan, math.nan, study)
+    cfg = study_lib.config_from_json(best[0].user_attrs["config"])
+    outcome, codebooks, params = run_trial(
+        cfg,
+        search.apply_fn,
+        search.pretrained,
+        search.train,
+        search.val,
+        limit=search.limit,
+        budget=search.budget,
+    )
+    return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study)
+
+
+def compress_to_budget(
+    apply_fn, params, train, val, *, budget, trials=20, base: Config | None = None, dimensions=None,
+    storage=None, study_name="gmm_quant", timeout=None, patience=None, seed=0, progress=True,
+) -> SearchResult:  # fmt: skip
+    """Search settings that compress ``params`` most within ``budget`` points of validation error.
+
+    ``base`` gives every setting the search does not vary (default ``Config()``); ``dimensions``
+    names what it varies (default ``space.DEFAULT_DIMENSIONS``); ``storage`` a database URL for a
+    study that survives the process and is shared by workers (default: in memory).
+    """
+    check_inputs(budget, trials, val)
+    space = space_lib.Space(tuple(dimensions or space_lib.DEFAULT_DIMENSIONS))
+    base = base or Config()
+    search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space)
+    study = study_lib.open_study(storage, study_name, seed)
+    optimize(search, study, trials=trials, timeout=timeout, patience=patience, progress=progress)
+    return best_model(search, study)

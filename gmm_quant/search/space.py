@@ -1,0 +1,104 @@
+"""The search space: which settings a trial may change, as overrides of a base ``Config``.
+
+Every dimension is named; a trial's suggestions become Config fields, so the best trial is written
+as a config file that ``python -m gmm_quant.train --config-file`` reproduces. Multiplicative
+dimensions (``tau``, ``hyperprior``, ``retrain_epochs``) scale the base config's value, so one space
+serves models whose good tau differs by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from gmm_quant.config import Config
+
+DIMENSIONS = (
+    "tau",  # prior strength: base tau x [1/5, 5], log-uniform
+    "hyperprior",  # Gamma hyper-prior strength: both (alpha, beta) pairs x [1/10, 10], log-uniform
+    "num_components",  # 9, 17 or 33 components
+    "prune_threshold",  # one threshold for all layers, fraction of a layer in [1e-5, 1e-2], log
+    "layer_prune",  # a threshold per quantised layer instead (same range)
+    "own_mixture",  # per quantised layer: share the mixture or get one of its own
+    "keep_float",  # per sensitive small layer (see ``sensitive_layers``): quantise or keep float32
+    "distill",  # distillation from the pretrained model (alpha 0.5) on or off
+    "retrain_epochs",  # base retraining length x 0.5, 1 or 2
+    "quantise_biases",  # biases keep float32 or get codebooks of their own
+)
+DEFAULT_DIMENSIONS = ("tau", "hyperprior", "own_mixture", "layer_prune", "distill", "quantise_biases")
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """The dimensions a search varies (a subset of ``DIMENSIONS``); others keep the base value.
+
+    Invariants: every name is in ``DIMENSIONS``; ``prune_threshold`` and ``layer_prune`` exclude each
+    other (one sets every layer's threshold, the other each layer's).
+    """
+
+    dimensions: tuple[str, ...] = DEFAULT_DIMENSIONS
+
+    def __post_init__(self):
+        unknown = [d for d in self.dimensions if d not in DIMENSIONS]
+        if unknown:
+            raise ValueError(f"unknown search dimension {unknown[0]!r}; choose from {list(DIMENSIONS)}")
+        if {"prune_threshold", "layer_prune"} <= set(self.dimensions):
+            raise ValueError("search dimensions prune_threshold and layer_prune exclude each other")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.dimensions
+
+
+def sensitive_layers(sensitivity: dict, budget: float, sizes: dict, share: float = 0.1) -> list:
+    """Layers worth offering ``keep_float``: snapping one alone to 3 centres of its own k-means costs
+    more than ``budget`` (a fraction) on the validation split, and it holds under ``share`` of the
+    quantised weights. ``sensitivity`` is ``sensitivity.layer_sensitivity``'s result with k=3."""
+    total = sum(sizes.values())
+    rows = sensitivity["layers"].items()
+    return [
+        p for p, row in rows if row["k=3"] - sensitivity["baseline"] > budget and sizes[p] < share * total
+    ]
+
+
+def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: list[str]) -> dict:
+    """Config overrides for this trial (Optuna's define-by-run API)."""
+    out = {}
+    if "tau" in space:
+        out["tau"] = base.tau * trial.suggest_float("tau_x", 0.2, 5.0, log=True)
+    if "hyperprior" in space:
+        s = trial.suggest_float("hyperprior_x", 0.1, 10.0, log=True)
+        out["zero_gamma"] = tuple(v * s for v in base.zero_gamma)
+        out["gamma"] = tuple(v * s for v in base.gamma)
+    if "num_components" in space:
+        out["num_components"] = trial.suggest_categorical("num_components", [9, 17, 33])
+    if "prune_threshold" in space:
+        out["prune_threshold"] = trial.suggest_float("prune_threshold", 1e-5, 1e-2, log=True)
+    if "layer_prune" in space:
+        out["layer_prune"] = tuple(
+            f"^{re.escape(p)}$={trial.suggest_float(f'prune/{p}', 1e-5, 1e-2, log=True):.6g}" for p in layers
+        )
+    if "own_mixture" in space:
+        own = [p for p in layers if trial.suggest_categorical(f"own/{p}", [False, True])]
+        out["own_mixture"] = tuple(f"^{re.escape(p)}$" for p in own)
+    if "keep_float" in space and sensitive:
+        kept = [p for p in sensitive if trial.suggest_categorical(f"float/{p}", [False, True])]
+        out["keep_float"] = base.keep_float + tuple(f"^{re.escape(p)}$" for p in kept)
+    if "distill" in space:
+        out["distill_alpha"] = 0.5 if trial.suggest_categorical("distill", [False, True]) else 0.0
+    if "retrain_epochs" in space:
+        scale = trial.suggest_categorical("retrain_x", [0.5, 1.0, 2.0])
+        out["retrain_epochs"] = max(1, math.ceil(base.retrain_epochs * scale))
+    if "quantise_biases" in space:
+        out["quantise_biases"] = trial.suggest_categorical("quantise_biases", [False, True])
+    return out
+
+
+def base_point(space: Space, layers: list[str], sensitive: list[str]) -> dict:
+    """Optuna parameters that reproduce the base config (enqueued as a new study's first trial)."""
+    point = {"tau_x": 1.0, "hyperprior_x": 1.0, "distill": False, "retrain_x": 1.0, "quantise_biases": False}
+    point.update({f"own/{p}": False for p in layers})
+    point.update({f"float/{p}": False for p in sensitive})
+    point.update({f"prune/{p}": 1e-5 for p in layers})
+    point.update({"prune_threshold": 1e-5, "num_components": 17})
+    return point

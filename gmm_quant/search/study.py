@@ -1,0 +1,133 @@
+"""The Optuna study: storage, sampler, pruner, stopping rule, and ``compress_to_budget``.
+
+The objective is the compression ratio (Han), maximised subject to a constraint: the validation
+error may exceed the pretrained model's by at most ``budget`` percentage points. Optuna's TPE sampler
+takes the constraint (``constraints_func``), its median pruner stops trials whose rung scores lag, and
+a study in an SQLite file (or any database URL) survives a killed process and can be shared by
+several worker processes: each worker's trials send heartbeats, and a trial whose worker died is
+marked failed and retried with the same parameters (``RetryFailedTrialCallback``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+from gmm_quant.config import Config
+from gmm_quant.search import space as space_lib
+from gmm_quant.search.trial import run_trial
+
+CONSTRAINT = "constraint"  # user attribute: val error - limit (<= 0 is within the budget)
+
+
+class StorageError(ValueError):
+    """The study's storage URL cannot be opened."""
+
+
+def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_trials=5):
+    """Create or load study ``name``; ``storage`` None keeps it in memory, else a database URL."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage is not None:
+        try:
+            storage = optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            )
+        except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open"
+            raise StorageError(
+                f"cannot open the study storage {storage!r}: {str(err).splitlines()[0]}"
+            ) from None
+    sampler = optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup_trials, constraints_func=constraints, multivariate=True
+    )
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
+    return optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
+        load_if_exists=True,
+    )  # fmt: skip
+
+
+def constraints(trial) -> list[float]:
+    return [trial.user_attrs.get(CONSTRAINT, math.inf)]
+
+
+def feasible(study) -> list:
+    """Completed trials within the budget, best (highest CR) first."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return sorted((t for t in done if constraints(t)[0] <= 0), key=lambda t: -t.value)
+
+
+def stop_when_converged(patience: int | None, target: int):
+    """Callback: stop once ``target`` trials have finished (in any worker), or when the best feasible
+    CR was found more than ``patience`` finished trials ago. Failed trials do not count."""
+
+    def callback(study, _trial):
+        finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+        if len(finished) >= target:
+            study.stop()
+            return
+        best = feasible(study)
+        recent = {t.number for t in finished[-patience:]} if patience else set()
+        if patience and best and len(finished) > patience and best[0].number not in recent:
+            study.stop()
+
+    return callback
+
+
+class Search(NamedTuple):
+    """What a search needs besides the study: the model, the data and the budget."""
+
+    apply_fn: object
+    pretrained: object
+    train: tuple
+    val: tuple
+    base: Config
+    space: space_lib.Space
+    layers: list
+    sensitive: list
+    limit: float  # highest acceptable validation error (fraction)
+    budget: float  # allowed increase (fraction)
+
+
+def objective(search: Search):
+    """Optuna objective: one trial's CR; records its error, constraint and config."""
+    import optuna
+
+    def run(trial):
+        overrides = space_lib.suggest(trial, search.space, search.base, search.layers, search.sensitive)
+        cfg = dataclasses.replace(search.base, **overrides)
+
+        def report(value, step):
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        outcome, _, _ = run_trial(
+            cfg, search.apply_fn, search.pretrained, search.train, search.val,
+            limit=search.limit, budget=search.budget, report=report,
+        )  # fmt: skip
+        trial.set_user_attr("val_error", outcome.val_error)
+        trial.set_user_attr(CONSTRAINT, outcome.val_error - search.limit)
+        trial.set_user_attr("rescued", outcome.rescued)
+        trial.set_user_attr("config", config_json(outcome.config))
+        return outcome.compression_ratio
+
+    return run
+
+
+def config_json(cfg: Config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+CATCH = (FloatingPointError,)  # a trial that diverges (NaN) is recorded as failed; the search goes on
+
+
+def config_from_json(values: dict) -> Config:
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -1,0 +1,96 @@
+"""One trial of the search: retrain -> compress -> fine-tune from the pretrained model, in memory.
+
+A trial runs exactly the stages of ``python -m gmm_quant.train`` (``stages.Stages``) with the trial's
+config, so its config file reproduces it. It sees the training split and the validation split only.
+During retraining it reports, at a few rungs, what compressing now would give (the penalised score
+below), so Optuna's pruner stops unpromising trials early: those are the short, cheap trials; the
+promising ones run to full length. A trial over the budget after fine-tuning is fine-tuned
+``RESCUE`` times longer from the same snapped model before it is given up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from gmm_quant import accounting, codebook, loop, pipeline
+from gmm_quant.config import Config
+from gmm_quant.rules import flatten
+from gmm_quant.stages import Stages, build_plan
+
+RUNGS = (0.25, 0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned
+RESCUE = 3  # an over-budget trial is fine-tuned this many times longer before it is given up
+
+
+class Outcome(NamedTuple):
+    """What a trial measured: validation error (fraction), CR (Han), the config that produced it."""
+
+    val_error: float
+    compression_ratio: float
+    config: Config
+    rescued: bool
+
+
+def score(compression_ratio: float, val_error: float, limit: float, budget: float) -> float:
+    """log2(CR), less one per budget's worth of error above the limit (what the pruner compares)."""
+    over = max(0.0, val_error - limit) / max(budget, 1e-4)
+    return math.log2(compression_ratio) - over
+
+
+def compressed_metrics(apply_fn, plan, mixtures, params, val, assignment="nearest"):
+    """(val error, CR) of the model compressed as it stands."""
+    codebooks, snapped = codebook.compress(plan, mixtures, params, assignment=assignment)
+    cr = accounting.summarize(codebooks, flatten(snapped))["compression_ratio"]
+    return loop.error_rate(apply_fn, snapped, *val), cr
+
+
+def memory_runner(cfg: Config, train, on_retrain_epoch=None):
+    """A ``Stages`` runner without checkpoints; ``on_retrain_epoch(epoch, state)`` after each epoch."""
+
+    def runner(name, setup, epochs, parent):
+        loss, optimizer, trainable = setup
+
+        def stop(epoch, state):
+            if name == "retrain" and on_retrain_epoch is not None:
+                on_retrain_epoch(epoch, state)
+            return False
+
+        return pipeline.run_epochs(
+            loss, optimizer, trainable, train, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+            name=name, stop=stop,
+        )  # fmt: skip
+
+    return runner
+
+
+def run_trial(cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None):
+    """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
+
+    ``limit`` is the highest acceptable validation error (fraction), ``budget`` the allowed increase.
+    Returns ``(Outcome, codebooks, params)``.
+    """
+    plan = build_plan(cfg, pretrained)
+    rungs = sorted({max(1, round(f * cfg.retrain_epochs)) for f in RUNGS} - {cfg.retrain_epochs})
+
+    def on_epoch(epoch, state):
+        if report is not None and epoch + 1 in rungs:
+            mixtures, params = state.trainable["mixtures"], state.trainable["params"]
+            err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment)
+            report(score(cr, err, limit, budget), epoch + 1)
+
+    stages = Stages(cfg, apply_fn, train, val, memory_runner(cfg, train, on_epoch))
+    mixtures, retrained = stages.retrain(plan, pretrained)
+    codebooks, snapped = stages.compress(plan, mixtures, retrained)
+    tuned, final = stages.finetune(codebooks, snapped, cfg.finetune_epochs)
+    error, rescued = stages.val_errors["finetuned"], False
+    if error > limit and cfg.finetune_epochs:
+        longer = dataclasses.replace(cfg, finetune_epochs=RESCUE * cfg.finetune_epochs)
+        stages.cfg = longer
+        tuned2, final2 = stages.finetune(codebooks, snapped, longer.finetune_epochs)
+        if stages.val_errors["finetuned"] < error:
+            cfg, tuned, final, error, rescued = longer, tuned2, final2, stages.val_errors["finetuned"], True
+    cr = accounting.summarize(tuned, {p: np.asarray(v) for p, v in flatten(final).items()})
+    return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final
