@@ -2,7 +2,8 @@
 
 Parses flags (every config field is a flag: ``--tau 0.01``, ``--retrain-epochs 20``) and calls
 ``gmm_quant.run.train_and_evaluate``. Prints the per-layer table at the end; writes ``metrics.json``,
-``model.gqz``, ``model.onnx`` and figures into the work directory.
+``model.gqz``, ``model.onnx`` and figures into the work directory. ``--config-file FILE`` reads a
+JSON config instead (as ``python -m gmm_quant.tune`` writes for its best trial).
 """
 
 from __future__ import annotations
@@ -21,14 +22,7 @@ def parser() -> argparse.ArgumentParser:
         description="Compress a model by soft weight-sharing: pretrain, retrain with the mixture prior, "
         "compress to per-layer codebooks, fine-tune, evaluate, save and export.",
     )
-    ap.add_argument(
-        "--config", default=None, help=f"experiment: one of {cfgm.available()} (default digits_mlp)"
-    )
-    ap.add_argument(
-        "--config-file",
-        default=None,
-        help="a JSON file of config fields (as python -m gmm_quant.tune writes)",
-    )
+    add_config_flags(ap)
     ap.add_argument("--workdir", default=None, help="where checkpoints and results go (default runs/CONFIG)")
     ap.add_argument(
         "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
@@ -42,36 +36,47 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     cli.add_debug_flag(ap)
-    group = ap.add_argument_group("config overrides (defaults come from --config)")
-    for field in cfgm.fields():
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"set_{field.name}", metavar="VALUE")
+    add_override_flags(ap)
     return ap
 
 
-def _value_flags(ap: argparse.ArgumentParser) -> set[str]:
+def add_config_flags(ap: argparse.ArgumentParser) -> None:
+    names = cfgm.available()
+    ap.add_argument("--config", default=None, help=f"experiment: one of {names} (default digits_mlp)")
+    ap.add_argument(
+        "--config-file", default=None, help="a JSON file of config fields (gmm_quant.tune writes one)"
+    )
+
+
+def add_override_flags(ap: argparse.ArgumentParser) -> None:
+    group = ap.add_argument_group("config overrides (defaults come from --config)")
+    for field in cfgm.fields():
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"set_{field.name}", metavar="VALUE")
+
+
+def config_from_args(args) -> tuple[cfgm.Config, str]:
+    """(config, its name) from --config / --config-file and the overrides; raises ConfigError/OSError."""
+    if args.config and args.config_file:
+        raise cfgm.ConfigError("give --config or --config-file, not both")
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    base = cfgm.load_file(args.config_file) if args.config_file else cfgm.load(args.config or "digits_mlp")
+    name = pathlib.Path(args.config_file).stem if args.config_file else args.config or "digits_mlp"
+    return cfgm.override(base, overrides), name
+
+
+def value_flags(ap: argparse.ArgumentParser) -> set[str]:
     return {s for a in ap._actions if a.nargs is None and a.const is None for s in a.option_strings}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = parser()
-    args = ap.parse_args(cli.quote_negative_values(argv, _value_flags(ap)))
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
-    if args.config and args.config_file:
-        print("error: give --config or --config-file, not both", file=sys.stderr)
-        return 2
+    args = ap.parse_args(cli.quote_negative_values(argv, value_flags(ap)))
     try:
-        base = (
-            cfgm.load_file(args.config_file) if args.config_file else cfgm.load(args.config or "digits_mlp")
-        )
-        cfg = cfgm.override(base, overrides)
-    except cfgm.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
+        cfg, name = config_from_args(args)
+    except (cfgm.ConfigError, OSError) as err:
         print(f"error: {cli.describe(err)}", file=sys.stderr)
         return 2
-    name = pathlib.Path(args.config_file).stem if args.config_file else args.config or "digits_mlp"
     workdir = args.workdir or f"runs/{name}"
 
     def body() -> int:

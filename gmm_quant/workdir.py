@@ -31,6 +31,8 @@ LEGACY = {"val_fraction": 0.0}  # fields added later: their value in runs made b
 LOCK = ".lock"
 OUTPUTS = (
     "checkpoints", "config.json", "metrics.json", "model.gqz", "model.onnx", "weights.png", "scatter.png",
+    # python -m gmm_quant.tune
+    "study.db", "best_config.json", "trials.csv", "pareto.png", "search.json", "final",
 )  # fmt: skip
 
 

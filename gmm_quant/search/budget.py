@@ -45,7 +45,7 @@ def check_inputs(budget, trials, val) -> None:
         raise BudgetError(f"budget must be a finite number of percentage points >= 0, got {budget!r}")
     if not isinstance(trials, int) or trials < 1:
         raise BudgetError(f"trials must be a whole number >= 1, got {trials!r}")
-    if len(val[1]) == 0:
+    if val is not None and len(val[1]) == 0:
         raise BudgetError("the search needs a validation split (val_fraction > 0 or a val set)")
 
 
@@ -66,6 +66,7 @@ def prepare(apply_fn, params, train, val, *, budget, base, space) -> study_lib.S
 
 def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=None, progress=True):
     """Run trials until ``trials`` have finished in the study, ``timeout`` seconds, or convergence."""
+    _check_same_search(study, search)
     done = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
     if not study.trials:
         study.enqueue_trial(
@@ -79,14 +80,28 @@ def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=
         bar.set_postfix(best=f"{best[0].value:.1f}x" if best else "none within budget")
 
     try:
-        if done < trials:
+        if done < trials:  # failed trials do not count; at most as many failures as trials wanted
             study.optimize(
-                study_lib.objective(search), n_trials=trials - done, timeout=timeout, catch=study_lib.CATCH,
+                study_lib.objective(search), n_trials=2 * (trials - done), timeout=timeout,
+                catch=study_lib.CATCH,
                 callbacks=[tick, study_lib.stop_when_converged(patience, trials)],
             )  # fmt: skip
     finally:
         bar.close()
     return study
+
+
+def _check_same_search(study, search: study_lib.Search) -> None:
+    """A study resumed (or shared) must have been made with the same limit and dimensions."""
+    recorded = {"limit": round(search.limit, 9), "dimensions": list(search.space.dimensions)}
+    saved = {k: study.user_attrs[k] for k in recorded if k in study.user_attrs}
+    if saved and saved != recorded:
+        raise BudgetError(
+            f"study {study.study_name!r} was made with {saved}, not {recorded}; "
+            "use another study name (--study-name) or work directory"
+        )
+    for key, value in recorded.items():
+        study.set_user_attr(key, value)
 
 
 def best_model(search: study_lib.Search, study) -> SearchResult:

@@ -2,7 +2,7 @@
 
 The objective is the compression ratio (Han), maximised subject to a constraint: the validation
 error may exceed the pretrained model's by at most ``budget`` percentage points. Optuna's TPE sampler
-takes the constraint (``constraints_func``), its median pruner stops trials whose rung scores lag, and
+takes the constraint (``Trial.set_constraint``), its median pruner stops trials whose rung scores lag, and
 a study in an SQLite file (or any database URL) survives a killed process and can be shared by
 several worker processes: each worker's trials send heartbeats, and a trial whose worker died is
 marked failed and retried with the same parameters (``RetryFailedTrialCallback``).
@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
+import sys
+import warnings
 from typing import NamedTuple
 
 from gmm_quant.config import Config
 from gmm_quant.search import space as space_lib
 from gmm_quant.search.trial import run_trial
 
-CONSTRAINT = "constraint"  # user attribute: val error - limit (<= 0 is within the budget)
+CONSTRAINT = "budget"  # the trial's constraint: val error - limit (<= 0 is within the budget)
+
+
+CATCH = (FloatingPointError,)  # a trial that diverges (NaN) is recorded as failed; the search goes on
 
 
 class StorageError(ValueError):
@@ -29,22 +36,23 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
     """Create or load study ``name``; ``storage`` None keeps it in memory, else a database URL."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in our one line
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if storage is not None:
         try:
+            sqlite = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
             storage = optuna.storages.RDBStorage(
                 storage,
+                engine_kwargs=sqlite,
                 heartbeat_interval=heartbeat,
                 grace_period=2 * heartbeat,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
         except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open"
             raise StorageError(
                 f"cannot open the study storage {storage!r}: {str(err).splitlines()[0]}"
             ) from None
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=startup_trials, constraints_func=constraints, multivariate=True
-    )
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
     return optuna.create_study(
         storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
@@ -52,8 +60,29 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
     )  # fmt: skip
 
 
-def constraints(trial) -> list[float]:
-    return [trial.user_attrs.get(CONSTRAINT, math.inf)]
+def retry_orphans(study) -> list[int]:
+    """Fail the trials left running by a killed process and queue their parameters again, as well as
+    those of trials interrupted by Ctrl-C (which Optuna marks failed).
+
+    Only for a study no other process is working on (the default storage in a locked work
+    directory); a shared study relies on heartbeats instead. Returns the numbers retried.
+    """
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    interrupted = [t for t in study.trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
+    orphans = [t for t in study.trials if t.state == TrialState.RUNNING]
+    for t in orphans:
+        study.tell(t.number, state=TrialState.FAIL)
+    again = [t for t in orphans + interrupted if t.number not in retried]
+    for t in again:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return [t.number for t in again]
+
+
+def constraint(trial) -> float:
+    """Validation error minus the limit (<= 0: within the budget); inf for a trial without one."""
+    return trial.constraints.get(CONSTRAINT, math.inf)
 
 
 def feasible(study) -> list:
@@ -61,7 +90,7 @@ def feasible(study) -> list:
     import optuna
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return sorted((t for t in done if constraints(t)[0] <= 0), key=lambda t: -t.value)
+    return sorted((t for t in done if constraint(t) <= 0), key=lambda t: -t.value)
 
 
 def stop_when_converged(patience: int | None, target: int):
@@ -101,6 +130,7 @@ def objective(search: Search):
     import optuna
 
     def run(trial):
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         overrides = space_lib.suggest(trial, search.space, search.base, search.layers, search.sensitive)
         cfg = dataclasses.replace(search.base, **overrides)
 
@@ -109,12 +139,19 @@ def objective(search: Search):
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        outcome, _, _ = run_trial(
-            cfg, search.apply_fn, search.pretrained, search.train, search.val,
-            limit=search.limit, budget=search.budget, report=report,
-        )  # fmt: skip
+        try:
+            outcome, _, _ = run_trial(
+                cfg, search.apply_fn, search.pretrained, search.train, search.val,
+                limit=search.limit, budget=search.budget, report=report,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        except CATCH as err:
+            print(f"trial {trial.number} failed ({err}); the search goes on", file=sys.stderr)
+            raise
         trial.set_user_attr("val_error", outcome.val_error)
-        trial.set_user_attr(CONSTRAINT, outcome.val_error - search.limit)
+        trial.set_constraint(CONSTRAINT, outcome.val_error - search.limit)
         trial.set_user_attr("rescued", outcome.rescued)
         trial.set_user_attr("config", config_json(outcome.config))
         return outcome.compression_ratio
@@ -124,9 +161,6 @@ def objective(search: Search):
 
 def config_json(cfg: Config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-CATCH = (FloatingPointError,)  # a trial that diverges (NaN) is recorded as failed; the search goes on
 
 
 def config_from_json(values: dict) -> Config:

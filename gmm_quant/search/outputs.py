@@ -1,0 +1,88 @@
+"""What a search leaves behind: the best config file, a table of trials and a Pareto plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from gmm_quant.checkpoint import write_atomic
+from gmm_quant.search import study as study_lib
+
+
+def trial_rows(study) -> list[dict]:
+    """One row per trial: number, state, CR, validation error (%), within budget, rescued, params."""
+    rows = []
+    for t in study.trials:
+        err = t.user_attrs.get("val_error")
+        rows.append({
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "compression_ratio": round(t.value, 2) if t.value is not None else None,
+            "val_error_percent": round(100 * err, 3) if err is not None else None,
+            "within_budget": (study_lib.constraint(t) <= 0) if err is not None else None,
+            "rescued": t.user_attrs.get("rescued"),
+            "params": json.dumps({k: _short(v) for k, v in t.params.items()}),
+        })  # fmt: skip
+    return rows
+
+
+def _short(value):
+    return round(value, 5) if isinstance(value, float) else value
+
+
+def write_table(rows: list[dict], path) -> None:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_atomic(path, out.getvalue().encode())
+
+
+def format_table(rows: list[dict], limit_percent: float) -> str:
+    lines = [f"{'trial':>5} {'state':<9} {'CR':>8} {'val err %':>9}  within budget ({limit_percent:.2f}%)"]
+    for r in rows:
+        cr = f"{r['compression_ratio']:.1f}x" if r["compression_ratio"] is not None else "-"
+        err = f"{r['val_error_percent']:.2f}" if r["val_error_percent"] is not None else "-"
+        ok = {True: "yes", False: "no", None: "-"}[r["within_budget"]]
+        lines.append(
+            f"{r['trial']:>5} {r['state']:<9} {cr:>8} {err:>9}  {ok}{' (rescued)' if r['rescued'] else ''}"
+        )
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (CR, error) points no other point beats on both (higher CR and lower error), by CR."""
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points)]
+    return sorted(set(front))
+
+
+def plot_pareto(rows: list[dict], limit_percent: float, baseline_percent: float, path) -> None:
+    """Validation error vs CR of every completed trial, the budget line and the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [(r["compression_ratio"], r["val_error_percent"]) for r in rows if r["state"] == "complete"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if done:
+        ax.scatter(*zip(*done, strict=True), s=18, color="tab:blue", label="trial")
+        front = pareto_front(done)
+        ax.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
+    ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
+    ax.axhline(baseline_percent, color="gray", linestyle=":", label=f"pretrained ({baseline_percent:.2f}%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (Han et al.)")
+    ax.set_ylabel("validation error (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def write_config(values: dict, path) -> None:
+    write_atomic(path, (json.dumps(values, indent=1) + "\n").encode())

@@ -1,0 +1,251 @@
+"""The budget search: its space, its stopping and failure rules, the data it sees, resume, workers."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+from flax import nnx
+
+import models
+from gmm_quant import config as cfgm
+from gmm_quant import data, pipeline
+from gmm_quant.config import Config
+from gmm_quant.search import Space, compress_to_budget
+from gmm_quant.search import space as space_lib
+from gmm_quant.search import study as study_lib
+from gmm_quant.search.trial import Outcome
+from gmm_quant.stages import build_plan
+from tests.cli_runs import ROOT, one_line
+
+TUNE = [sys.executable, "-m", "gmm_quant.tune", "--config", "tiny", "--no-progress", "--retrain-epochs", "8",
+        "--max-error-increase", "1.0"]  # fmt: skip
+LAYERS = ["layers/0/kernel", "layers/1/kernel", "layers/2/kernel"]
+
+
+def test_unknown_and_conflicting_dimensions_are_refused():
+    with pytest.raises(ValueError, match="unknown search dimension 'taus'"):
+        Space(("tau", "taus"))
+    with pytest.raises(ValueError, match="exclude each other"):
+        Space(("prune_threshold", "layer_prune"))
+
+
+def test_suggestions_become_the_config_fields_they_name():
+    base = Config(tau=0.01, gamma=(50.0, 0.01), zero_gamma=(500.0, 0.1), retrain_epochs=10)
+    params = {"tau_x": 2.0, "hyperprior_x": 10.0, "own/layers/1/kernel": True, "own/layers/0/kernel": False,
+              "own/layers/2/kernel": False, "prune/layers/0/kernel": 1e-3, "prune/layers/1/kernel": 1e-4,
+              "prune/layers/2/kernel": 1e-5, "distill": True, "quantise_biases": True, "retrain_x": 2.0,
+              "num_components": 9}  # fmt: skip
+    dims = Space(("tau", "hyperprior", "own_mixture", "layer_prune", "distill", "quantise_biases",
+                  "retrain_epochs", "num_components"))  # fmt: skip
+    out = space_lib.suggest(optuna.trial.FixedTrial(params), dims, base, LAYERS, [])
+    cfg = cfgm.validate(Config(**{**Config().__dict__, **out}))
+    assert cfg.tau == pytest.approx(0.02) and cfg.retrain_epochs == 20 and cfg.num_components == 9
+    assert cfg.gamma == pytest.approx((500.0, 0.1)) and cfg.zero_gamma == pytest.approx((5000.0, 1.0))
+    assert cfg.distill_alpha == 0.5 and cfg.quantise_biases
+    _, p = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+    plan = build_plan(cfg, p)
+    assert set(plan.mixtures) == {"shared", "layers/1/kernel", *(f"layers/{i}/bias" for i in range(3))}
+    assert [plan.rules[f"{layer}"].prune_threshold for layer in LAYERS] == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+def test_the_base_point_reproduces_the_base_config():
+    base = Config(tau=0.01, retrain_epochs=10)
+    point = space_lib.base_point(Space(), LAYERS, [])
+    out = space_lib.suggest(optuna.trial.FixedTrial(point), Space(), base, LAYERS, [])
+    assert out["tau"] == base.tau and out["gamma"] == base.gamma and out["zero_gamma"] == base.zero_gamma
+    assert out["own_mixture"] == () and out["distill_alpha"] == 0 and not out["quantise_biases"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds, val = data.split_validation(data.load("digits"), 0.1, 0)
+    graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    params = pipeline.pretrain(apply_fn, params, (ds.x_train, ds.y_train), epochs=5, batch_size=64)
+    return apply_fn, params, (ds.x_train, ds.y_train), val
+
+
+def fake_trials(monkeypatch, outcomes):
+    """Replace a trial's training by the given outcomes (Exception instances are raised)."""
+    calls = []
+
+    def run_trial(cfg, *args, **kw):
+        result = outcomes[min(len(calls), len(outcomes) - 1)]
+        calls.append(cfg)
+        if isinstance(result, BaseException):
+            raise result
+        return Outcome(result[1], result[0], cfg, False), {}, None
+
+    monkeypatch.setattr(study_lib, "run_trial", run_trial)
+    monkeypatch.setattr("gmm_quant.search.budget.run_trial", run_trial)
+    return calls
+
+
+def test_a_diverging_trial_is_recorded_failed_and_the_search_goes_on(monkeypatch, digits):
+    nan = FloatingPointError("training diverged in retrain epoch 3: non-finite loss")
+    calls = fake_trials(monkeypatch, [(10.0, 0.0), nan, (12.0, 0.0), (11.0, 0.0)])
+    result = compress_to_budget(*digits, budget=5.0, trials=3, progress=False)
+    states = [t.state.name for t in result.study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"] and len(calls) == 5
+    assert result.compression_ratio == 11.0  # the re-run of the best (trial 2) gives the last outcome
+
+
+def test_over_budget_trials_are_never_best_and_patience_stops_the_search(monkeypatch, digits):
+    apply_fn, params, _, val = digits
+    limit = 1.0 / 100 + __import__("gmm_quant").error_rate(apply_fn, params, *val)
+    fake_trials(monkeypatch, [(20.0, limit - 1e-3), (90.0, limit + 1e-3), (15.0, 0.0), (16.0, 0.0)])
+    result = compress_to_budget(*digits, budget=1.0, trials=20, patience=3, progress=False)
+    assert len(result.study.trials) == 4  # best at trial 0, then 3 trials without improvement
+    best = study_lib.feasible(result.study)[0]
+    assert best.number == 0 and best.value == 20.0
+
+
+@pytest.mark.parametrize("budget, trials", [(-0.1, 3), (math.nan, 3), (math.inf, 3), (0.1, 0)])
+def test_bad_budget_or_trials_fail_before_training(digits, budget, trials):
+    with pytest.raises(ValueError, match=r"budget|trials"):
+        compress_to_budget(*digits, budget=budget, trials=trials, progress=False)
+
+
+def row_hashes(x):
+    return sorted(hashlib.sha1(np.ascontiguousarray(r).tobytes()).hexdigest() for r in np.asarray(x))
+
+
+def test_the_search_sees_the_training_data_and_never_the_test_set(monkeypatch, tmp_path):
+    from gmm_quant import tune
+    from gmm_quant.search import trial as trial_lib
+
+    seen, real = [], trial_lib.run_trial
+
+    def spy(cfg, apply_fn, pretrained, train, val, **kw):
+        seen.append((train, val))
+        return real(cfg, apply_fn, pretrained, train, val, **kw)
+
+    monkeypatch.setattr(study_lib, "run_trial", spy)
+    monkeypatch.setattr("gmm_quant.search.budget.run_trial", spy)
+    argv = [*TUNE[3:], "--trials", "2", "--no-final", "--workdir", str(tmp_path / "w")]
+    assert tune.main(argv) == 0
+    full = data.load("digits")
+    assert len(seen) == 2
+    for train, val in seen:
+        rows = row_hashes(np.concatenate([train[0], val[0]]))
+        assert rows == row_hashes(full.x_train)  # exactly the training data: train + validation split
+        assert not set(row_hashes(val[0])) & set(row_hashes(train[0]))
+
+
+def tune(workdir, *extra, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([*TUNE, "--workdir", str(workdir), *extra], env=env, cwd=ROOT, text=True, **kw)
+
+
+def finished(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_a_three_trial_search_writes_a_config_that_reproduces_its_best(tmp_path):
+    start = time.perf_counter()
+    finished(
+        tune(tmp_path / "w", "--trials", "3", "--no-final", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    )
+    print(f"3-trial search on digits: {time.perf_counter() - start:.0f} s")
+    summary = json.loads((tmp_path / "w" / "search.json").read_text())
+    assert summary["trials"] == 3 and (tmp_path / "w" / "pareto.png").stat().st_size > 1000
+    best = str(tmp_path / "w" / "best_config.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "gmm_quant.train",
+        "--config-file",
+        best,
+        "--pretrained",
+        str(tmp_path / "w"),
+        "--workdir",
+        str(tmp_path / "again"),
+        "--no-progress",
+        "--no-onnx",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["val_error_finetuned"] == summary["best_val_error"]
+    assert metrics["compression_ratio"] == pytest.approx(summary["best_compression_ratio"], rel=1e-12)
+
+
+def wait_for_running_trial(db, after_complete=1, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if not db.exists():
+            continue
+        try:
+            trials = optuna.load_study(study_name="gmm_quant", storage=f"sqlite:///{db}").trials
+        except Exception:  # the study is being created
+            continue
+        states = [t.state.name for t in trials]
+        if states.count("COMPLETE") >= after_complete and "RUNNING" in states:
+            return next(t.number for t in trials if t.state.name == "RUNNING")
+    raise AssertionError("no trial started")
+
+
+def test_a_search_killed_or_interrupted_mid_trial_resumes_and_retries_that_trial(tmp_path):
+    workdir, db = tmp_path / "w", tmp_path / "w" / "study.db"
+    quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = tune(workdir, "--trials", "4", "--no-final", **quiet)
+    interrupted = wait_for_running_trial(db)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command to resume" in one_line(err)
+    proc = tune(workdir, "--trials", "4", "--no-final", **quiet)
+    killed = wait_for_running_trial(db, after_complete=interrupted + 1)
+    proc.kill()
+    proc.wait()
+    finished(tune(workdir, "--trials", "4", "--no-final", **quiet))
+    trials = optuna.load_study(study_name="gmm_quant", storage=f"sqlite:///{db}").trials
+    retried = {t.user_attrs.get("retry_of"): t.state.name for t in trials if "retry_of" in t.user_attrs}
+    assert trials[interrupted].state.name == "FAIL" and trials[killed].state.name == "FAIL"
+    assert retried == {interrupted: "COMPLETE", killed: "COMPLETE"}
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 4
+
+
+def test_two_workers_share_one_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    workers = [
+        tune(tmp_path / f"w{i}", "--trials", "4", "--no-final", "--storage", url, **quiet) for i in (1, 2)
+    ]
+    for proc in workers:
+        finished(proc)
+    trials = optuna.load_study(study_name="gmm_quant", storage=url).trials
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) >= 4
+    assert len({t.user_attrs["worker"] for t in done}) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-error-increase", "-0.1"], "budget must be"),
+        (["--max-error-increase", "nan"], "budget must be"),
+        (["--trials", "0"], "trials must be"),
+        (["--dimensions", "tau,colour"], "unknown search dimension 'colour'"),
+        (["--storage", "sqlite:////nonexistent/dir/study.db"], "cannot open the study storage"),
+        (["--storage", "nosuchdb://x"], "cannot open the study storage"),
+        (["--patience", "0"], "--patience must be > 0"),
+    ],
+)
+def test_bad_search_input_is_one_line_before_anything_is_written(tmp_path, extra, message):
+    proc = tune(tmp_path / "w", *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (1, 2) and message in one_line(err)
+    assert not (tmp_path / "w").exists()
