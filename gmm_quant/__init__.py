@@ -7,6 +7,7 @@ codebook (centres + integer indices) that is fine-tuned on the training data.
 
 from gmm_quant.accounting import summarize
 from gmm_quant.codebook import Codebook, compress, dequantize, make_codebook, snap
+from gmm_quant.config import Config
 from gmm_quant.distillation import distillation_loss
 from gmm_quant.init import sample_params
 from gmm_quant.loop import error_rate
@@ -28,6 +29,7 @@ from gmm_quant.objective import (
 )
 from gmm_quant.pipeline import cross_entropy, finetune, pretrain, retrain
 from gmm_quant.rules import DEFAULT_RULES, Plan, Rule, make_plan
+from gmm_quant.search import compress_to_budget
 from gmm_quant.storage import CorruptFile, load_compressed, load_model, save_compressed
 
 
@@ -43,6 +45,7 @@ def __getattr__(name):
 __all__ = [
     "DEFAULT_RULES",
     "Codebook",
+    "Config",
     "CorruptFile",
     "LearningRates",
     "MixtureConfig",
@@ -51,6 +54,7 @@ __all__ = [
     "Rule",
     "complexity",
     "compress",
+    "compress_to_budget",
     "cross_entropy",
     "dequantize",
     "distillation_loss",

@@ -33,6 +33,8 @@ class Config:
     # --- stage 1: pretraining ---
     pretrain_epochs: int = 30  # 0 skips pretraining (e.g. with --pretrained)
     pretrain_lr: float = 1e-3  # Adam learning rate
+    pretrain_cosine: bool = False  # decay the pretraining learning rate along a cosine to 0
+    pretrain_shift: int = 0  # shift training images by up to this many pixels while pretraining
     # --- stage 2: retraining with the mixture prior ---
     retrain_epochs: int = 100  # epochs of joint training of weights and mixture
     tau: float = 2e-3  # prior strength; loss = mean task loss + tau / N * complexity
@@ -95,7 +97,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.num_components >= 2, "num_components", "must be >= 2 (zero + one free)", cfg.num_components)
     _check(0 < cfg.pi_zero < 1, "pi_zero", "must be in (0, 1)", cfg.pi_zero)
     _check(cfg.batch_size >= 1, "batch_size", "must be >= 1", cfg.batch_size)
-    for name in ("pretrain_epochs", "retrain_epochs", "warmup_epochs", "finetune_epochs", "train_subset"):
+    for name in ("pretrain_epochs", "retrain_epochs", "warmup_epochs", "finetune_epochs", "train_subset",
+                 "pretrain_shift"):  # fmt: skip
         _check(getattr(cfg, name) >= 0, name, "must be >= 0", getattr(cfg, name))
     for name in ("pretrain_lr", "lr_weights", "lr_means", "lr_log_precisions", "lr_mixing", "finetune_lr"):
         _check(getattr(cfg, name) > 0, name, "must be > 0", getattr(cfg, name))

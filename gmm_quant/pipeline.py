@@ -20,7 +20,7 @@ import warnings
 import jax.numpy as jnp
 import optax
 
-from gmm_quant import codebook, loop
+from gmm_quant import augment, codebook, loop
 from gmm_quant import codebook_tuning as ct
 from gmm_quant import grid as grid_lib
 from gmm_quant import objective as obj
@@ -69,16 +69,31 @@ def run_epochs(
     return state
 
 
-def pretrain_setup(apply_fn, params, *, learning_rate=1e-3, task_loss=None):
-    """(loss_fn, optimizer, trainable) of plain training."""
-    return _ignore_step(task_loss or cross_entropy(apply_fn)), optax.adam(learning_rate), params
+def pretrain_setup(
+    apply_fn, params, *, learning_rate=1e-3, task_loss=None, total_steps=0, max_shift=0, seed=0
+):
+    """(loss_fn, optimizer, trainable) of plain training with Adam.
+
+    ``total_steps`` > 0: the learning rate decays along a cosine to 0 over that many steps.
+    ``max_shift`` > 0: every image ([N, H, W, C]) is shifted by up to that many pixels (``augment``).
+    """
+    task_loss = task_loss or cross_entropy(apply_fn)
+    loss = augment.shifted_loss(task_loss, max_shift, seed) if max_shift else _ignore_step(task_loss)
+    rate = optax.cosine_decay_schedule(learning_rate, total_steps) if total_steps else learning_rate
+    return loss, optax.adam(rate), params
 
 
 def pretrain(
-    apply_fn, params, data, *, epochs=10, batch_size=128, learning_rate=1e-3, seed=0, task_loss=None, **kw
-):
-    """Plain training with Adam; returns the trained params."""
-    loss, opt, trainable = pretrain_setup(apply_fn, params, learning_rate=learning_rate, task_loss=task_loss)
+    apply_fn, params, data, *, epochs=10, batch_size=128, learning_rate=1e-3, seed=0, task_loss=None,
+    cosine=False, max_shift=0, **kw,
+):  # fmt: skip
+    """Plain training with Adam; returns the trained params. ``cosine``: the learning rate decays along
+    a cosine to 0 over the run; ``max_shift``: images shifted by up to that many pixels (augmentation)."""
+    steps = epochs * max(data[0].shape[0] // batch_size, 1) if cosine else 0
+    loss, opt, trainable = pretrain_setup(
+        apply_fn, params, learning_rate=learning_rate, task_loss=task_loss, total_steps=steps,
+        max_shift=max_shift, seed=seed,
+    )  # fmt: skip
     state = run_epochs(
         loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="pretrain", **kw
     )

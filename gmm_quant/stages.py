@@ -90,7 +90,11 @@ class Stages:
     def pretrain(self, params):
         start, cfg = time.perf_counter(), self.cfg
         if cfg.pretrain_epochs:
-            setup = pipeline.pretrain_setup(self.apply_fn, params, learning_rate=cfg.pretrain_lr)
+            steps = cfg.pretrain_epochs * max(self.train[0].shape[0] // cfg.batch_size, 1)
+            setup = pipeline.pretrain_setup(
+                self.apply_fn, params, learning_rate=cfg.pretrain_lr, seed=cfg.seed,
+                total_steps=steps if cfg.pretrain_cosine else 0, max_shift=cfg.pretrain_shift,
+            )  # fmt: skip
             params = self.runner("pretrain", setup, cfg.pretrain_epochs, None).trainable
         self._record("pretrained", params, "pretrain", start)
         return params
