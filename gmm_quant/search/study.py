@@ -1,11 +1,13 @@
-"""The Optuna study: storage, sampler, pruner, stopping rule, and ``compress_to_budget``.
+"""The Optuna study: storage, sampler, pruner and stopping rule.
 
 The objective is the compression ratio (Han), maximised subject to a constraint: the validation
 error may exceed the pretrained model's by at most ``budget`` percentage points. Optuna's TPE sampler
-takes the constraint (``Trial.set_constraint``), its median pruner stops trials whose rung scores lag, and
-a study in an SQLite file (or any database URL) survives a killed process and can be shared by
-several worker processes: each worker's trials send heartbeats, and a trial whose worker died is
-marked failed and retried with the same parameters (``RetryFailedTrialCallback``).
+takes the constraint (``Trial.set_constraint``); a percentile pruner stops trials whose rung scores
+are in the bottom quarter; a study in an SQLite file (or any database URL) survives a killed process
+and can be shared by several worker processes: each worker's trials send heartbeats, and a trial
+whose worker died is marked failed and retried with the same parameters
+(``RetryHeartbeatStaleTrialCallback``). In a work directory of our own, ``retry_orphans`` does the
+same at once on resume.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
                 f"cannot open the study storage {storage!r}: {str(err).splitlines()[0]}"
             ) from None
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
+    # prune only the bottom quarter at a rung: rung scores are noisy (the objective is what counts)
+    pruner = optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup_trials)
     return optuna.create_study(
         storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
         load_if_exists=True,

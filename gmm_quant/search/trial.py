@@ -21,7 +21,8 @@ from gmm_quant.config import Config
 from gmm_quant.rules import flatten
 from gmm_quant.stages import Stages, build_plan
 
-RUNGS = (0.25, 0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned
+RUNGS = (0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned (before
+# the middle, while tau is still warming up, the score says little about the end: measured on digits)
 RESCUE = 3  # an over-budget trial is fine-tuned this many times longer before it is given up
 
 
