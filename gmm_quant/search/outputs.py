@@ -18,7 +18,8 @@ def trial_rows(study) -> list[dict]:
         rows.append({
             "trial": t.number,
             "state": t.state.name.lower(),
-            "compression_ratio": round(t.value, 2) if t.value is not None else None,
+            "compression_ratio": round(t.value, 2) if t.state.name == "COMPLETE" else None,
+            "pruned_at_epoch": max(t.intermediate_values) if t.state.name == "PRUNED" else None,
             "val_error_percent": round(100 * err, 3) if err is not None else None,
             "within_budget": (study_lib.constraint(t) <= 0) if err is not None else None,
             "rescued": t.user_attrs.get("rescued"),
@@ -46,9 +47,11 @@ def format_table(rows: list[dict], limit_percent: float) -> str:
         cr = f"{r['compression_ratio']:.1f}x" if r["compression_ratio"] is not None else "-"
         err = f"{r['val_error_percent']:.2f}" if r["val_error_percent"] is not None else "-"
         ok = {True: "yes", False: "no", None: "-"}[r["within_budget"]]
-        lines.append(
-            f"{r['trial']:>5} {r['state']:<9} {cr:>8} {err:>9}  {ok}{' (rescued)' if r['rescued'] else ''}"
-        )
+        if r["rescued"]:
+            ok += " (after longer fine-tuning)"
+        if r["pruned_at_epoch"]:
+            ok = f"- (pruned at retraining epoch {r['pruned_at_epoch']})"
+        lines.append(f"{r['trial']:>5} {r['state']:<9} {cr:>8} {err:>9}  {ok}")
     return "\n".join(lines)
 
 
