@@ -9,6 +9,7 @@ from flax import nnx
 
 from models.cnn import GapCNN, SmallCNN
 from models.lenet import DigitsMLP, LeNet5Caffe, LeNet300_100
+from models.vit import ViT, vit_digits, vit_mnist
 
 MODELS = {
     "digits_mlp": DigitsMLP,
@@ -16,6 +17,8 @@ MODELS = {
     "lenet5_caffe": LeNet5Caffe,
     "small_cnn": SmallCNN,
     "gap_cnn": GapCNN,
+    "vit_mnist": vit_mnist,
+    "vit_digits": vit_digits,
 }
 
 
@@ -26,4 +29,4 @@ def create(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     return MODELS[name](rngs=nnx.Rngs(seed), **kwargs)
 
 
-__all__ = ["MODELS", "DigitsMLP", "GapCNN", "LeNet5Caffe", "LeNet300_100", "SmallCNN", "create"]
+__all__ = ["MODELS", "DigitsMLP", "GapCNN", "LeNet5Caffe", "LeNet300_100", "SmallCNN", "ViT", "create"]

@@ -57,8 +57,19 @@ def expand_dims(conv, eqn, a):
 @register("concatenate")
 def concatenate(conv, eqn, *args):
     shape = _out_shape(eqn)
-    names = [conv.plain(conv.sym(a)) for a in args]
+    names = [_full_size(conv, a) for a in args]
     return Sym(conv.node("Concat", names, axis=int(eqn.params["dimension"])), identity(len(shape)), shape)
+
+
+def _full_size(conv, value) -> str:
+    """A Concat input at its full size: Concat does not broadcast, so a folded constant cut to size 1
+    along the batch (e.g. a ViT's class token broadcast to the batch) is expanded to the runtime batch."""
+    if not isinstance(value, np.ndarray | np.generic):
+        return conv.plain(conv.sym(value))
+    cut = conv.broadcastable(value)
+    if cut.shape == value.shape:
+        return conv.const(value)
+    return conv.node("Expand", [conv.const(cut), conv.shape_tensor(value.shape, "runtime")])
 
 
 @register("split")

@@ -1,0 +1,30 @@
+"""A small Vision Transformer on MNIST: every attention projection and MLP matrix under the prior.
+
+7x7 patches -> 16 tokens + a class token, width 64, 4 heads, 4 pre-norm blocks (``models/vit.py``).
+The patch embedding, class token and position embeddings stay float32 (``keep_float``), as do
+LayerNorm scales and all biases (the default).
+
+Command:  python -m gmm_quant.train --config vit_mnist --data-dir ../shared/data --workdir runs/vit
+Runtime:  see BENCHMARKS.md ("A Vision Transformer") for the measured runtime on 2 CPU cores.
+Expected: see BENCHMARKS.md for the measured error and compression ratio of these settings.
+"""
+
+from gmm_quant.config import Config
+
+
+def get_config() -> Config:
+    return Config(
+        model="vit_mnist",
+        dataset="mnist",
+        batch_size=128,
+        pretrain_epochs=15,
+        pretrain_lr=1e-3,
+        pretrain_cosine=True,
+        retrain_epochs=20,
+        tau=0.05,
+        warmup_epochs=3,
+        zero_gamma=(500.0, 0.1),
+        gamma=(50.0, 0.01),
+        keep_float=("^(embed|cls|position)",),
+        finetune_epochs=5,
+    )
