@@ -127,17 +127,18 @@ def gzip_ratio(params_flat: dict) -> float:
     return len(raw) / len(gzip.compress(raw, 9))
 
 
-def summarize(codebooks: dict, params) -> dict:
+def summarize(codebooks: dict, params, removed: int = 0) -> dict:
     """Per-layer costs and totals: ``compression_ratio`` (Han), ``packed_ratio``, float bits.
 
     ``params``: the model's parameter pytree (or any {path: array}); leaves not in ``codebooks`` count
-    as float32.
+    as float32. ``removed``: parameters removed structurally before compression (pruned attention
+    heads): they count in the original size and cost nothing.
     """
     float_leaves = {p: v for p, v in flatten(params).items() if p not in codebooks}
     layers = [layer_cost(name, cb) for name, cb in codebooks.items()]
     float_values = sum(int(np.size(v)) for v in float_leaves.values())
     quantised = sum(c.num_weights for c in layers)
-    original = 32 * (quantised + float_values)
+    original = 32 * (quantised + float_values + removed)
     han = sum(c.han_bits for c in layers) + 32 * float_values
     packed = sum(c.packed_bits for c in layers) + 32 * float_values
     nonzero = sum(c.nonzero for c in layers)

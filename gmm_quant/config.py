@@ -18,6 +18,7 @@ import re
 from gmm_quant.codebook import ASSIGNMENTS
 from gmm_quant.data import DATASETS
 
+HEAD_SCORES = ("weights", "loss")
 STAGES = ("pretrain", "retrain", "compress", "finetune")
 
 
@@ -35,6 +36,10 @@ class Config:
     pretrain_lr: float = 1e-3  # Adam learning rate
     pretrain_cosine: bool = False  # decay the pretraining learning rate along a cosine to 0
     pretrain_shift: int = 0  # shift training images by up to this many pixels while pretraining
+    # --- between pretraining and retraining: attention heads (models with nnx.MultiHeadAttention) ---
+    head_threshold: float = 0.0  # remove heads scoring below this x their layer's best (0 = keep all)
+    head_ratio: float = 0.0  # or remove this fraction of each layer's heads, lowest scores first
+    head_score: str = "weights"  # "weights" (Q/K/V norms) or "loss" (validation loss rise when masked)
     # --- stage 2: retraining with the mixture prior ---
     retrain_epochs: int = 100  # epochs of joint training of weights and mixture
     tau: float = 2e-3  # prior strength; loss = mean task loss + tau / N * complexity
@@ -114,6 +119,12 @@ def validate(cfg: Config) -> Config:
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
     layer_thresholds(cfg)
+    above = "must be in [0, 1]: above 1 every head of every layer would go"
+    _check(0 <= cfg.head_threshold <= 1, "head_threshold", above, cfg.head_threshold)
+    _check(0 <= cfg.head_ratio < 1, "head_ratio", "must be in [0, 1)", cfg.head_ratio)
+    both = cfg.head_threshold and cfg.head_ratio
+    _check(not both, "head_ratio", "give head_threshold or head_ratio, not both", cfg.head_ratio)
+    _check(cfg.head_score in HEAD_SCORES, "head_score", f"choose one of {HEAD_SCORES}", cfg.head_score)
     for name in ("keep_float", "own_mixture"):
         for pattern in getattr(cfg, name):
             _check(_compiles(pattern), name, "not a valid regular expression", pattern)

@@ -26,7 +26,6 @@ from flax import nnx
 
 from gmm_quant import cli, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
-from gmm_quant.model_spec import make_model
 from gmm_quant.onnx_export.encodings import ENCODERS
 from gmm_quant.rules import path_str
 
@@ -130,7 +129,7 @@ def load_model_file(path, model: str | None = None):
     spec = model or compressed.model
     if spec is None:
         raise ValueError(f"{path} does not name its model; name it (model='package.module:factory')")
-    graphdef, like, rest = nnx.split(make_model(spec), nnx.Param, ...)
+    graphdef, like, rest = nnx.split(compressed.build_model(spec), nnx.Param, ...)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p, rest)(x)

@@ -69,7 +69,11 @@ def format_table(metrics: dict) -> str:
         files = {"model.gqz": metrics["file_bytes"], "model.onnx": (metrics.get("onnx") or {}).get("bytes")}
         shown = [f"{name} {n:,} bytes ({original / n:.1f}x)" for name, n in files.items() if n]
         lines.append("files on disk: " + "   ".join(shown))
-    errs = [k for k in ("pretrained", "retrained", "compressed", "finetuned") if f"error_{k}" in metrics]
+    if metrics.get("heads"):
+        kept = "  ".join(f"{p} {len(h['kept'])}/{h['of']}" for p, h in metrics["heads"].items())
+        lines.append(f"attention heads kept: {kept}")
+    stages = ("pretrained", "heads_pruned", "retrained", "compressed", "finetuned")
+    errs = [k for k in stages if f"error_{k}" in metrics]
     lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
     return "\n".join(lines)
 

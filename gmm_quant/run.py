@@ -21,7 +21,7 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
 from gmm_quant.rules import flatten
-from gmm_quant.stages import Stages, build_plan
+from gmm_quant.stages import Stages, build_plan, check_heads
 
 
 def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None):
@@ -104,6 +104,7 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     wd.check_usable(workdir, overwrite=overwrite)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
+    check_heads(cfg, nnx.merge(graphdef, params))
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
@@ -126,6 +127,9 @@ def train_and_evaluate(
 
         stage = Stages(cfg, apply_fn, (ds.x_train, ds.y_train), val, runner, test=(ds.x_test, ds.y_test))
         pretrained_params = stage.pretrain(params)
+        if cfg.head_threshold or cfg.head_ratio:
+            graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
+            plan = build_plan(cfg, pretrained_params)
         mixtures, retrained = stage.retrain(plan, pretrained_params)
         codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
         sample = ds.x_test[:64] if export_onnx else None
@@ -137,7 +141,7 @@ def train_and_evaluate(
 def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
-    summary = accounting.summarize(codebooks, flat)
+    summary = accounting.summarize(codebooks, flat, removed=stage.removed)
     model_path = workdir / "model.gqz"
     storage.save_compressed(model_path, codebooks, final, model=cfg.model, config=dataclasses.asdict(cfg))
     extra = {
@@ -149,6 +153,8 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(stage.val[1])},
         **{f"val_error_{k}": v for k, v in stage.val_errors.items()},
     }
+    if stage.heads:
+        extra["heads"] = stage.heads
     if onnx_sample is not None:
         extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "sparse")
     metrics = report.metrics_dict(stage.errors, summary, extra)

@@ -12,8 +12,13 @@ import re
 import time
 import warnings
 
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
 from gmm_quant import checkpoint as ckpt
-from gmm_quant import codebook, codebook_tuning, grid, loop, pipeline
+from gmm_quant import codebook, codebook_tuning, grid, heads, loop, pipeline
 from gmm_quant import config as cfgm
 from gmm_quant.distillation import distillation_loss
 from gmm_quant.mixture import MixtureConfig
@@ -66,6 +71,34 @@ def _leaf_settings(cfg, path, thresholds, used) -> dict:
     return {"per_layer": per_layer, "prune_threshold": threshold, "merge_kl": cfg.merge_kl or None}
 
 
+def _mean_cross_entropy(model, x, y, batch_size=1000) -> float:
+    total = 0.0
+    for i in range(0, len(y), batch_size):
+        logits = model(jnp.asarray(x[i : i + batch_size]))
+        total += float(
+            optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y[i : i + batch_size])).sum()
+        )
+    return total / len(y)
+
+
+def check_heads(cfg: cfgm.Config, model) -> None:
+    """Before any training: head pruning needs attention layers, and a ratio must leave a head in each."""
+    if not (cfg.head_threshold or cfg.head_ratio):
+        return
+    counts = heads.heads_kept(model)
+    field = "head_threshold" if cfg.head_threshold else "head_ratio"
+    if not counts:
+        raise cfgm.ConfigError(
+            f"invalid config field {field!r}: the model has no nnx.MultiHeadAttention layer"
+        )
+    for path, n in counts.items():
+        if cfg.head_ratio and round(cfg.head_ratio * n) >= n:
+            raise cfgm.ConfigError(
+                f"invalid config field 'head_ratio' = {cfg.head_ratio}: it would remove every one of the "
+                f"{n} heads of attention layer {path!r}"
+            )
+
+
 class Stages:
     """The training stages of one run, recording errors and wall times as they go.
 
@@ -76,6 +109,7 @@ class Stages:
         self.cfg, self.apply_fn, self.runner = cfg, apply_fn, runner
         self.train, self.val, self.test = train, val, test
         self.errors, self.val_errors, self.times = {}, {}, {}
+        self.removed, self.heads = 0, {}
 
     def _errors(self, name, params):
         if self.test is not None:
@@ -98,6 +132,28 @@ class Stages:
             params = self.runner("pretrain", setup, cfg.pretrain_epochs, None).trainable
         self._record("pretrained", params, "pretrain", start)
         return params
+
+    def prune_heads(self, graphdef, params):
+        """Remove attention heads by ``head_threshold`` / ``head_ratio`` (scores from the weights or the
+        validation loss); returns ``(graphdef, params)`` of the smaller model and rebinds ``apply_fn``."""
+        cfg = self.cfg
+        if not (cfg.head_threshold or cfg.head_ratio):
+            return graphdef, params
+        model = nnx.merge(graphdef, params)
+        if cfg.head_score == "weights":
+            scores = heads.weight_scores(model)
+        else:
+            x, y = self.val if len(self.val[1]) else self.train  # never the test set
+            scores = heads.loss_scores(model, lambda m: _mean_cross_entropy(m, x, y))
+        keep = heads.select_heads(scores, threshold=cfg.head_threshold or None, ratio=cfg.head_ratio or None)
+        before = sum(int(np.size(v)) for v in flatten(params).values())
+        heads.prune_heads(model, keep)
+        graphdef, params = nnx.split(model, nnx.Param)
+        self.removed = before - sum(int(np.size(v)) for v in flatten(params).values())
+        self.heads = {p: {"kept": keep[p], "of": len(s)} for p, s in scores.items()}
+        self.apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        self._errors("heads_pruned", params)
+        return graphdef, params
 
     def _task_loss(self):
         """Distillation from the pretrained model when ``distill_alpha`` > 0, else cross-entropy."""

@@ -86,17 +86,28 @@ class Compressed(NamedTuple):
 
         if self.model is None:
             raise ValueError("the file does not name its model; pass a params pytree of the right structure")
+        return nnx.split(self.build_model(), nnx.Param, ...)[1]
+
+    def shapes(self) -> dict:
+        """{path: shape} of every stored leaf."""
+        return {**{p: tuple(cb.indices.shape) for p, cb in self.codebooks.items()},
+                **{p: tuple(np.shape(v)) for p, v in self.float_leaves.items()}}  # fmt: skip
+
+    def build_model(self, spec: str | None = None):
+        """A fresh module of the model the file names (or ``spec``), its attention layers cut to the
+        heads the file stores (a model whose heads were pruned)."""
+        from gmm_quant import heads
         from gmm_quant.model_spec import make_model
 
-        return nnx.split(make_model(self.model), nnx.Param, ...)[1]
+        module = make_model(spec or self.model)
+        heads.fit_heads(module, self.shapes())
+        return module
 
     def load_model(self, model=None):
         """The Flax NNX module (``model``, or the one the file names) with the file's weights."""
         from flax import nnx
 
-        from gmm_quant.model_spec import make_model
-
-        module = model if model is not None else make_model(self.model) if self.model else None
+        module = model if model is not None else self.build_model() if self.model else None
         if module is None:
             raise ValueError("the file does not name its model; pass model=<an nnx.Module of that model>")
         graphdef, like, rest = nnx.split(module, nnx.Param, ...)
