@@ -27,21 +27,31 @@ def fit(centres):
     """(scale, zero_point, levels) with ``centres == float32(levels * scale)`` exactly and
     ``levels + zero_point`` in 0..255; None when the centres are not on such a grid.
 
-    The scale is the smallest non-zero |centre| divided by 1, 2, ..., 127 (the first that works).
+    The scale is the smallest (or the largest) non-zero |centre| divided by 1, 2, ..., 255, or a
+    float32 a few units in the last place from it (the first that reproduces every centre exactly).
     """
     c = np.asarray(centres, np.float32)
     nonzero = np.abs(c[c != 0])
     if nonzero.size == 0:
         return np.float32(1.0), 0, np.zeros(c.shape, np.int64)
-    smallest = float(nonzero.min())
-    for divisor in range(1, 128):
-        scale = np.float32(smallest / divisor)
-        levels = np.round(c / scale).astype(np.int64)
-        zero_point = -min(int(levels.min()), 0)
-        fits = int(levels.max()) + zero_point <= 255
-        if fits and np.array_equal((levels * scale).astype(np.float32), c):
-            return scale, zero_point, levels
+    for anchor in (float(nonzero.min()), float(nonzero.max())):
+        for divisor in range(1, 256):
+            for scale in _near(np.float32(anchor / divisor)):
+                levels = np.round(c / scale).astype(np.int64)
+                zero_point = -min(int(levels.min()), 0)
+                fits = int(levels.max()) + zero_point <= 255
+                if fits and np.array_equal((levels * scale).astype(np.float32), c):
+                    return scale, zero_point, levels
     return None
+
+
+def _near(x: np.float32, ulps: int = 3) -> list:
+    """``x`` and the float32 values up to ``ulps`` units in the last place either side of it."""
+    out, up, down = [x], x, x
+    for _ in range(ulps):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        out += [up, down]
+    return out
 
 
 def to_grid(codebook, bits: int = 4):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from onnx import helper
 
-from gmm_quant.onnx_export import ops_elementwise, ops_nn, ops_shape  # noqa: F401  (register handlers)
+from gmm_quant.onnx_export import ops_elementwise, ops_nn, ops_quant, ops_shape  # noqa: F401  (handlers)
 from gmm_quant.onnx_export.converter import (
     HANDLERS,
     TRACE_BATCH,

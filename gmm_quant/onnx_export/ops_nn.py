@@ -42,6 +42,11 @@ def dot_general(conv, eqn, x, w):
             return units.narrow_matmul(conv, eqn, x, w, _matmul)
         return _matmul(conv, x, w, shape)
     x, w = conv.full(x), conv.full(w)
+    k = len(lc)
+    trailing = tuple(lc) == tuple(range(nx - k, nx)) and tuple(rc) == tuple(range(k))
+    flat = _flat_weight(w, k) if not lb and trailing else None
+    if flat is not None:
+        return _dense_general(conv, x, flat, k, shape)
     letters = iter(string.ascii_lowercase)
     xs, ws = [next(letters) for _ in range(nx)], [None] * nw
     for i, j in zip(lb, rb, strict=True):
@@ -54,6 +59,35 @@ def dot_general(conv, eqn, x, w):
     equation = f"{''.join(xs)},{''.join(ws)}->{''.join([xs[i] for i in lb] + free_x + free_w)}"
     inputs = [_operand(conv, x, identity(nx)), _operand(conv, w, identity(nw))]
     return Sym(conv.node("Einsum", inputs, equation=equation), identity(len(shape)), shape)
+
+
+def _flat_weight(w, k: int):
+    """The weight as a 2-D [contracted, free] matrix (a WeightRef or constant), or None."""
+    if isinstance(w, WeightRef) and w.codebook is not None and w.make is not None:
+        cb = w.codebook
+        rows = int(np.prod(w.shape[:k]))
+        flat = cb._replace(indices=np.asarray(cb.indices).reshape(rows, -1))
+        return WeightRef(w.path, w.make(flat), flat.indices.shape, flat, w.make)
+    if isinstance(w, Sym | Narrow):
+        return None
+    arr = np.asarray(w, np.float32)
+    return arr.reshape(int(np.prod(arr.shape[:k])), -1)
+
+
+def _dense_general(conv, x, flat, k, shape):
+    """``x`` contracted over its last ``k`` axes with a weight's first ``k`` (Flax's LinearGeneral,
+    attention projections): one MatMul with the weight ``flat`` flattened to 2-D offline, so that a
+    quantised weight's DequantizeLinear feeds the MatMul directly and ONNX Runtime can fuse integer
+    kernels."""
+    x = conv.sym(x)
+    lead = x.shape[: len(x.shape) - k]
+    name = conv.plain(x)
+    if k > 1:
+        name = conv.node("Reshape", [name, conv.shape_tensor((*lead, int(np.prod(x.shape[-k:]))))])
+    out = conv.node("MatMul", [name, _operand(conv, flat, (0, 1))])
+    if len(shape) != len(lead) + 1:
+        out = conv.node("Reshape", [out, conv.shape_tensor(shape)])
+    return Sym(out, identity(len(shape)), shape)
 
 
 def _dilate(conv, name, spatial_axes_nc, factors, shape_nc):
