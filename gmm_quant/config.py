@@ -19,6 +19,7 @@ from gmm_quant.codebook import ASSIGNMENTS
 from gmm_quant.data import DATASETS
 
 HEAD_SCORES = ("weights", "loss")
+ACTIVATION_MODES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}  # weight bits, activation bits
 STAGES = ("pretrain", "retrain", "compress", "finetune")
 
 
@@ -70,6 +71,14 @@ class Config:
     grid_bits: int = (
         0  # > 0: centres kept on an evenly spaced signed grid of this many bits (ONNX grid export)
     )
+    activation_mode: str = ""  # "w8a8", "w4a8" or "w4a16": weight grid and activation widths ("" off)
+    activation_layers: str = ".*"  # regex of the Linear / LinearGeneral layers whose input is quantised
+    calibration_examples: int = 1024  # training examples that set the activation ranges
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits of the weights' evenly spaced grid: ``grid_bits``, or the activation mode's (0: none)."""
+        return self.grid_bits or (ACTIVATION_MODES[self.activation_mode][0] if self.activation_mode else 0)
 
     def fingerprint(self) -> str:
         """Hash of every field: checkpoints are only resumed under the same config."""
@@ -119,6 +128,14 @@ def validate(cfg: Config) -> Config:
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
     layer_thresholds(cfg)
+    modes = ("", *ACTIVATION_MODES)
+    _check(cfg.activation_mode in modes, "activation_mode", f"choose one of {modes}", cfg.activation_mode)
+    if cfg.activation_mode:
+        wbits = ACTIVATION_MODES[cfg.activation_mode][0]
+        same = cfg.grid_bits in (0, wbits)
+        _check(same, "grid_bits", f"conflicts with activation_mode {cfg.activation_mode!r}", cfg.grid_bits)
+    _check(_compiles(cfg.activation_layers), "activation_layers", "not a valid regex", cfg.activation_layers)
+    _check(cfg.calibration_examples >= 1, "calibration_examples", "must be >= 1", cfg.calibration_examples)
     above = "must be in [0, 1]: above 1 every head of every layer would go"
     _check(0 <= cfg.head_threshold <= 1, "head_threshold", above, cfg.head_threshold)
     _check(0 <= cfg.head_ratio < 1, "head_ratio", "must be in [0, 1)", cfg.head_ratio)

@@ -72,7 +72,7 @@ def format_table(metrics: dict) -> str:
     if metrics.get("heads"):
         kept = "  ".join(f"{p} {len(h['kept'])}/{h['of']}" for p, h in metrics["heads"].items())
         lines.append(f"attention heads kept: {kept}")
-    stages = ("pretrained", "heads_pruned", "retrained", "compressed", "finetuned")
+    stages = ("pretrained", "heads_pruned", "retrained", "compressed", "activations_quantised", "finetuned")
     errs = [k for k in stages if f"error_{k}" in metrics]
     lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import time
 
 import numpy as np
 import optax
@@ -131,7 +132,10 @@ def train_and_evaluate(
             graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
             plan = build_plan(cfg, pretrained_params)
         mixtures, retrained = stage.retrain(plan, pretrained_params)
-        codebooks, final = stage.compress_and_finetune(plan, mixtures, retrained)
+        start = time.perf_counter()
+        codebooks, snapped = stage.compress(plan, mixtures, retrained)
+        graphdef = stage.quantise_activations(graphdef, snapped)
+        codebooks, final = stage.finetune(codebooks, snapped, cfg.finetune_epochs, start)
         sample = ds.x_test[:64] if export_onnx else None
         metrics = _save_results(cfg, workdir, codebooks, final, stage, sample)
         _figures(workdir, plan, mixtures, pretrained_params, retrained)
@@ -143,7 +147,14 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
     summary = accounting.summarize(codebooks, flat, removed=stage.removed)
     model_path = workdir / "model.gqz"
-    storage.save_compressed(model_path, codebooks, final, model=cfg.model, config=dataclasses.asdict(cfg))
+    storage.save_compressed(
+        model_path,
+        codebooks,
+        final,
+        model=cfg.model,
+        config=dataclasses.asdict(cfg),
+        activations=stage.activations,
+    )
     extra = {
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -156,7 +167,7 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     if stage.heads:
         extra["heads"] = stage.heads
     if onnx_sample is not None:
-        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.grid_bits else "sparse")
+        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else "sparse")
     metrics = report.metrics_dict(stage.errors, summary, extra)
     report.write_metrics(workdir, metrics)
     return metrics

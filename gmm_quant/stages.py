@@ -20,6 +20,7 @@ from flax import nnx
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import codebook, codebook_tuning, grid, heads, loop, pipeline
 from gmm_quant import config as cfgm
+from gmm_quant.activations import points
 from gmm_quant.distillation import distillation_loss
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
@@ -109,7 +110,7 @@ class Stages:
         self.cfg, self.apply_fn, self.runner = cfg, apply_fn, runner
         self.train, self.val, self.test = train, val, test
         self.errors, self.val_errors, self.times = {}, {}, {}
-        self.removed, self.heads = 0, {}
+        self.removed, self.heads, self.activations = 0, {}, None
 
     def _errors(self, name, params):
         if self.test is not None:
@@ -181,8 +182,8 @@ class Stages:
     def compress(self, plan, mixtures, retrained):
         """(codebooks, snapped params) of the retrained model, on the grid when ``grid_bits``."""
         codebooks, snapped = codebook.compress(plan, mixtures, retrained, assignment=self.cfg.assignment)
-        if self.cfg.grid_bits:
-            codebooks = {p: grid.to_grid(cb, self.cfg.grid_bits) for p, cb in codebooks.items()}
+        if self.cfg.weight_bits:
+            codebooks = {p: grid.to_grid(cb, self.cfg.weight_bits) for p, cb in codebooks.items()}
             snapped = codebook.dequantize(codebooks, retrained)
         self._errors("compressed", snapped)
         return codebooks, snapped
@@ -193,17 +194,33 @@ class Stages:
         if epochs:
             loss, opt, trainable, build = pipeline.finetune_setup(
                 self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr,
-                grid=bool(cfg.grid_bits), task_loss=self._task_loss(),
+                grid=bool(cfg.weight_bits), task_loss=self._task_loss(),
             )  # fmt: skip
             parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self.runner("finetune", (loss, opt, trainable), epochs, parent).trainable
             selection = self.val if len(self.val[1]) else self.train  # never the test set
             tuned, improved = pipeline.keep_better(loss, trainable, tuned, selection)
             if improved:
-                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.grid_bits))
+                codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.weight_bits))
                 final = codebook.dequantize(codebooks, build(tuned))
         self._record("finetuned", final, "compress_finetune", start)
         return codebooks, final
+
+    def quantise_activations(self, graphdef, params):
+        """Attach calibrated input quantisation to the ``activation_layers`` (modes with 8-bit
+        activations); returns the graphdef of the quantising model and rebinds ``apply_fn``."""
+        cfg = self.cfg
+        if not cfg.activation_mode or cfgm.ACTIVATION_MODES[cfg.activation_mode][1] is None:
+            return graphdef
+        model = nnx.merge(graphdef, params)
+        x = self.train[0][: cfg.calibration_examples]  # training data: calibration is a selection too
+        batches = [x[i : i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size)]
+        self.activations = points.calibrate(model, cfg.activation_layers, batches, 8)
+        points.attach(model, self.activations)
+        graphdef = nnx.split(model, nnx.Param)[0]
+        self.apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        self._errors("activations_quantised", params)
+        return graphdef
 
     def compress_and_finetune(self, plan, mixtures, retrained):
         start = time.perf_counter()

@@ -62,6 +62,7 @@ class Compressed(NamedTuple):
     float_leaves: dict  # {path: float32 array}
     model: str | None
     config: dict | None
+    activations: dict | None = None  # {layer: (scale, zero_point, bits)} of activation quantisation
 
     def params(self, like=None):
         """The file's weights as a params pytree shaped like ``like``; by default the ``nnx.Param``
@@ -101,6 +102,10 @@ class Compressed(NamedTuple):
 
         module = make_model(spec or self.model)
         heads.fit_heads(module, self.shapes())
+        if self.activations:
+            from gmm_quant.activations import points
+
+            points.attach(module, self.activations)
         return module
 
     def load_model(self, model=None):
@@ -145,6 +150,7 @@ def save_compressed(
     *,
     model: str | None = None,
     config: dict | None = None,
+    activations: dict | None = None,
     version: int = VERSION,
 ):
     """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
@@ -152,7 +158,8 @@ def save_compressed(
     ``model`` names the model so the file can be loaded without a template: a project model name or
     ``"package.module:factory"`` (see ``model_spec``). ``version`` 2 (the default) stores each layer's
     non-zero positions and centre indices entropy-coded (``sparse_streams``); version 1 stores every
-    index bit-packed.
+    index bit-packed. ``activations`` ({layer: (scale, zero_point, bits)}) records activation
+    quantisation, re-attached when the file's model is rebuilt.
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version}")
@@ -178,6 +185,7 @@ def save_compressed(
             "version": version,
             "model": model,
             "config": config,
+            **({"activations": {k: list(v) for k, v in activations.items()}} if activations else {}),
             "leaves": leaves,
             "payload_sha256": hashlib.sha256(payload).hexdigest(),
         },
@@ -266,10 +274,21 @@ def _check_header(meta, path) -> None:
     _require(isinstance(meta.get("leaves"), list), path, "no list of leaves")
     _require(meta.get("model") is None or isinstance(meta["model"], str), path, "model is not a string")
     _require(meta.get("config") is None or isinstance(meta["config"], dict), path, "config is not an object")
+    _check_activations(meta.get("activations"), path)
     for leaf in meta["leaves"]:
         _check_leaf(leaf, path)
     names = [leaf["path"] for leaf in meta["leaves"]]
     _require(len(set(names)) == len(names), path, "a leaf is listed twice")
+
+
+def _check_activations(acts, path) -> None:
+    if acts is None:
+        return
+    _require(isinstance(acts, dict), path, "activations is not an object")
+    for name, v in acts.items():
+        ok = isinstance(v, list) and len(v) == 3 and isinstance(v[0], float) and math.isfinite(v[0])
+        ok = ok and v[0] > 0 and _is_count(v[1]) and v[2] == 8 and v[1] <= 255
+        _require(ok, path, f"activation quantisation of {name}: invalid (scale, zero point, bits) {v!r}")
 
 
 def _slice(payload: bytes, entry: dict, path, name) -> bytes:
@@ -313,4 +332,5 @@ def load_compressed(path) -> Compressed:
             if data.size != count:
                 raise CorruptFile(f"{path}: {name} holds {data.size} values, shape {shape} needs {count}")
             floats[name] = data.astype(np.float32).reshape(shape)
-    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"))
+    acts = {k: tuple(v) for k, v in meta.get("activations", {}).items()}
+    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None)

@@ -1,8 +1,8 @@
 """Where activations are quantised: the inputs of matched ``nnx.Linear`` / ``nnx.LinearGeneral`` layers.
 
-``MODES`` name the weight and activation widths: ``w8a8``, ``w4a8`` (activations 8-bit unsigned,
-per tensor) and ``w4a16`` (activations stay floating point: weight-only quantisation). Weights go on
-an evenly spaced grid of the mode's width through the existing ``grid_bits`` path.
+``config.ACTIVATION_MODES`` name the weight and activation widths: ``w8a8``, ``w4a8`` (activations
+8-bit unsigned, per tensor) and ``w4a16`` (activations stay floating point: weight-only
+quantisation). Weights go on an evenly spaced grid of the mode's width (the ``grid_bits`` path).
 
 ``attach(model, scales)`` makes each listed layer quantise its input first, in place, without
 changing any parameter path: the layer's class becomes a subclass whose ``__call__`` applies
@@ -21,7 +21,6 @@ from flax import nnx
 from gmm_quant.activations.fake_quant import fake_quant, range_params
 from gmm_quant.rules import path_str
 
-MODES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}  # (weight bits, activation bits or None)
 LAYERS = (nnx.Linear, nnx.LinearGeneral)
 _SUBCLASSES: dict = {}
 _RANGES: dict = {}  # calibration: {path: [lo, hi]}
