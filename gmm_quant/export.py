@@ -105,9 +105,34 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
         raise ExportMismatch("the model's outputs on the sample are not finite; file not written")
     diff = float(np.max(np.abs(ours - ref)))
     allowed = tolerance * max(1.0, float(np.max(np.abs(ref))))
+    if _quantises_activations(model) and ref.ndim == 2:
+        return _verify_quantised(ours, ref, diff)
     if not diff <= allowed:
         message = f"ONNX Runtime differs from JAX by {diff:.3g} (> {allowed:.2g}); file not written"
         raise ExportMismatch(message)
+    return diff
+
+
+QUANTISED_AGREEMENT = 0.98
+
+
+def _quantises_activations(model) -> bool:
+    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
+def _verify_quantised(ours, ref, diff) -> float:
+    """Activation quantisation: a value a float32 rounding away from a code boundary may take the
+    neighbouring code in ONNX Runtime (which orders some float arithmetic differently) and carry that
+    step downstream. Required: at least ``QUANTISED_AGREEMENT`` of the rows within one step of the
+    logits quantised to 8 bits (their range / 255), and as many with the same argmax."""
+    step = float(ref.max() - ref.min()) / 255
+    within = float(np.mean(np.abs(ours - ref).max(axis=1) <= step))
+    same = float(np.mean(ours.argmax(1) == ref.argmax(1)))
+    if min(within, same) < QUANTISED_AGREEMENT:
+        raise ExportMismatch(
+            f"ONNX Runtime differs from the fake-quantised JAX model: {within:.1%} of the rows within one "
+            f"step of the logits ({step:.3g}), {same:.1%} with the same argmax; file not written"
+        )
     return diff
 
 

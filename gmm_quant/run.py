@@ -22,7 +22,7 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
 from gmm_quant.rules import flatten
-from gmm_quant.stages import Stages, build_plan, check_heads
+from gmm_quant.stages import Stages, build_plan, check_activations, check_heads
 
 
 def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None):
@@ -106,6 +106,7 @@ def train_and_evaluate(
     wd.check_usable(workdir, overwrite=overwrite)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
     check_heads(cfg, nnx.merge(graphdef, params))
+    check_activations(cfg, nnx.merge(graphdef, params))
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})

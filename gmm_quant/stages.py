@@ -100,6 +100,16 @@ def check_heads(cfg: cfgm.Config, model) -> None:
             )
 
 
+def check_activations(cfg: cfgm.Config, model) -> None:
+    """Before any training: the layers whose inputs a mode quantises must exist."""
+    quantised = cfg.activation_mode and cfgm.ACTIVATION_MODES[cfg.activation_mode][1]
+    if quantised and not points.points(model, cfg.activation_layers):
+        raise cfgm.ConfigError(
+            f"invalid config field 'activation_layers' = {cfg.activation_layers!r}: "
+            "matches no Linear / LinearGeneral layer of the model"
+        )
+
+
 class Stages:
     """The training stages of one run, recording errors and wall times as they go.
 
