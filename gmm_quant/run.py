@@ -12,7 +12,6 @@ import pathlib
 import time
 
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -64,12 +63,22 @@ def _load_pretrained(path, like):
         raise FileNotFoundError(
             f"pretrained {path}: neither a .gqz file nor a work directory with a pretraining"
         )
-    store = ckpt.StageCheckpoints(path, "pretrain", read_only=True)
-    _epoch, state = store.restore_latest(loop.init_state(like, optax.adam(1e-3)))
-    store.close()
-    if state is None:
+    params = pretrained_params(path, like)
+    if params is None:
         raise FileNotFoundError(f"pretrained {path}: no intact pretraining checkpoint in it")
-    return state.trainable
+    return params
+
+
+def pretrained_params(workdir, like):
+    """The params of a work directory's newest intact pretraining checkpoint (None if there is none),
+    restored through the optimiser state its config used (a cosine schedule adds a step count)."""
+    saved = wd.saved_config(workdir)
+    cosine = saved.pretrain_cosine and saved.pretrain_epochs
+    _, optimizer, _ = pipeline.pretrain_setup(None, like, total_steps=1 if cosine else 0)
+    store = ckpt.StageCheckpoints(workdir, "pretrain", read_only=True)
+    _epoch, state = store.restore_latest(loop.init_state(like, optimizer))
+    store.close()
+    return None if state is None else state.trainable
 
 
 def _check_data(cfg: cfgm.Config, ds: data.Dataset, n_val: int) -> None:

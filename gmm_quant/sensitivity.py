@@ -86,30 +86,27 @@ def plot(result: dict, path) -> None:
 
 
 def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
-    import optax
     from flax import nnx
 
-    from gmm_quant import checkpoint, data, stages
+    from gmm_quant import data, run, stages
     from gmm_quant import workdir as workdir_lib
     from gmm_quant.model_spec import make_model
 
     cfg = workdir_lib.saved_config(workdir)
     graphdef, like = nnx.split(make_model(cfg.model, cfg.seed), nnx.Param)
-    store = checkpoint.StageCheckpoints(workdir, "pretrain", read_only=True)
-    _epoch, state = store.restore_latest(loop.init_state(like, optax.adam(1e-3)))
-    store.close()
-    if state is None:
+    params = run.pretrained_params(workdir, like)
+    if params is None:
         raise FileNotFoundError(f"{workdir}: no intact pretraining checkpoint")
     ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
     # the run's own held-out split; runs made before it existed (val_fraction 0) get a fresh 10%,
     # which they have trained on
     _ds, val = data.split_validation(ds, cfg.val_fraction or VAL_FRACTION, cfg.seed)
-    plan = stages.build_plan(cfg, state.trainable)
+    plan = stages.build_plan(cfg, params)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    return layer_sensitivity(apply_fn, state.trainable, plan.quantised(), val, ks=ks, fractions=fractions)
+    return layer_sensitivity(apply_fn, params, plan.quantised(), val, ks=ks, fractions=fractions)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from gmm_quant import loop, sensitivity
+from gmm_quant import loop
 from gmm_quant.config import Config
 from gmm_quant.rules import flatten
 from gmm_quant.search import space as space_lib
@@ -56,6 +56,8 @@ def prepare(apply_fn, params, train, val, *, budget, base, space) -> study_lib.S
     baseline = loop.error_rate(apply_fn, params, *val)
     sensitive = []
     if "keep_float" in space:
+        from gmm_quant import sensitivity  # a command module: imported only when used
+
         table = sensitivity.layer_sensitivity(apply_fn, params, layers, val, ks=(3,), fractions=())
         sizes = {p: int(np.size(v)) for p, v in flatten(params).items() if p in layers}
         sensitive = space_lib.sensitive_layers(table, budget / 100, sizes)
