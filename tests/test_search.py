@@ -42,13 +42,14 @@ def test_suggestions_become_the_config_fields_they_name():
     params = {"tau_x": 2.0, "hyperprior_x": 10.0, "own/layers/1/kernel": True, "own/layers/0/kernel": False,
               "own/layers/2/kernel": False, "prune/layers/0/kernel": 1e-3, "prune/layers/1/kernel": 1e-4,
               "prune/layers/2/kernel": 1e-5, "distill": True, "quantise_biases": True, "retrain_x": 2.0,
-              "num_components": 9}  # fmt: skip
+              "num_components": 9, "precision_x": 2.0}  # fmt: skip
     dims = Space(("tau", "hyperprior", "own_mixture", "layer_prune", "distill", "quantise_biases",
-                  "retrain_epochs", "num_components"))  # fmt: skip
+                  "retrain_epochs", "num_components", "precision"))  # fmt: skip
     out = space_lib.suggest(optuna.trial.FixedTrial(params), dims, base, LAYERS, [])
     cfg = cfgm.validate(Config(**{**Config().__dict__, **out}))
     assert cfg.tau == pytest.approx(0.02) and cfg.retrain_epochs == 20 and cfg.num_components == 9
-    assert cfg.gamma == pytest.approx((500.0, 0.1)) and cfg.zero_gamma == pytest.approx((5000.0, 1.0))
+    # strength x10 keeps the mean precision alpha / beta; precision x2 halves the betas
+    assert cfg.gamma == pytest.approx((500.0, 0.05)) and cfg.zero_gamma == pytest.approx((5000.0, 0.5))
     assert cfg.distill_alpha == 0.5 and cfg.quantise_biases
     _, p = nnx.split(models.create("digits_mlp", 0), nnx.Param)
     plan = build_plan(cfg, p)

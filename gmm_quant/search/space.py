@@ -17,6 +17,7 @@ from gmm_quant.config import Config
 DIMENSIONS = (
     "tau",  # prior strength: base tau x [1/5, 5], log-uniform
     "hyperprior",  # Gamma hyper-prior strength: both (alpha, beta) pairs x [1/10, 10], log-uniform
+    "precision",  # the hyper-priors' mean precision x [1/3, 3] (their betas divided), log-uniform
     "num_components",  # 9, 17 or 33 components
     "prune_threshold",  # one threshold for all layers, fraction of a layer in [1e-5, 1e-2], log
     "layer_prune",  # a threshold per quantised layer instead (same range)
@@ -26,7 +27,9 @@ DIMENSIONS = (
     "retrain_epochs",  # base retraining length x 0.5, 1 or 2
     "quantise_biases",  # biases keep float32 or get codebooks of their own
 )
-DEFAULT_DIMENSIONS = ("tau", "hyperprior", "own_mixture", "layer_prune", "distill", "quantise_biases")
+DEFAULT_DIMENSIONS = (
+    "tau", "hyperprior", "precision", "own_mixture", "layer_prune", "distill", "quantise_biases",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +69,11 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
     out = {}
     if "tau" in space:
         out["tau"] = base.tau * trial.suggest_float("tau_x", 0.2, 5.0, log=True)
-    if "hyperprior" in space:
-        s = trial.suggest_float("hyperprior_x", 0.1, 10.0, log=True)
-        out["zero_gamma"] = tuple(v * s for v in base.zero_gamma)
-        out["gamma"] = tuple(v * s for v in base.gamma)
+    s = trial.suggest_float("hyperprior_x", 0.1, 10.0, log=True) if "hyperprior" in space else 1.0
+    m = trial.suggest_float("precision_x", 1 / 3, 3.0, log=True) if "precision" in space else 1.0
+    if {"hyperprior", "precision"} & set(space.dimensions):
+        out["zero_gamma"] = (base.zero_gamma[0] * s, base.zero_gamma[1] * s / m)
+        out["gamma"] = (base.gamma[0] * s, base.gamma[1] * s / m)
     if "num_components" in space:
         out["num_components"] = trial.suggest_categorical("num_components", [9, 17, 33])
     if "prune_threshold" in space:
@@ -96,7 +100,8 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
 
 def base_point(space: Space, layers: list[str], sensitive: list[str]) -> dict:
     """Optuna parameters that reproduce the base config (enqueued as a new study's first trial)."""
-    point = {"tau_x": 1.0, "hyperprior_x": 1.0, "distill": False, "retrain_x": 1.0, "quantise_biases": False}
+    point = {"tau_x": 1.0, "hyperprior_x": 1.0, "precision_x": 1.0, "distill": False, "retrain_x": 1.0}
+    point["quantise_biases"] = False
     point.update({f"own/{p}": False for p in layers})
     point.update({f"float/{p}": False for p in sensitive})
     point.update({f"prune/{p}": 1e-5 for p in layers})

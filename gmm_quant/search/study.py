@@ -56,7 +56,7 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
             ) from None
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
     # prune only the bottom quarter at a rung: rung scores are noisy (the objective is what counts)
-    pruner = optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup_trials)
+    pruner = optuna.pruners.PercentilePruner(75.0, n_startup_trials=startup_trials)  # keeps the top 75%
     return optuna.create_study(
         storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
         load_if_exists=True,
