@@ -1,0 +1,148 @@
+"""The Vision Transformer table: float / codebooks / codebooks + head pruning / W8A8 / W4A8 / W4A16.
+
+    python bench/vit.py --data-dir ../shared/data --workdir runs/bench_vit [--retrain-epochs N]
+
+``vit_mnist`` (models/vit.py) is pretrained once (kept in WORKDIR/pretrained.gqz for reruns) and
+retrained with the mixture prior once; every codebook row starts from that retrained model (compress,
+then the mode's grid and calibrated activation quantisation, then fine-tuning); the head-pruning row
+removes the quarter of heads with the lowest Q/K/V scores after pretraining and retrains. Selection
+uses the validation split; the test error is reported. Latency: ONNX Runtime, median of interleaved
+runs of every export against the float32 export in the same process (ratios, batch 1 and 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import numpy as np
+from flax import nnx
+
+import models
+from gmm_quant import accounting, data, export, storage
+from gmm_quant import config as cfgm
+from gmm_quant.rules import flatten
+from gmm_quant.search.trial import memory_runner
+from gmm_quant.stages import Stages, build_plan
+
+MODES = {"codebooks": "", "W8A8": "w8a8", "W4A8": "w4a8", "W4A16": "w4a16"}
+
+
+def _pretrained(cfg, workdir, stages, graphdef, params):
+    path = workdir / "pretrained.gqz"
+    if path.is_file():
+        return storage.load_compressed(path).params(params)
+    params = stages.pretrain(params)
+    storage.save_compressed(path, {}, params, model=cfg.model)
+    return params
+
+
+def _row(name, st, graphdef, codebooks, final, x, test, encoding):
+    apply_fn = st.apply_fn
+    flat = {p: np.asarray(v) for p, v in flatten(final).items()}
+    summary = accounting.summarize(codebooks, flat, removed=st.removed)
+    onnx_model = export.to_onnx(apply_fn, final, codebooks, x[:8], encoding=encoding)
+    export.verify(onnx_model, apply_fn, final, x[:256])
+    heads = st.heads or {}
+    kept = sum(len(h["kept"]) for h in heads.values()) if heads else None
+    return {
+        "variant": name,
+        "test_error": st.errors.get("finetuned", st.errors.get("pretrained")),
+        "val_error": st.val_errors.get("finetuned", st.val_errors.get("pretrained")),
+        "nonzero_percent": 100 * summary["nonzero_fraction"] if codebooks else 100.0,
+        "heads_kept": kept,
+        "compression_ratio": summary["compression_ratio"] if codebooks else 1.0,
+        "onnx": onnx_model,
+        "onnx_bytes": len(onnx_model.SerializeToString()),
+    }
+
+
+def _latency(rows, x, repeats):
+    sessions = {r["variant"]: export.session(r["onnx"]) for r in rows}
+    out = {}
+    for batch in (1, 64):
+        xb = x[:batch]
+        times = {k: [] for k in sessions}
+        for s in sessions.values():
+            s.run(None, {"input": xb})
+        for _ in range(repeats):
+            for k, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, {"input": xb})
+                times[k].append(time.perf_counter() - start)
+        med = {k: float(np.median(t)) for k, t in times.items()}
+        out[batch] = {k: v / med["float32"] for k, v in med.items()}
+    return out
+
+
+def run(args) -> list[dict]:
+    fields = ("pretrain_epochs", "retrain_epochs", "finetune_epochs", "train_subset")
+    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    cfg = cfgm.override(cfgm.load("vit_mnist"), given)
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mnist = data.load("mnist", args.data_dir, cfg.train_subset or None)
+    ds, val = data.split_validation(mnist, cfg.val_fraction, cfg.seed)
+    train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+    graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
+
+    def stages(c):
+        apply_fn = lambda p, v: nnx.merge(graphdef, p)(v)  # noqa: E731
+        return Stages(c, apply_fn, train, val, memory_runner(c, train), test=test)
+
+    base = stages(cfg)
+    pretrained = _pretrained(cfg, workdir, base, graphdef, params)
+    base._errors("pretrained", pretrained)
+    rows = [_row("float32", base, graphdef, {}, pretrained, ds.x_test, test, "codebook")]
+    plan = build_plan(cfg, pretrained)
+    mixtures, retrained = base.retrain(plan, pretrained)
+    for name, mode in MODES.items():
+        st = stages(dataclasses.replace(cfg, activation_mode=mode))
+        codebooks, snapped = st.compress(plan, mixtures, retrained)
+        g = st.quantise_activations(graphdef, snapped)
+        codebooks, final = st.finetune(codebooks, snapped, cfg.finetune_epochs)
+        rows.append(_row(name, st, g, codebooks, final, ds.x_test, test, "grid" if mode else "sparse"))
+    st = stages(dataclasses.replace(cfg, head_ratio=args.head_ratio))
+    g, pruned = st.prune_heads(graphdef, pretrained)
+    plan_h = build_plan(st.cfg, pruned)
+    mix_h, retrained_h = st.retrain(plan_h, pruned)
+    codebooks, snapped = st.compress(plan_h, mix_h, retrained_h)
+    codebooks, final = st.finetune(codebooks, snapped, cfg.finetune_epochs)
+    rows.append(_row(f"codebooks + heads ({args.head_ratio:.0%} pruned)", st, g, codebooks, final,
+                     ds.x_test, test, "sparse"))  # fmt: skip
+    latency = _latency(rows, ds.x_test.astype(np.float32), args.repeats)
+    for r in rows:
+        r["latency_b1"], r["latency_b64"] = latency[1][r["variant"]], latency[64][r["variant"]]
+        del r["onnx"]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--workdir", default="runs/bench_vit")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: the vit_mnist config's")
+    ap.add_argument("--retrain-epochs", type=int, default=None)
+    ap.add_argument("--finetune-epochs", type=int, default=None)
+    ap.add_argument("--train-subset", type=int, default=None, help="first N training images (smoke runs)")
+    ap.add_argument("--head-ratio", type=float, default=0.25)
+    ap.add_argument("--repeats", type=int, default=200)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    rows = run(args)
+    head = f"{'variant':<34} {'test err':>8} {'non-zero':>8} {'heads':>5} {'CR':>7} {'ONNX B':>8}"
+    print(f"{head} {'b1':>6} {'b64':>6}")
+    for r in rows:
+        heads = "-" if r["heads_kept"] is None else str(r["heads_kept"])
+        print(f"{r['variant']:<34} {100 * r['test_error']:>7.2f}% {r['nonzero_percent']:>7.1f}% {heads:>5} "
+              f"{r['compression_ratio']:>6.1f}x {r['onnx_bytes']:>8,} {r['latency_b1']:>5.2f}x "
+              f"{r['latency_b64']:>5.2f}x")  # fmt: skip
+    print(f"wall time {time.perf_counter() - start:.0f} s")
+    (pathlib.Path(args.workdir) / "vit_table.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
