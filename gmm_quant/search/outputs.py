@@ -71,7 +71,11 @@ def plot_pareto(rows: list[dict], limit_percent: float, baseline_percent: float,
     done = [(r["compression_ratio"], r["val_error_percent"]) for r in rows if r["state"] == "complete"]
     fig, ax = plt.subplots(figsize=(6, 4))
     if done:
-        ax.scatter(*zip(*done, strict=True), s=18, color="tab:blue", label="trial")
+        ok = [p for p in done if p[1] <= limit_percent]
+        over = [p for p in done if p[1] > limit_percent]
+        for points, colour, label in ((ok, "tab:green", "within budget"), (over, "tab:gray", "over budget")):
+            if points:
+                ax.scatter(*zip(*points, strict=True), s=18, color=colour, label=f"trial, {label}")
         front = pareto_front(done)
         ax.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
     ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
