@@ -1,9 +1,9 @@
 """A small Vision Transformer on MNIST: every attention projection and MLP matrix under the prior.
 
 7x7 patches -> 16 tokens + a class token, width 64, 4 heads, 4 pre-norm blocks (``models/vit.py``).
-The class token and position embeddings stay float32 (``keep_float``), as do the LayerNorm scales
-and biases; the biases of every layer get codebooks of their own (``quantise_biases``): at tau 1.0,
-3% non-zero weights, float leaves were 80% of the compressed bytes.
+The class token and position embeddings stay float32 (``keep_float``), as do the LayerNorm scales;
+every bias (LayerNorm's included) gets a codebook of its own (``quantise_biases``): at tau 1.0 with
+3% of the weights non-zero, float leaves were 80% of the compressed bytes.
 
 Command:  python -m gmm_quant.train --config vit_mnist --data-dir ../shared/data --workdir runs/vit
 Runtime:  see BENCHMARKS.md ("A Vision Transformer") for the measured runtime on 2 CPU cores.
