@@ -30,13 +30,15 @@ def init_centres(codebooks: dict) -> dict:
 
 
 def grid_scales(codebooks: dict) -> dict:
-    """``{path: scale}`` of codebooks whose centres lie on a grid (``grid.fit``)."""
+    """``{path: (scale, limit)}`` of codebooks whose centres lie on a grid (``grid.fit``): ``limit`` is
+    the outermost level of the signed 4-bit (7) or 8-bit (127) grid the centres fit in."""
     scales = {}
     for path, cb in codebooks.items():
         fitted = grid_lib.fit(cb.centres)
         if fitted is None:
             raise ValueError(f"layer {path}: centres are not on an evenly spaced grid containing zero")
-        scales[path] = float(fitted[0])
+        top = int(np.abs(fitted[2]).max())
+        scales[path] = (float(fitted[0]), 7 if top <= 7 else 127)
     return scales
 
 
@@ -44,7 +46,7 @@ def effective_centres(centres: dict, scales: dict | None = None) -> dict:
     """The free centres as the model uses them: rounded onto each layer's grid when ``scales`` given."""
     if not scales:
         return centres
-    return {p: grid_lib.project(c, scales[p]) for p, c in centres.items()}
+    return {p: grid_lib.project(c, *scales[p]) for p, c in centres.items()}
 
 
 def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = True, grid: bool = False):

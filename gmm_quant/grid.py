@@ -17,9 +17,13 @@ def grid_scale(centres, bits: int) -> float:
     return top / (2 ** (bits - 1) - 1) if top > 0 else 1.0
 
 
-def project(centres, scale):
-    """Centres rounded to multiples of ``scale``; gradient passes straight through."""
-    snapped = jnp.round(centres / scale) * scale
+def project(centres, scale, limit=None):
+    """Centres rounded to multiples of ``scale`` (levels clipped to [-limit, limit], so that fine-tuning
+    never leaves the grid's bit width); gradient passes straight through."""
+    levels = jnp.round(centres / scale)
+    if limit is not None:
+        levels = jnp.clip(levels, -limit, limit)
+    snapped = levels * scale
     return centres + jax.lax.stop_gradient(snapped.astype(centres.dtype) - centres)
 
 

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gmm_quant import grid
 from gmm_quant.codebook import Codebook
@@ -25,3 +26,16 @@ def test_project_rounds_with_a_straight_through_gradient():
     c = jnp.array([0.26, -0.49])
     np.testing.assert_allclose(grid.project(c, 0.25), [0.25, -0.5])
     np.testing.assert_allclose(jax.grad(lambda c: jnp.sum(3 * grid.project(c, 0.25)))(c), [3.0, 3.0])
+
+
+@pytest.mark.parametrize("bits, top", [(4, 7), (8, 127)])
+def test_fine_tuned_centres_never_leave_the_grids_bit_width(bits, top):
+    from gmm_quant import codebook_tuning
+    from gmm_quant.codebook import make_codebook
+
+    centres = np.array([0.0, -0.3, 0.1, 0.5], np.float32)
+    cb = grid.to_grid(make_codebook(centres[np.array([0, 1, 2, 3, 3])], centres), bits)
+    drifted = {"centres": {"w": np.asarray(cb.centres[1:]) * 3.0}}  # latents pushed far past the top level
+    out = codebook_tuning.updated_codebooks({"w": cb}, drifted, grid=True)["w"]
+    scale, _, levels = grid.fit(out.centres)
+    assert np.abs(levels).max() <= top and scale == grid.fit(cb.centres)[0]
