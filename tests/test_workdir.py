@@ -33,6 +33,9 @@ def test_overwrite_deletes_only_what_the_pipeline_wrote(tmp_path):
     wd.claim(workdir, cfgm.load("tiny"))
     for name in ("metrics.json", "model.gqz", "model.onnx", "weights.png", "scatter.png"):
         (workdir / name).write_bytes(b"output")
+    for name in ("study.db", "best_config.json", "trials.csv", "pareto.png", "search.json"):  # tune's
+        (workdir / name).write_bytes(b"output")
+    (workdir / "final" / "checkpoints").mkdir(parents=True)
     (workdir / "checkpoints" / "retrain" / "3").mkdir(parents=True)
     (workdir / "notes.txt").write_text("mine")
     (workdir / "plots").mkdir()
