@@ -31,31 +31,32 @@ def fit(centres):
     """(scale, zero_point, levels) with ``centres == float32(levels * scale)`` exactly and
     ``levels + zero_point`` in 0..255; None when the centres are not on such a grid.
 
-    The scale is the smallest (or the largest) non-zero |centre| divided by 1, 2, ..., 255, or a
-    float32 a few units in the last place from it (the first that reproduces every centre exactly).
+    Candidate scales: every non-zero |centre| divided by 1, 2, ..., 255, and the float32 values a few
+    units in the last place either side; the largest candidate that reproduces every centre wins.
     """
     c = np.asarray(centres, np.float32)
-    nonzero = np.abs(c[c != 0])
+    nonzero = np.unique(np.abs(c[c != 0]))
     if nonzero.size == 0:
         return np.float32(1.0), 0, np.zeros(c.shape, np.int64)
-    for anchor in (float(nonzero.min()), float(nonzero.max())):
-        for divisor in range(1, 256):
-            for scale in _near(np.float32(anchor / divisor)):
-                levels = np.round(c / scale).astype(np.int64)
-                zero_point = -min(int(levels.min()), 0)
-                fits = int(levels.max()) + zero_point <= 255
-                if fits and np.array_equal((levels * scale).astype(np.float32), c):
-                    return scale, zero_point, levels
-    return None
+    scales = np.unique(_near((nonzero[:, None] / np.arange(1, 256)).astype(np.float32).ravel()))[::-1]
+    scales = scales[scales > 0]
+    levels = np.round(c[None, :] / scales[:, None]).astype(np.int64)
+    exact = np.all((levels * scales[:, None]).astype(np.float32) == c[None, :], axis=1)
+    span = levels.max(axis=1) - np.minimum(levels.min(axis=1), 0) <= 255
+    hits = np.flatnonzero(exact & span)
+    if hits.size == 0:
+        return None
+    best = levels[hits[0]]
+    return scales[hits[0]], -min(int(best.min()), 0), best
 
 
-def _near(x: np.float32, ulps: int = 3) -> list:
-    """``x`` and the float32 values up to ``ulps`` units in the last place either side of it."""
+def _near(x: np.ndarray, ulps: int = 3) -> np.ndarray:
+    """``x`` and the float32 values up to ``ulps`` units in the last place either side of each."""
     out, up, down = [x], x, x
     for _ in range(ulps):
         up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
         out += [up, down]
-    return out
+    return np.concatenate(out)
 
 
 def to_grid(codebook, bits: int = 4):
