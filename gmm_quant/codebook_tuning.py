@@ -16,6 +16,8 @@ rounded centres in all three settings tried, so the rounded centres stay.
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -78,9 +80,17 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
 def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> dict:
     """Codebooks with the fine-tuned centres: every weight keeps its centre, zero stays exactly 0.0;
     centres that became equal (two latents rounded onto one grid level) are merged into one."""
-    centres = effective_centres(trainable["centres"], grid_scales(codebooks) if grid else None)
+    scales = grid_scales(codebooks) if grid else None
+    centres = effective_centres(trainable["centres"], scales)
     out = {}
     for path, cb in codebooks.items():
         full = np.concatenate([np.zeros(1, np.float32), np.asarray(centres[path], np.float32)])
         out[path] = make_codebook(full[cb.indices], full)
+        if grid and grid_lib.fit(out[path].centres) is None:  # keep the promise: exportable as a grid
+            warnings.warn(
+                f"layer {path}: fine-tuned centres {out[path].centres.tolist()} left the grid of scale "
+                f"{scales[path][0]!r}; rounded back onto one",
+                stacklevel=2,
+            )
+            out[path] = grid_lib.to_grid(out[path], 4 if scales[path][1] <= 7 else 8)
     return out
