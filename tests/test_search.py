@@ -220,17 +220,29 @@ def test_a_search_killed_or_interrupted_mid_trial_resumes_and_retries_that_trial
 
 
 def test_two_workers_share_one_study(tmp_path):
+    """Worker 2 starts once worker 1 has finished a trial and aims at more trials than worker 1, so
+    both contribute however the two processes are scheduled; one study holds every trial."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    workers = [
-        tune(tmp_path / f"w{i}", "--trials", "4", "--no-final", "--storage", url, **quiet) for i in (1, 2)
-    ]
-    for proc in workers:
-        finished(proc)
+    first = tune(tmp_path / "w1", "--trials", "3", "--no-final", "--storage", url, **quiet)
+    deadline = time.time() + 180
+    while time.time() < deadline and not _finished_trials(url):
+        time.sleep(0.5)
+    second = tune(tmp_path / "w2", "--trials", "5", "--no-final", "--storage", url, **quiet)
+    finished(first)
+    finished(second)
     trials = optuna.load_study(study_name="gmm_quant", storage=url).trials
     done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(done) >= 4
+    assert len(done) >= 5 and len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"] for t in done}) == 2
+
+
+def _finished_trials(url) -> int:
+    try:
+        trials = optuna.load_study(study_name="gmm_quant", storage=url).trials
+    except Exception:  # not created yet
+        return 0
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
 
 
 @pytest.mark.parametrize(
