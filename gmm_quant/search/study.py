@@ -73,7 +73,8 @@ def retry_orphans(study) -> list[int]:
     from optuna.trial import TrialState
 
     retried = {t.user_attrs.get("retry_of") for t in study.trials}
-    interrupted = [t for t in study.trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
+    # failed and not by diverging: interrupted (Ctrl-C can land anywhere in Optuna's trial loop)
+    interrupted = [t for t in study.trials if t.state == TrialState.FAIL and "diverged" not in t.user_attrs]
     orphans = [t for t in study.trials if t.state == TrialState.RUNNING]
     for t in orphans:
         study.tell(t.number, state=TrialState.FAIL)
@@ -151,6 +152,7 @@ def objective(search: Search):
             trial.set_user_attr("interrupted", True)
             raise
         except CATCH as err:
+            trial.set_user_attr("diverged", str(err))
             print(f"trial {trial.number} failed ({err}); the search goes on", file=sys.stderr)
             raise
         trial.set_user_attr("val_error", outcome.val_error)
