@@ -19,6 +19,7 @@ import pathlib
 import time
 
 import numpy as np
+from export import _latency as timed_runs  # bench/export.py: interleaved medians
 from flax import nnx
 
 import models
@@ -61,19 +62,11 @@ def _row(name, st, graphdef, codebooks, final, x, test, encoding):
 
 
 def _latency(rows, x, repeats):
+    """Latency of every export relative to float32 at batch 1 and 64 (bench/export.py's timing)."""
     sessions = {r["variant"]: export.session(r["onnx"]) for r in rows}
     out = {}
     for batch in (1, 64):
-        xb = x[:batch]
-        times = {k: [] for k in sessions}
-        for s in sessions.values():
-            s.run(None, {"input": xb})
-        for _ in range(repeats):
-            for k, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, {"input": xb})
-                times[k].append(time.perf_counter() - start)
-        med = {k: float(np.median(t)) for k, t in times.items()}
+        med = timed_runs(sessions, x[:batch], repeats)
         out[batch] = {k: v / med["float32"] for k, v in med.items()}
     return out
 

@@ -69,7 +69,7 @@ def prepare(apply_fn, params, train, val, *, budget, base, space) -> study_lib.S
 def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=None, progress=True):
     """Run trials until ``trials`` have finished in the study, ``timeout`` seconds, or convergence."""
     _check_same_search(study, search)
-    done = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
+    done = len(study_lib.finished_trials(study))
     if not study.trials:
         study.enqueue_trial(
             space_lib.base_point(search.space, search.layers, search.sensitive), skip_if_exists=True

@@ -97,12 +97,17 @@ def feasible(study) -> list:
     return sorted((t for t in done if constraint(t) <= 0), key=lambda t: -t.value)
 
 
+def finished_trials(study) -> list:
+    """Completed or pruned trials (failed ones do not count towards a search's trials)."""
+    return [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+
+
 def stop_when_converged(patience: int | None, target: int):
     """Callback: stop once ``target`` trials have finished (in any worker), or when the best feasible
     CR was found more than ``patience`` finished trials ago. Failed trials do not count."""
 
     def callback(study, _trial):
-        finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+        finished = finished_trials(study)
         if len(finished) >= target:
             study.stop()
             return
