@@ -8,7 +8,7 @@ codebook (centres + integer indices) that is fine-tuned on the training data.
 from gmm_quant.accounting import summarize
 from gmm_quant.codebook import Codebook, compress, dequantize, make_codebook, snap
 from gmm_quant.config import Config
-from gmm_quant.distillation import distillation_loss
+from gmm_quant.distillation import distillation_loss, feature_maps
 from gmm_quant.init import sample_params
 from gmm_quant.loop import error_rate
 from gmm_quant.mixture import (
@@ -60,6 +60,7 @@ __all__ = [
     "distillation_loss",
     "error_rate",
     "export_onnx",
+    "feature_maps",
     "finetune",
     "init_mixture",
     "init_mixtures",

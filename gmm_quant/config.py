@@ -60,6 +60,8 @@ class Config:
     quantise_biases: bool = False  # biases get a prior and a codebook too (one mixture per bias)
     distill_alpha: float = 0.0  # > 0: the pretrained model teaches retraining and fine-tuning (KL weight)
     distill_temperature: float = 4.0  # softmax temperature of the distillation term
+    distill_features: str = ""  # regex of module paths whose outputs the student matches (relative MSE)
+    distill_beta: float = 1.0  # weight of that feature-map term
     # --- stage 3: compression ---
     assignment: str = "nearest"  # "nearest" centre or maximum "responsibility"
     prune_threshold: float = 0.0  # prune components with <= this many members (< 1: fraction)
@@ -122,6 +124,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.init_std >= 0, "init_std", "must be >= 0", cfg.init_std)
     _check(0 <= cfg.val_fraction < 1, "val_fraction", "must be in [0, 1)", cfg.val_fraction)
     _check(cfg.distill_alpha >= 0, "distill_alpha", "must be >= 0", cfg.distill_alpha)
+    _check(cfg.distill_beta >= 0, "distill_beta", "must be >= 0", cfg.distill_beta)
+    _check(_compiles(cfg.distill_features), "distill_features", "not a valid regex", cfg.distill_features)
     _check(cfg.distill_temperature > 0, "distill_temperature", "must be > 0", cfg.distill_temperature)
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
     bits = cfg.grid_bits

@@ -3,32 +3,83 @@
 ``distillation_loss(apply_fn, teacher_params, alpha=0.5, temperature=4.0)`` is a task loss for
 ``retrain`` / ``finetune`` (their ``task_loss=``): softmax cross-entropy on the labels plus
 ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over the batch (Hinton et
-al., 2015; the T^2 keeps the gradient scale independent of T). The teacher's logits carry no
-gradient. With ``alpha == 0`` it is exactly the plain cross-entropy.
+al., 2015; the T^2 keeps the gradient scale independent of T). The teacher carries no gradient.
+With ``alpha == 0`` (and no feature term) it is exactly the plain cross-entropy.
+
+Feature maps: ``features=feature_maps(graphdef, "conv|fc1")`` (any ``(params, x) -> (logits,
+{name: array})``) adds ``beta * mean over maps of ||student - teacher||^2 / ||teacher||^2``, the
+squared error of each intermediate output relative to the teacher's own energy on the batch, so
+that one ``beta`` serves maps of any scale (FitNets, Romero et al., 2015, without the regressor:
+student and teacher have the same architecture).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 
-def distillation_loss(apply_fn, teacher_params, *, alpha: float = 0.5, temperature: float = 4.0):
-    """``(params, x, y) -> (loss, {"accuracy", "distill_kl"})``."""
-    if alpha < 0 or not temperature > 0:
-        raise ValueError(f"alpha must be >= 0 and temperature > 0, got {alpha}, {temperature}")
+def feature_maps(graphdef, pattern: str):
+    """``(params, x) -> (logits, {module path: output})`` for the NNX modules whose path (``/``-joined,
+    e.g. ``blocks/0/mlp``) matches the regex ``pattern``. Uses ``nnx.capture``: no model code changes."""
+    regex = re.compile(pattern)
+
+    def run(params, x):
+        model = nnx.merge(graphdef, params)
+        logits, sown = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
+        maps = {}
+        for path, value in nnx.to_flat_state(sown):
+            if path[-1] != "__call__" or len(path) < 2:
+                continue  # other methods, and the model's own output (the logits)
+            name = "/".join(str(k) for k in path[:-1])
+            if regex.search(name):
+                sown_value = value.get_value()
+                maps[name] = sown_value[0] if isinstance(sown_value, tuple) else sown_value
+        if not maps:
+            raise ValueError(f"feature distillation: no module path matches {pattern!r}")
+        return logits, maps
+
+    return run
+
+
+def feature_mse(student: dict, teacher: dict):
+    """Mean over maps of ``sum((s - t)^2) / sum(t^2)`` (teacher without gradient)."""
+    terms = []
+    for name, t in teacher.items():
+        t = jax.lax.stop_gradient(t)
+        terms.append(jnp.sum((student[name] - t) ** 2) / (jnp.sum(t**2) + 1e-12))
+    return sum(terms) / len(terms)
+
+
+def distillation_loss(apply_fn, teacher_params, *, alpha=0.5, temperature=4.0, features=None, beta=1.0):
+    """``(params, x, y) -> (loss, {"accuracy", "distill_kl", "distill_features"})``."""
+    if alpha < 0 or not temperature > 0 or beta < 0:
+        raise ValueError(f"alpha, beta must be >= 0 and temperature > 0, got {alpha}, {beta}, {temperature}")
+    use_features = features is not None and beta > 0
 
     def loss(params, x, y):
-        logits = apply_fn(params, x)
+        if use_features:
+            logits, maps = features(params, x)
+            teacher_logits, teacher_maps = features(teacher_params, x)
+        else:
+            logits = apply_fn(params, x)
         task = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         aux = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
-        if alpha == 0:
-            return task, aux
-        teacher = jax.lax.stop_gradient(apply_fn(teacher_params, x)) / temperature
-        p_teacher = jax.nn.softmax(teacher)
-        kl = jnp.sum(p_teacher * (jax.nn.log_softmax(teacher) - jax.nn.log_softmax(logits / temperature)), -1)
-        kl = kl.mean()
-        return task + alpha * temperature**2 * kl, {**aux, "distill_kl": kl}
+        if alpha > 0:
+            if not use_features:
+                teacher_logits = apply_fn(teacher_params, x)
+            teacher = jax.lax.stop_gradient(teacher_logits) / temperature
+            log_student = jax.nn.log_softmax(logits / temperature)
+            kl = jnp.sum(jax.nn.softmax(teacher) * (jax.nn.log_softmax(teacher) - log_student), -1)
+            aux["distill_kl"] = kl.mean()
+            task = task + alpha * temperature**2 * aux["distill_kl"]
+        if use_features:
+            aux["distill_features"] = feature_mse(maps, teacher_maps)
+            task = task + beta * aux["distill_features"]
+        return task, aux
 
     return loss

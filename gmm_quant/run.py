@@ -21,7 +21,7 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
 from gmm_quant.rules import flatten
-from gmm_quant.stages import Stages, build_plan, check_activations, check_heads
+from gmm_quant.stages import Stages, build_plan, check_activations, check_distillation, check_heads
 
 
 def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None):
@@ -116,6 +116,7 @@ def train_and_evaluate(
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
     check_heads(cfg, nnx.merge(graphdef, params))
     check_activations(cfg, nnx.merge(graphdef, params))
+    check_distillation(cfg, nnx.merge(graphdef, params))
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
@@ -136,7 +137,8 @@ def train_and_evaluate(
         def runner(name, setup, epochs, parent):
             return _run_stage(workdir, name, setup, (ds.x_train, ds.y_train), cfg, epochs, progress, parent)
 
-        stage = Stages(cfg, apply_fn, (ds.x_train, ds.y_train), val, runner, test=(ds.x_test, ds.y_test))
+        train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+        stage = Stages(cfg, apply_fn, train, val, runner, test=test, graphdef=graphdef)
         pretrained_params = stage.pretrain(params)
         if cfg.head_threshold or cfg.head_ratio:
             graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)

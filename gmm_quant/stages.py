@@ -21,7 +21,7 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import codebook, codebook_tuning, grid, heads, loop, pipeline
 from gmm_quant import config as cfgm
 from gmm_quant.activations import points
-from gmm_quant.distillation import distillation_loss
+from gmm_quant.distillation import distillation_loss, feature_maps
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
 from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
@@ -110,14 +110,28 @@ def check_activations(cfg: cfgm.Config, model) -> None:
         )
 
 
+def check_distillation(cfg: cfgm.Config, model) -> None:
+    """Before any training: ``distill_features`` must name at least one module of the model."""
+    if not cfg.distill_features:
+        return
+    modules = (path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module))
+    names = sorted("/".join(str(k) for k in path) for path in modules)
+    if not any(re.search(cfg.distill_features, n) for n in names if n):
+        raise cfgm.ConfigError(
+            f"invalid config field 'distill_features' = {cfg.distill_features!r}: matches no module path "
+            f"of the model (its modules: {', '.join(n for n in names if n)})"
+        )
+
+
 class Stages:
     """The training stages of one run, recording errors and wall times as they go.
 
-    ``val`` (x, y) is what selection looks at; ``test`` (x, y) or None is only reported.
+    ``val`` (x, y) is what selection looks at; ``test`` (x, y) or None is only reported. ``graphdef``
+    (of the NNX model ``apply_fn`` runs) is needed only for feature-map distillation.
     """
 
-    def __init__(self, cfg, apply_fn, train, val, runner, test=None):
-        self.cfg, self.apply_fn, self.runner = cfg, apply_fn, runner
+    def __init__(self, cfg, apply_fn, train, val, runner, test=None, graphdef=None):
+        self.cfg, self.apply_fn, self.runner, self.graphdef = cfg, apply_fn, runner, graphdef
         self.train, self.val, self.test = train, val, test
         self.errors, self.val_errors, self.times = {}, {}, {}
         self.removed, self.heads, self.activations = 0, {}, None
@@ -162,20 +176,25 @@ class Stages:
         graphdef, params = nnx.split(model, nnx.Param)
         self.removed = before - sum(int(np.size(v)) for v in flatten(params).values())
         self.heads = {p: {"kept": keep[p], "of": len(s)} for p, s in scores.items()}
-        self.apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        self.apply_fn, self.graphdef = (lambda p, x: nnx.merge(graphdef, p)(x)), graphdef
         self._errors("heads_pruned", params)
         return graphdef, params
 
     def _task_loss(self):
-        """Distillation from the pretrained model when ``distill_alpha`` > 0, else cross-entropy."""
-        if not self.cfg.distill_alpha:
+        """Distillation from the pretrained model when ``distill_alpha`` > 0 or ``distill_features``
+        names feature maps, else cross-entropy."""
+        cfg = self.cfg
+        if not (cfg.distill_alpha or cfg.distill_features):
             return None
+        features = None
+        if cfg.distill_features:
+            if self.graphdef is None:
+                raise cfgm.ConfigError("config field 'distill_features' needs an NNX model (its graphdef)")
+            features = feature_maps(self.graphdef, cfg.distill_features)
         return distillation_loss(
-            self.apply_fn,
-            self.teacher,
-            alpha=self.cfg.distill_alpha,
-            temperature=self.cfg.distill_temperature,
-        )
+            self.apply_fn, self.teacher, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
+            features=features, beta=cfg.distill_beta,
+        )  # fmt: skip
 
     def retrain(self, plan, params):
         start, cfg, n = time.perf_counter(), self.cfg, self.train[0].shape[0]
@@ -228,7 +247,7 @@ class Stages:
         self.activations = points.calibrate(model, cfg.activation_layers, batches, 8)
         points.attach(model, self.activations)
         graphdef = nnx.split(model, nnx.Param)[0]
-        self.apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        self.apply_fn, self.graphdef = (lambda p, x: nnx.merge(graphdef, p)(x)), graphdef
         self._errors("activations_quantised", params)
         return graphdef
 

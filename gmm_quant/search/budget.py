@@ -49,7 +49,7 @@ def check_inputs(budget, trials, val) -> None:
         raise BudgetError("the search needs a validation split (val_fraction > 0 or a val set)")
 
 
-def prepare(apply_fn, params, train, val, *, budget, base, space) -> study_lib.Search:
+def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None) -> study_lib.Search:
     """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit."""
     plan = build_plan(base, params)
     layers = plan.quantised()
@@ -62,7 +62,17 @@ def prepare(apply_fn, params, train, val, *, budget, base, space) -> study_lib.S
         sizes = {p: int(np.size(v)) for p, v in flatten(params).items() if p in layers}
         sensitive = space_lib.sensitive_layers(table, budget / 100, sizes)
     return study_lib.Search(
-        apply_fn, params, train, val, base, space, layers, sensitive, baseline + budget / 100, budget / 100
+        apply_fn,
+        params,
+        train,
+        val,
+        base,
+        space,
+        layers,
+        sensitive,
+        baseline + budget / 100,
+        budget / 100,
+        graphdef,
     )
 
 
@@ -120,6 +130,7 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
         search.val,
         limit=search.limit,
         budget=search.budget,
+        graphdef=search.graphdef,
     )
     return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study)
 

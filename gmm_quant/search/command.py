@@ -23,7 +23,7 @@ from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
-from gmm_quant.stages import Stages
+from gmm_quant.stages import Stages, check_distillation
 
 
 def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
@@ -34,6 +34,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
         tuple(d for d in (args.dimensions or "").split(",") if d) or space_lib.DEFAULT_DIMENSIONS
     )
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
+    check_distillation(cfg, nnx.merge(graphdef, params))
     ds, val = data.split_validation(data.load(cfg.dataset, args.data_dir, cfg.train_subset or None),
                                     cfg.val_fraction, cfg.seed)  # fmt: skip
     run._check_data(cfg, ds, len(val[1]))
@@ -55,7 +56,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
             params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
         base = dataclasses.replace(cfg, pretrain_epochs=0)
         search = budget_lib.prepare(apply_fn, params, train, val, budget=args.max_error_increase, base=base,
-                                    space=space)  # fmt: skip
+                                    space=space, graphdef=graphdef)  # fmt: skip
         storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
         seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
         study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat)

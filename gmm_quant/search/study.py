@@ -132,6 +132,7 @@ class Search(NamedTuple):
     sensitive: list
     limit: float  # highest acceptable validation error (fraction)
     budget: float  # allowed increase (fraction)
+    graphdef: object = None  # of the NNX model, when there is one (feature-map distillation needs it)
 
 
 def objective(search: Search):
@@ -151,7 +152,7 @@ def objective(search: Search):
         try:
             outcome, _, _ = run_trial(
                 cfg, search.apply_fn, search.pretrained, search.train, search.val,
-                limit=search.limit, budget=search.budget, report=report,
+                limit=search.limit, budget=search.budget, report=report, graphdef=search.graphdef,
             )  # fmt: skip
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)

@@ -67,7 +67,7 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
     return runner
 
 
-def run_trial(cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None):
+def run_trial(cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None):
     """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
 
     ``limit`` is the highest acceptable validation error (fraction), ``budget`` the allowed increase.
@@ -82,7 +82,7 @@ def run_trial(cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, r
             err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment)
             report(score(cr, err, limit, budget), epoch + 1)
 
-    stages = Stages(cfg, apply_fn, train, val, memory_runner(cfg, train, on_epoch))
+    stages = Stages(cfg, apply_fn, train, val, memory_runner(cfg, train, on_epoch), graphdef=graphdef)
     mixtures, retrained = stages.retrain(plan, pretrained)
     codebooks, snapped = stages.compress(plan, mixtures, retrained)
     tuned, final = stages.finetune(codebooks, snapped, cfg.finetune_epochs)
