@@ -29,7 +29,9 @@ MNIST_FILES = {
 }
 MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-DATASETS = ("digits", "mnist")
+DATASETS = ("digits", "mnist", "pydoc_chars")
+CONTEXT = 64  # characters per sequence of the text dataset
+VOCAB = 128  # ASCII codes; other characters become "?"
 
 
 class Dataset(NamedTuple):
@@ -146,6 +148,22 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return Dataset(x[train], y[train], x[test], y[test])
 
 
+def load_pydoc_chars(context: int = CONTEXT, test_fraction: float = 0.1) -> Dataset:
+    """Python's own help topics (``pydoc_data.topics``, about 0.46 MB of English) as ASCII codes, cut
+    into non-overlapping windows of ``context + 1`` characters: ``x`` is a window's first ``context``
+    codes, ``y`` the next character at every position (``int32 [N, context]`` both). The test set is
+    the last ``test_fraction`` of the text (topics in sorted order), so no test window overlaps a
+    training one. Ships with every CPython: no download."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics))
+    codes = np.frombuffer(text.encode("ascii", "replace"), np.uint8).astype(np.int32)
+    windows = codes[: len(codes) // (context + 1) * (context + 1)].reshape(-1, context + 1)
+    n_test = round(test_fraction * len(windows))
+    train, test = windows[:-n_test], windows[-n_test:]
+    return Dataset(train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:])
+
+
 def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, tuple]:
     """``(ds with the training part only, (x_val, y_val))``: the validation examples are the last
     ``fraction`` of a permutation of the training set seeded by ``seed`` (none when ``fraction`` is 0).
@@ -162,9 +180,11 @@ def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Datas
 
 
 def load(name: str, data_dir=None, train_subset: int | None = None) -> Dataset:
-    """Dataset by name (``digits`` or ``mnist``), optionally the first ``train_subset`` examples."""
+    """Dataset by name (see ``DATASETS``), optionally the first ``train_subset`` examples."""
     if name == "digits":
         ds = load_digits()
+    elif name == "pydoc_chars":
+        ds = load_pydoc_chars()
     elif name == "mnist":
         ds = load_mnist(data_dir)
     else:

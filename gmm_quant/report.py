@@ -75,6 +75,9 @@ def format_table(metrics: dict) -> str:
     stages = ("pretrained", "heads_pruned", "retrained", "compressed", "activations_quantised", "finetuned")
     errs = [k for k in stages if f"error_{k}" in metrics]
     lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
+    ppl = [k for k in stages if f"perplexity_{k}" in metrics]
+    if ppl:
+        lines.append("test perplexity: " + "  ".join(f"{k} {metrics[f'perplexity_{k}']:.3f}" for k in ppl))
     return "\n".join(lines)
 
 

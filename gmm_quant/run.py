@@ -175,6 +175,8 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         "gzip_ratio": accounting.gzip_ratio(flat),
         "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(stage.val[1])},
         **{f"val_error_{k}": v for k, v in stage.val_errors.items()},
+        **{f"perplexity_{k}": v for k, v in stage.perplexities.items()},
+        **{f"val_perplexity_{k}": v for k, v in stage.val_perplexities.items()},
     }
     if stage.heads:
         extra["heads"] = stage.heads

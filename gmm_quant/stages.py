@@ -134,13 +134,19 @@ class Stages:
         self.cfg, self.apply_fn, self.runner, self.graphdef = cfg, apply_fn, runner, graphdef
         self.train, self.val, self.test = train, val, test
         self.errors, self.val_errors, self.times = {}, {}, {}
+        self.perplexities, self.val_perplexities = {}, {}  # language models (sequence labels) only
         self.removed, self.heads, self.activations = 0, {}, None
 
     def _errors(self, name, params):
+        sequences = np.ndim(self.train[1]) == 2
         if self.test is not None:
             self.errors[name] = loop.error_rate(self.apply_fn, params, *self.test)
+            if sequences:
+                self.perplexities[name] = loop.perplexity(self.apply_fn, params, *self.test)
         if len(self.val[1]):
             self.val_errors[name] = loop.error_rate(self.apply_fn, params, *self.val)
+            if sequences:
+                self.val_perplexities[name] = loop.perplexity(self.apply_fn, params, *self.val)
 
     def _record(self, name, params, timer, start):
         self._errors(name, params)

@@ -22,8 +22,8 @@ class Block(nnx.Module):
         self.mlp_in = nnx.Linear(width, mlp_ratio * width, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_ratio * width, width, rngs=rngs)
 
-    def __call__(self, h):
-        h = h + self.attn(self.norm1(h))
+    def __call__(self, h, mask=None):
+        h = h + self.attn(self.norm1(h), mask=mask)
         return h + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(h)), approximate=False))
 
 

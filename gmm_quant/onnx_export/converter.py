@@ -133,8 +133,18 @@ class Converter:
         return f"{hint}_{self.count}"
 
     def const(self, value, hint="const") -> str:
+        """A constant as an initializer; one that repeats along some axes (a causal mask broadcast
+        over heads, a fill value) is stored once per distinct slice and Expanded back."""
+        arr = np.asarray(value)
+        small = arr
+        for axis in range(arr.ndim):
+            if small.shape[axis] > 1 and np.all(small == np.take(small, [0], axis=axis)):
+                small = np.take(small, [0], axis=axis)
+        if arr.size >= 256 and small.size * 4 <= arr.size:
+            shape = self.const(np.asarray(arr.shape, np.int64), "shape")
+            return self.node("Expand", [self.const(small, hint), shape], hint=hint)
         name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
     def node(self, op, inputs, hint=None, **attrs) -> str:
