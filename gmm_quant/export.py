@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from flax import nnx
 
-from gmm_quant import cli, onnx_export, storage
+from gmm_quant import cli, data, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.onnx_export.encodings import ENCODERS
 from gmm_quant.rules import path_str
@@ -105,8 +105,8 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
         raise ExportMismatch("the model's outputs on the sample are not finite; file not written")
     diff = float(np.max(np.abs(ours - ref)))
     allowed = tolerance * max(1.0, float(np.max(np.abs(ref))))
-    if _quantises_activations(model) and ref.ndim == 2:
-        return _verify_quantised(ours, ref, diff)
+    if _quantises_activations(model):  # rows: examples, or every position of sequences
+        return _verify_quantised(ours.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1]), diff)
     if not diff <= allowed:
         message = f"ONNX Runtime differs from JAX by {diff:.3g} (> {allowed:.2g}); file not written"
         raise ExportMismatch(message)
@@ -168,14 +168,22 @@ def export_file(
     """Export a ``.gqz`` file; ``sample`` defaults to random inputs of the dataset's shape."""
     apply_fn, params, codebooks, compressed = load_model_file(model_path, model)
     if sample is None:
-        shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
-        sample = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
+        sample = _random_sample((compressed.config or {}).get("dataset"))
     try:
         jax.eval_shape(apply_fn, params, model_input(sample[:1]))
     except (TypeError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"the model does not run on inputs of shape {sample.shape[1:]} ({first})") from None
     return export_onnx(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
+
+
+def _random_sample(dataset) -> np.ndarray:
+    """64 random inputs shaped like ``dataset``'s: character codes for text, else images."""
+    rng = np.random.default_rng(0)
+    if dataset == "pydoc_chars":
+        return rng.integers(0, data.VOCAB, size=(64, data.CONTEXT)).astype(np.int32)
+    shape = (8, 8, 1) if dataset == "digits" else (28, 28, 1)
+    return rng.normal(size=(64, *shape)).astype(np.float32)
 
 
 def _is_our_onnx(path: pathlib.Path) -> bool:
