@@ -17,6 +17,7 @@ import re
 
 from gmm_quant.codebook import ASSIGNMENTS
 from gmm_quant.data import DATASETS
+from gmm_quant.scale.mesh import parse_mesh
 
 HEAD_SCORES = ("weights", "loss")
 ACTIVATION_MODES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}  # weight bits, activation bits
@@ -62,6 +63,9 @@ class Config:
     distill_temperature: float = 4.0  # softmax temperature of the distillation term
     distill_features: str = ""  # regex of module paths whose outputs the student matches (relative MSE)
     distill_beta: float = 1.0  # weight of that feature-map term
+    # --- where it trains (gmm_quant.scale) ---
+    mesh: str = ""  # device mesh, e.g. "data=4" or "data=2,model=2" ("" = one device)
+    shard_params: tuple[str, ...] = ()  # regexes of parameters split over the mesh's model axis (FSDP)
     # --- stage 3: compression ---
     assignment: str = "nearest"  # "nearest" centre or maximum "responsibility"
     prune_threshold: float = 0.0  # prune components with <= this many members (< 1: fraction)
@@ -127,6 +131,12 @@ def validate(cfg: Config) -> Config:
     _check(cfg.distill_beta >= 0, "distill_beta", "must be >= 0", cfg.distill_beta)
     _check(_compiles(cfg.distill_features), "distill_features", "not a valid regex", cfg.distill_features)
     _check(cfg.distill_temperature > 0, "distill_temperature", "must be > 0", cfg.distill_temperature)
+    try:
+        parse_mesh(cfg.mesh)
+    except ValueError as err:
+        raise ConfigError(f"invalid config field 'mesh' = {cfg.mesh!r}: {err}") from None
+    for pattern in cfg.shard_params:
+        _check(_compiles(pattern), "shard_params", "not a valid regular expression", pattern)
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
     bits = cfg.grid_bits
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)

@@ -25,7 +25,8 @@ def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
 
-def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, scan: bool | None = None):
+def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, scan: bool | None = None,
+               batch_sharding=None):  # fmt: skip
     """``epoch(state, x, y, key) -> (state, metrics)``: one pass over (x, y) in shuffled batches.
 
     ``loss_fn(trainable, x, y, step) -> (loss, aux)``; ``metrics`` averages loss and aux over the
@@ -39,6 +40,8 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
 
     def train_step(state: TrainState, batch):
         x, y = batch
+        if batch_sharding is not None:
+            x, y = (jax.lax.with_sharding_constraint(v, batch_sharding) for v in (x, y))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, aux), grads = grad_fn(state.trainable, x, y, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)

@@ -209,7 +209,7 @@ def _leaf_sum(table, low, scale, flat):
     return total - pad * table[0, 0]
 
 
-def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bool = False):
+def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bool = False, specs=None):
     """Sum over all weights of log p(w_i | mixture).
 
     The log-density is computed exactly at ``config.grid_size`` points spanning [min w, max w] and
@@ -221,10 +221,14 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
 
     Args:
       exact: evaluate logsumexp over components for every weight instead (O(N * J) memory; for tests).
+      specs: a ``PartitionSpec`` or None per leaf (``jax.tree.leaves`` order), under a mesh set with
+        ``jax.set_mesh``: a sharded leaf is summed where it lives, block by block (``shard_map``);
+        only the range, the per-device sums and, backwards, the grid's histogram cross devices. The
+        grid spans the global range of all leaves, whatever any block's range.
     """
-    leaves = _leaves(weights)
     if exact:
-        return sum(jnp.sum(log_density(config, mixture, x)) for x in leaves)
+        return sum(jnp.sum(log_density(config, mixture, x)) for x in _leaves(weights))
+    leaves = jax.tree.leaves(weights)
     low = jax.lax.stop_gradient(jnp.min(jnp.stack([jnp.min(x) for x in leaves])))
     high = jax.lax.stop_gradient(jnp.max(jnp.stack([jnp.max(x) for x in leaves])))
     span = jnp.maximum(high - low, 1e-6)
@@ -234,7 +238,29 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
     slopes = jax.lax.stop_gradient(_log_density_slope(config, mixture, grid))
     table = jnp.stack([values[:-1], values[1:] - values[:-1], slopes[:-1], slopes[1:] - slopes[:-1]], axis=1)
     scale = size / span
-    return sum(_leaf_sum(table, low, scale, x) for x in leaves)
+    specs = [None] * len(leaves) if specs is None else list(specs)
+    return sum(_sharded_sum(table, low, scale, x, s) for x, s in zip(leaves, specs, strict=True))
+
+
+def _sharded_sum(table, low, scale, leaf, spec):
+    """``_leaf_sum`` of ``leaf`` laid out by ``spec``: each device sums its block, then one psum."""
+    axes = tuple(
+        a
+        for entry in spec or ()
+        if entry is not None
+        for a in (entry if isinstance(entry, tuple) else (entry,))
+    )
+    if not axes:
+        return _leaf_sum(table, low, scale, jnp.ravel(leaf))
+    from jax.sharding import PartitionSpec
+
+    def local(table, low, scale, block):
+        table, low, scale = (jax.lax.pcast(v, axes, to="varying") for v in (table, low, scale))  # bwd: psum
+        return jax.lax.psum(_leaf_sum(table, low, scale, jnp.ravel(block)), axes)
+
+    replicated = PartitionSpec()
+    in_specs = (replicated, replicated, replicated, spec)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=replicated)(table, low, scale, leaf)
 
 
 def _gamma_log_prob(log_lam, alpha, beta):

@@ -40,13 +40,15 @@ def init_mixtures(plan: Plan, params, *, init_range=None) -> dict:
     }
 
 
-def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False) -> jax.Array:
-    """-log p(w, mixture) summed over every group of the plan."""
+def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False, placement=None) -> jax.Array:
+    """-log p(w, mixture) summed over every group of the plan; with a ``scale.placement.Placement``
+    (and its mesh set), sharded layers are summed where they live."""
     total = jnp.zeros((), jnp.float32)
     for group, config in plan.mixtures.items():
         weights = plan.group_weights(params, group)
+        specs = None if placement is None else [placement.spec(p) for p in plan.group_paths(group)]
         state = mixtures[group]
-        total = total - mx.log_prob(config, state, weights, exact=exact)
+        total = total - mx.log_prob(config, state, weights, exact=exact, specs=specs)
         total = total - mx.hyper_log_prob(config, state)
     return total
 
@@ -60,13 +62,14 @@ def tau_schedule(tau: float, warmup_steps: int = 0) -> optax.Schedule:
     return optax.linear_schedule(0.0, tau, warmup_steps)
 
 
-def joint_loss(task_loss, plan: Plan, tau, num_train: int):
+def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None):
     """Loss over ``{"params", "mixtures"}``: task_loss(params, x, y) + tau(step) / N * complexity.
 
     Args:
       task_loss: ``(params, x, y) -> (mean loss, aux)``.
       tau: a float or an optax schedule of the step.
       num_train: N, the number of training examples.
+      placement: where the weights live on a mesh (``scale.placement``), or None (one device).
 
     Returns ``(trainable, x, y, step) -> (loss, aux)`` with ``aux["complexity"]`` added.
     """
@@ -74,7 +77,7 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int):
 
     def loss(trainable, x, y, step):
         task, aux = task_loss(trainable["params"], x, y)
-        comp = complexity(plan, trainable["mixtures"], trainable["params"])
+        comp = complexity(plan, trainable["mixtures"], trainable["params"], placement=placement)
         return task + schedule(step) / num_train * comp, {**aux, "complexity": comp}
 
     return loss

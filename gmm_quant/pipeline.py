@@ -15,9 +15,12 @@ Each stage accepts ``on_epoch(epoch, state, metrics)`` (progress, checkpoints) a
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gmm_quant import augment, codebook, loop
@@ -53,12 +56,33 @@ def run_epochs(
     start_epoch=0,
     on_epoch=None,
     stop=None,
+    placement=None,
 ):
     """Train ``trainable`` for ``epochs`` epochs (fewer if ``stop(epoch, state)`` says so after an
-    epoch); returns the final ``TrainState``."""
-    x, y = (jnp.asarray(a) for a in data)
-    epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size)
+    epoch); returns the final ``TrainState``. With a ``scale.placement.Placement`` the state lives on
+    its mesh (parameters as it says) and every batch is split over the ``data`` axis."""
+    if placement is None:
+        x, y = (jnp.asarray(a) for a in data)
+        batch_sharding, context = None, contextlib.nullcontext()
+    else:
+        x, y = (jax.device_put(np.asarray(a), placement.replicated()) for a in data)
+        batch_sharding, context = placement.batch(), jax.set_mesh(placement.mesh)
+        _check_batch(batch_size, placement)
+        trainable = placement.place(trainable)
+        state = None if state is None else placement.place(state)
+    epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size, batch_sharding=batch_sharding)
     state = loop.init_state(trainable, optimizer) if state is None else state
+    with context:
+        return _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, stop)
+
+
+def _check_batch(batch_size, placement):
+    data = placement.mesh.shape.get("data", 1)
+    if batch_size % data:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh's data axis ({data})")
+
+
+def _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, stop):
     for epoch in range(start_epoch, epochs):
         state, metrics = epoch_fn(state, x, y, loop.epoch_key(seed, epoch))
         metrics = loop.check_finite(metrics, f"{name} epoch {epoch + 1}")
@@ -112,10 +136,11 @@ def retrain_setup(
     rates=obj.LearningRates(),
     mixtures=None,
     task_loss=None,
+    placement=None,
 ):
     """(loss_fn, optimizer, trainable) of joint training; trainable is ``{"params", "mixtures"}``."""
     schedule = obj.tau_schedule(tau, warmup_epochs * steps_per_epoch)
-    loss = obj.joint_loss(task_loss or cross_entropy(apply_fn), plan, schedule, num_train)
+    loss = obj.joint_loss(task_loss or cross_entropy(apply_fn), plan, schedule, num_train, placement)
     mixtures = obj.init_mixtures(plan, params) if mixtures is None else mixtures
     return loss, obj.joint_optimizer(rates), {"params": params, "mixtures": mixtures}
 

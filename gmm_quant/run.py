@@ -21,10 +21,17 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
 from gmm_quant.rules import flatten
-from gmm_quant.stages import Stages, build_plan, check_activations, check_distillation, check_heads
+from gmm_quant.stages import (
+    Stages,
+    build_plan,
+    check_activations,
+    check_distillation,
+    check_heads,
+    check_mesh,
+)
 
 
-def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None):
+def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None):
     """Train one stage with verified per-epoch checkpoints; resumes from the newest good one.
 
     ``parent`` keys the checkpoints to what the stage started from (default: the digest of its
@@ -46,7 +53,7 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
     try:
         state = pipeline.run_epochs(
             loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-            name=name, state=state, start_epoch=done, on_epoch=on_epoch,
+            name=name, state=state, start_epoch=done, on_epoch=on_epoch, placement=placement,
         )  # fmt: skip
     finally:
         bar.close()
@@ -117,6 +124,7 @@ def train_and_evaluate(
     check_heads(cfg, nnx.merge(graphdef, params))
     check_activations(cfg, nnx.merge(graphdef, params))
     check_distillation(cfg, nnx.merge(graphdef, params))
+    check_mesh(cfg, params)
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
@@ -135,14 +143,16 @@ def train_and_evaluate(
         wd.claim(workdir, cfg)
 
         def runner(name, setup, epochs, parent):
-            return _run_stage(workdir, name, setup, (ds.x_train, ds.y_train), cfg, epochs, progress, parent)
+            return _run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, stage.placement)
 
         train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
         stage = Stages(cfg, apply_fn, train, val, runner, test=test, graphdef=graphdef)
+        stage.place(params)
         pretrained_params = stage.pretrain(params)
         if cfg.head_threshold or cfg.head_ratio:
             graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
             plan = build_plan(cfg, pretrained_params)
+            stage.place(pretrained_params)
         mixtures, retrained = stage.retrain(plan, pretrained_params)
         start = time.perf_counter()
         codebooks, snapped = stage.compress(plan, mixtures, retrained)

@@ -25,6 +25,8 @@ from gmm_quant.distillation import distillation_loss, feature_maps
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
 from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
+from gmm_quant.scale.mesh import make_mesh, parse_mesh
+from gmm_quant.scale.placement import plan_placement
 
 BIAS = DEFAULT_RULES[0].pattern
 
@@ -110,6 +112,23 @@ def check_activations(cfg: cfgm.Config, model) -> None:
         )
 
 
+def check_mesh(cfg: cfgm.Config, params) -> None:
+    """Before any training: the mesh fits the devices, its data axis divides the batch, and every
+    ``shard_params`` match has a dimension the model axis divides."""
+    try:
+        mesh = make_mesh(parse_mesh(cfg.mesh))
+        if mesh is not None:
+            plan_placement(params, mesh, cfg.shard_params)
+    except ValueError as err:
+        raise cfgm.ConfigError(f"invalid config field 'mesh' = {cfg.mesh!r}: {err}") from None
+    data = parse_mesh(cfg.mesh).get("data", 1)
+    if cfg.batch_size % data:
+        raise cfgm.ConfigError(
+            f"invalid config field 'batch_size' = {cfg.batch_size}: "
+            f"not a multiple of the mesh's data axis ({data})"
+        )
+
+
 def check_distillation(cfg: cfgm.Config, model) -> None:
     """Before any training: ``distill_features`` must name at least one module of the model."""
     if not cfg.distill_features:
@@ -136,6 +155,12 @@ class Stages:
         self.errors, self.val_errors, self.times = {}, {}, {}
         self.perplexities, self.val_perplexities = {}, {}  # language models (sequence labels) only
         self.removed, self.heads, self.activations = 0, {}, None
+        self.placement = None  # where training runs (``place``); None: one device
+
+    def place(self, params):
+        """Lay training out on the config's ``mesh`` (``shard_params`` split over its model axis)."""
+        mesh = make_mesh(parse_mesh(self.cfg.mesh))
+        self.placement = None if mesh is None else plan_placement(params, mesh, self.cfg.shard_params)
 
     def _errors(self, name, params):
         sequences = np.ndim(self.train[1]) == 2
@@ -209,6 +234,7 @@ class Stages:
         setup = pipeline.retrain_setup(
             self.apply_fn, params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1),
             tau=cfg.tau, warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=self._task_loss(),
+            placement=self.placement,
         )  # fmt: skip
         trained = self.runner("retrain", setup, cfg.retrain_epochs, None).trainable
         self._record("retrained", trained["params"], "retrain", start)

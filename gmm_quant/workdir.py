@@ -118,6 +118,9 @@ def saved_config(workdir: pathlib.Path) -> Config:
     return Config(**fields)
 
 
+LAUNCH_FIELDS = ("mesh", "shard_params")  # where a run trains, not what it computes: resumable across
+
+
 def claim(workdir: pathlib.Path, cfg: Config) -> None:
     """Record ``cfg`` in ``workdir``; refuse a directory whose checkpoints came from another config."""
     workdir = pathlib.Path(workdir)
@@ -126,7 +129,11 @@ def claim(workdir: pathlib.Path, cfg: Config) -> None:
         saved = _read_config(workdir)
         if saved is None:
             raise WorkdirError(f"{workdir}/config.json is not gmm_quant's; choose another work directory")
-        old = _recorded(saved)
+        # a field added after the run was made counts as its default; launch fields (the mesh) may change
+        defaults = {k: _jsonable(v) for k, v in dataclasses.asdict(Config()).items()}
+        old = {**defaults, **_recorded(saved)}
+        for key in LAUNCH_FIELDS:
+            old[key] = _jsonable(current[key])
         if {k: _jsonable(v) for k, v in current.items()} != old:
             diff = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != _jsonable(v)}
             raise CheckpointMismatch(

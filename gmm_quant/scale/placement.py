@@ -1,0 +1,78 @@
+"""Where a run's arrays live on a mesh: batches over ``data``, parameters replicated or sharded.
+
+``plan_placement(params, mesh, shard_params)`` gives each parameter a ``PartitionSpec``: replicated
+(``P()``) unless its path matches one of the ``shard_params`` regexes, then split over the ``model``
+axis along its largest dimension that the axis divides (FSDP-style: each device holds a block of the
+layer, its gradient and its Adam moments). Mixtures and codebook centres are small: replicated.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import NamedTuple
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gmm_quant.rules import flatten, path_str
+
+
+class Placement(NamedTuple):
+    """A mesh and a ``PartitionSpec`` per parameter path.
+
+    Invariants: every spec names only the ``model`` axis of ``mesh``, at most once, on a dimension
+    whose size that axis divides; paths not in ``specs`` are replicated.
+    """
+
+    mesh: jax.sharding.Mesh
+    specs: dict
+
+    def spec(self, path: str) -> PartitionSpec:
+        """The spec of a parameter path, or of a path inside a training state (``params/<path>``)."""
+        if path not in self.specs and path.startswith("params/"):
+            path = path[len("params/") :]
+        return self.specs.get(path, PartitionSpec())
+
+    def shardings(self, tree):
+        """A pytree of ``NamedSharding`` for ``tree`` (a parameter tree or a training state)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: NamedSharding(self.mesh, self.spec(path_str(p))), tree
+        )
+
+    def place(self, tree):
+        return jax.device_put(tree, self.shardings(tree))
+
+    def replicated(self):
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def batch(self):
+        """Sharding of a batch: split along its first axis over ``data`` (replicated without it)."""
+        return NamedSharding(
+            self.mesh, PartitionSpec("data") if "data" in self.mesh.shape else PartitionSpec()
+        )
+
+
+def plan_placement(params, mesh, shard_params=()) -> Placement:
+    """Specs for ``params`` on ``mesh``; a ``shard_params`` regex that matches nothing is reported (a
+    warning); a matched leaf that no dimension of which the ``model`` axis divides is an error."""
+    specs, used = {}, set()
+    model = mesh.shape.get("model", 1)
+    for path, leaf in flatten(params).items():
+        hit = next((p for p in shard_params if re.search(p, path)), None)
+        if hit is None:
+            continue
+        used.add(hit)
+        if model == 1:
+            continue
+        dims = [d for d, n in enumerate(leaf.shape) if n % model == 0]
+        if not dims:
+            raise ValueError(
+                f"cannot shard {path} {tuple(leaf.shape)} over model={model}: no dimension it divides"
+            )
+        dim = max(dims, key=lambda d: leaf.shape[d])
+        specs[path] = PartitionSpec(*(["model" if d == dim else None for d in range(leaf.ndim)]))
+    unused = [p for p in shard_params if p not in used]
+    if unused:
+        warnings.warn(f"shard_params patterns matched no parameter: {unused}", stacklevel=2)
+    return Placement(mesh, specs)
