@@ -26,7 +26,7 @@ def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState
 
 
 def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, scan: bool | None = None,
-               batch_sharding=None):  # fmt: skip
+               batch_sharding=None, state_sharding=None):  # fmt: skip
     """``epoch(state, x, y, key) -> (state, metrics)``: one pass over (x, y) in shuffled batches.
 
     ``loss_fn(trainable, x, y, step) -> (loss, aux)``; ``metrics`` averages loss and aux over the
@@ -46,7 +46,10 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
         (loss, aux), grads = grad_fn(state.trainable, x, y, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        return TrainState(state.step + 1, trainable, opt_state), {"loss": loss, **aux}
+        new = TrainState(state.step + 1, trainable, opt_state)
+        if state_sharding is not None:
+            new = jax.lax.with_sharding_constraint(new, state_sharding)
+        return new, {"loss": loss, **aux}
 
     def batches(x, key):
         steps = x.shape[0] // batch_size
@@ -58,6 +61,8 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     def scan_epoch(state: TrainState, x, y, key):
         order = batches(x, key)
         state, metrics = jax.lax.scan(lambda s, idx: train_step(s, (x[idx], y[idx])), state, order)
+        if state_sharding is not None:
+            state = jax.lax.with_sharding_constraint(state, state_sharding)
         return state, jax.tree.map(jnp.mean, metrics)
 
     jit_step = jax.jit(lambda state, x, y, idx: train_step(state, (x[idx], y[idx])))

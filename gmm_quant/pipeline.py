@@ -68,10 +68,11 @@ def run_epochs(
         x, y = (jax.device_put(np.asarray(a), placement.replicated()) for a in data)
         batch_sharding, context = placement.batch(), jax.set_mesh(placement.mesh)
         _check_batch(batch_size, placement)
-        trainable = placement.place(trainable)
-        state = None if state is None else placement.place(state)
-    epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size, batch_sharding=batch_sharding)
     state = loop.init_state(trainable, optimizer) if state is None else state
+    state_sharding = None if placement is None else placement.shardings(state)
+    state = state if placement is None else jax.device_put(state, state_sharding)
+    epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size, batch_sharding=batch_sharding,
+                               state_sharding=state_sharding)  # fmt: skip
     with context:
         return _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, stop)
 

@@ -19,7 +19,7 @@ from gmm_quant.rules import flatten, path_str
 
 
 class Placement(NamedTuple):
-    """A mesh and a ``PartitionSpec`` per parameter path.
+    """A mesh, a ``PartitionSpec`` and the shape of each sharded parameter path.
 
     Invariants: every spec names only the ``model`` axis of ``mesh``, at most once, on a dimension
     whose size that axis divides; paths not in ``specs`` are replicated.
@@ -27,18 +27,24 @@ class Placement(NamedTuple):
 
     mesh: jax.sharding.Mesh
     specs: dict
+    shapes: dict
 
-    def spec(self, path: str) -> PartitionSpec:
-        """The spec of a parameter path, or of a path inside a training state (``params/<path>``)."""
-        if path not in self.specs and path.startswith("params/"):
-            path = path[len("params/") :]
-        return self.specs.get(path, PartitionSpec())
+    def spec(self, path: str, shape=None) -> PartitionSpec:
+        """The spec of a parameter path, or of a leaf inside a training state whose path ends with
+        one and whose shape is that parameter's (its Adam moments: ``.../mu/params/<path>``)."""
+        for name, spec in self.specs.items():
+            named = path == name or path.endswith("/" + name)
+            if named and (shape is None or tuple(shape) == self.shapes[name]):
+                return spec
+        return PartitionSpec()
 
     def shardings(self, tree):
         """A pytree of ``NamedSharding`` for ``tree`` (a parameter tree or a training state)."""
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: NamedSharding(self.mesh, self.spec(path_str(p))), tree
-        )
+
+        def one(path, leaf):
+            return NamedSharding(self.mesh, self.spec(path_str(path), getattr(leaf, "shape", ())))
+
+        return jax.tree_util.tree_map_with_path(one, tree)
 
     def place(self, tree):
         return jax.device_put(tree, self.shardings(tree))
@@ -56,7 +62,7 @@ class Placement(NamedTuple):
 def plan_placement(params, mesh, shard_params=()) -> Placement:
     """Specs for ``params`` on ``mesh``; a ``shard_params`` regex that matches nothing is reported (a
     warning); a matched leaf that no dimension of which the ``model`` axis divides is an error."""
-    specs, used = {}, set()
+    specs, shapes, used = {}, {}, set()
     model = mesh.shape.get("model", 1)
     for path, leaf in flatten(params).items():
         hit = next((p for p in shard_params if re.search(p, path)), None)
@@ -72,7 +78,8 @@ def plan_placement(params, mesh, shard_params=()) -> Placement:
             )
         dim = max(dims, key=lambda d: leaf.shape[d])
         specs[path] = PartitionSpec(*(["model" if d == dim else None for d in range(leaf.ndim)]))
+        shapes[path] = tuple(leaf.shape)
     unused = [p for p in shard_params if p not in used]
     if unused:
         warnings.warn(f"shard_params patterns matched no parameter: {unused}", stacklevel=2)
-    return Placement(mesh, specs)
+    return Placement(mesh, specs, shapes)

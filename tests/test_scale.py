@@ -1,0 +1,125 @@
+"""Scale-out (issue 14): a mesh of 8 host CPU devices, set inside each test's subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from cli_runs import ROOT, one_line
+
+DEVICES = "--xla_force_host_platform_device_count=8"
+
+
+def run_python(code: str, timeout=300) -> dict:
+    """Run ``code`` with 8 host devices; it prints one JSON object, returned here."""
+    env = {**os.environ, "XLA_FLAGS": DEVICES, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train_cli(workdir, *extra):
+    env = {**os.environ, "XLA_FLAGS": DEVICES, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "gmm_quant.train", "--config", "tiny", "--workdir", str(workdir),
+           "--no-progress", "--no-onnx", *extra]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_sharded_prior_equals_the_unsharded_one_value_and_gradients():
+    out = run_python("""
+        import json, jax, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from gmm_quant import mixture as mx
+        from gmm_quant.scale.mesh import make_mesh
+        cfg = mx.MixtureConfig(num_components=9)
+        rng = np.random.default_rng(0)
+        w = (0.1 * rng.normal(size=(64, 256))).astype(np.float32)
+        w[0, :4] = [-3.0, 3.5, 2.0, -1.0]  # the global extremes sit in the first model block only
+        b = rng.normal(size=(300,)).astype(np.float32)
+        state = mx.init_mixture(cfg, [w, b])
+        lp = lambda s, w, b, specs=None: mx.log_prob(cfg, s, [w, b], specs=specs)
+        grad = jax.value_and_grad(lp, (0, 1, 2))
+        ref_value, ref_grads = grad(state, w, b)
+        exact = float(mx.log_prob(cfg, state, [w, b], exact=True))
+        mesh = make_mesh({"data": 2, "model": 4})
+        with jax.set_mesh(mesh):
+            ws = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+            fn = jax.jit(lambda s, w, b: grad(s, w, b, specs=[P(None, "model"), None]))
+            value, grads = fn(state, ws, b)
+        blocks = [np.asarray(s.data) for s in ws.addressable_shards]
+        diffs = [float(np.abs(np.asarray(a) - np.asarray(c)).max() / (np.abs(np.asarray(a)).max() + 1e-30))
+                 for a, c in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads))]
+        print(json.dumps({"ref": float(ref_value), "sharded": float(value), "exact": exact, "diffs": diffs,
+                          "block_ranges": [[float(x.min()), float(x.max())] for x in blocks],
+                          "grad_spec": str(grads[1].sharding.spec)}))
+    """)
+    assert out["sharded"] == pytest.approx(out["ref"], rel=1e-5)
+    assert out["sharded"] == pytest.approx(out["exact"], rel=1e-4)  # the grid spans the global range
+    assert max(out["diffs"]) <= 1e-5
+    assert any(lo > -3.0 or hi < 3.5 for lo, hi in out["block_ranges"])  # some block's range differs
+    assert out["grad_spec"] == "P(None, 'model')"  # the weights' gradient stays where they live
+
+
+def test_training_state_lives_where_the_placement_says_and_gradients_are_reduced():
+    out = run_python("""
+        import json, jax, numpy as np
+        import gmm_quant as gq
+        from flax import nnx
+        import models
+        from gmm_quant import data, pipeline
+        from gmm_quant.scale.mesh import make_mesh
+        from gmm_quant.scale.placement import plan_placement
+        graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+        apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        ds = data.load("digits")
+        plan = gq.make_plan(params)
+        placement = plan_placement(params, make_mesh({"data": 2, "model": 4}), ["layers/0/kernel"])
+        setup = pipeline.retrain_setup(apply_fn, params, plan, num_train=1024, steps_per_epoch=16,
+                                       placement=placement)
+        state = pipeline.run_epochs(*setup, (ds.x_train[:1024], ds.y_train[:1024]), epochs=1, batch_size=64,
+                                    seed=0, name="retrain", placement=placement)
+        kernel = state.trainable["params"]["layers"][0]["kernel"]
+        mu = jax.tree.leaves(state.opt_state)
+        print(json.dumps({"kernel": str(kernel.sharding.spec), "shape": list(kernel.shape),
+                          "block": list(kernel.addressable_shards[0].data.shape),
+                          "other": str(state.trainable["params"]["layers"][1]["kernel"].sharding.spec)}))
+    """)
+    assert out["kernel"] == "P(None, 'model')" and out["other"] == "P()"
+    assert out["block"][0] * out["block"][1] * 4 == out["shape"][0] * out["shape"][1]  # a quarter each
+
+
+def test_data_parallel_and_fsdp_runs_give_the_one_device_result(tmp_path):
+    runs = {
+        "one": (),
+        "data4": ("--mesh", "data=4"),
+        "fsdp": ("--mesh", "data=2,model=4", "--shard-params", "kernel"),
+    }
+    metrics = {}
+    for name, extra in runs.items():
+        proc = train_cli(tmp_path / name, *extra)
+        assert proc.returncode == 0, proc.stderr
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    keys = [k for k in metrics["one"] if k.startswith(("error_", "val_error_"))] + ["compression_ratio"]
+    assert {k: metrics["mesh"][k] for k in keys} == {k: metrics["one"][k] for k in keys}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mesh", "data=16"], "needs 16 devices but JAX sees 8"),
+        (["--mesh", "pipeline=2"], "expected AXIS=SIZE with AXIS one of ('data', 'model')"),
+        (["--mesh", "data=0"], "size '0' is not a positive integer"),
+        (["--mesh", "data=3"], "'batch_size' = 64: not a multiple of the mesh's data axis (3)"),
+        (
+            ["--mesh", "model=8", "--shard-params", "layers/2/bias"],
+            "cannot shard layers/2/bias (10,) over model=8",
+        ),
+    ],
+)
+def test_a_bad_mesh_is_refused_in_one_line_before_anything_is_written(tmp_path, extra, message):
+    proc = train_cli(tmp_path / "w", *extra)
+    assert proc.returncode in (1, 2) and message in one_line(proc.stderr)
+    assert not (tmp_path / "w").exists()
