@@ -133,11 +133,20 @@ class StageCheckpoints:
         self.manager = self._open()
 
     def _open(self):
+        alone = {}
+        if jax.process_count() > 1:  # several processes: this one works alone (gmm_quant.scale.distributed)
+            me = jax.process_index()
+            alone["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            )
+            if not self.read_only:
+                self.directory.mkdir(parents=True, exist_ok=True)  # orbax will not create it then
         options = ocp.CheckpointManagerOptions(
             max_to_keep=2,
-            create=not self.read_only,
+            create=not (self.read_only or alone),
             read_only=self.read_only,
             cleanup_tmp_directories=not self.read_only,
+            **alone,
         )
         return ocp.CheckpointManager(self.directory, options=options)
 

@@ -19,12 +19,13 @@ instead of ``J`` exponentials, and no ``[N, J]`` array is ever formed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-_LOG_2PI = float(jnp.log(2.0 * jnp.pi))
+_LOG_2PI = math.log(2.0 * math.pi)
 _CHUNK = 1 << 20  # weights per chunk when a leaf is large (bounds memory of the backward pass)
 _MAX_LOG_PRECISION = 60.0  # exp(60) * (w - mu)**2 stays finite in float32 for |w - mu| < 1e6
 

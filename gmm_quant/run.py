@@ -7,6 +7,7 @@ every training stage is checkpointed; running the same command again resumes whe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import time
@@ -21,6 +22,7 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
 from gmm_quant.rules import flatten
+from gmm_quant.scale import distributed
 from gmm_quant.stages import (
     Stages,
     build_plan,
@@ -36,17 +38,24 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
 
     ``parent`` keys the checkpoints to what the stage started from (default: the digest of its
     initial trainable state), so a changed earlier stage never resumes a later one's old steps.
+    Several processes: process 0 alone reads and writes the checkpoints and hands what it resumed
+    from to the others; every process gets the trained state back as local arrays.
     """
     loss, optimizer, trainable = setup
     parent = parent or ckpt.tree_digest(trainable)
-    store = ckpt.StageCheckpoints(workdir, name, parent)
+    writer = distributed.is_writer()
+    store = ckpt.StageCheckpoints(workdir, name, parent) if writer else None
     state = loop.init_state(trainable, optimizer)
-    done, restored = store.restore_latest(state)
+    done, restored = store.restore_latest(state) if writer else (0, None)
     state = restored if restored is not None else state
-    bar = tqdm(total=epochs, initial=done, desc=name, disable=not progress, unit="epoch")
+    done, state = distributed.broadcast((np.int32(done), state))
+    done = int(done)
+    bar = tqdm(total=epochs, initial=done, desc=name, disable=not (progress and writer), unit="epoch")
 
     def on_epoch(epoch, st, metrics):
-        store.save(epoch + 1, st)
+        st = distributed.to_local(st)
+        if writer:
+            store.save(epoch + 1, st)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.4f}")
         bar.update()
 
@@ -57,8 +66,9 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
         )  # fmt: skip
     finally:
         bar.close()
-        store.close()
-    return state
+        if writer:
+            store.close()
+    return distributed.to_local(state)
 
 
 def _load_pretrained(path, like):
@@ -137,10 +147,12 @@ def train_and_evaluate(
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    with wd.Lock(workdir):
-        if overwrite:
+    writer = distributed.is_writer()  # several processes: process 0 alone touches the work directory
+    with wd.Lock(workdir) if writer else contextlib.nullcontext():
+        if overwrite and writer:
             wd.clear(workdir)
-        wd.claim(workdir, cfg)
+        if writer:
+            wd.claim(workdir, cfg)
 
         def runner(name, setup, epochs, parent):
             return _run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, stage.placement)
@@ -158,6 +170,8 @@ def train_and_evaluate(
         codebooks, snapped = stage.compress(plan, mixtures, retrained)
         graphdef = stage.quantise_activations(graphdef, snapped)
         codebooks, final = stage.finetune(codebooks, snapped, cfg.finetune_epochs, start)
+        if not writer:
+            return None
         sample = ds.x_test[:64] if export_onnx else None
         metrics = _save_results(cfg, workdir, codebooks, final, stage, sample)
         _figures(workdir, plan, mixtures, pretrained_params, retrained)

@@ -35,6 +35,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    multi = ap.add_argument_group("several processes (hosts): run the same command on each, with its own id")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int, default=None, metavar="N")
+    multi.add_argument(
+        "--process-id", type=int, default=None, metavar="I", help="0 .. N-1; 0 writes the results"
+    )
     cli.add_debug_flag(ap)
     add_override_flags(ap)
     return ap
@@ -81,6 +87,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         cli.quiet_libraries(argv)
+        _start_processes(args)
         from gmm_quant import report
         from gmm_quant.run import train_and_evaluate
 
@@ -88,11 +95,28 @@ def main(argv=None) -> int:
             cfg, workdir, data_dir=args.data_dir, pretrained=args.pretrained,
             progress=not args.no_progress, overwrite=args.overwrite, export_onnx=not args.no_onnx,
         )  # fmt: skip
+        if metrics is None:
+            print(f"process {args.process_id}: done; process 0 wrote the results in {workdir}/")
+            return 0
         print(report.format_table(metrics))
         print(f"results in {workdir}/ (metrics.json, model.gqz, weights.png, scatter.png)")
         return 0
 
     return cli.run(body, argv)
+
+
+def _start_processes(args) -> None:
+    """``jax.distributed`` when --coordinator / --num-processes / --process-id are given (all three)."""
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise cfgm.ConfigError(
+            "several processes need --coordinator, --num-processes and --process-id together"
+        )
+    from gmm_quant.scale import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 if __name__ == "__main__":
