@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -91,19 +92,41 @@ def test_training_state_lives_where_the_placement_says_and_gradients_are_reduced
     assert out["block"][0] * out["block"][1] * 4 == out["shape"][0] * out["shape"][1]  # a quarter each
 
 
-def test_data_parallel_and_fsdp_runs_give_the_one_device_result(tmp_path):
-    runs = {
-        "one": (),
-        "data4": ("--mesh", "data=4"),
-        "fsdp": ("--mesh", "data=2,model=4", "--shard-params", "kernel"),
-    }
-    metrics = {}
-    for name, extra in runs.items():
-        proc = train_cli(tmp_path / name, *extra)
-        assert proc.returncode == 0, proc.stderr
-        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
-    keys = [k for k in metrics["one"] if k.startswith(("error_", "val_error_"))] + ["compression_ratio"]
-    assert {k: metrics["mesh"][k] for k in keys} == {k: metrics["one"][k] for k in keys}
+def _results(workdir) -> dict:
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if k.startswith(("error_", "val_error_", "compression_ratio"))}
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one") / "w"
+    proc = train_cli(workdir)
+    assert proc.returncode == 0, proc.stderr
+    return _results(workdir)
+
+
+def test_data_parallel_and_fsdp_run_gives_the_one_device_result(tmp_path, one_device):
+    """Retrain + compress + fine-tune of the tiny config: 4-way data parallel with every kernel split
+    over 2 more devices (FSDP) gives the errors and the compression ratio of one device exactly."""
+    proc = train_cli(tmp_path / "w", "--mesh", "data=4,model=2", "--shard-params", "kernel")
+    assert proc.returncode == 0, proc.stderr
+    assert _results(tmp_path / "w") == one_device
+
+
+def test_two_processes_on_localhost_give_the_one_process_result(tmp_path, one_device):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # one CPU device per process: the mesh spans both
+    cmd = [sys.executable, "-m", "gmm_quant.train", "--config", "tiny", "--workdir", str(tmp_path / "w"),
+           "--no-progress", "--no-onnx", "--mesh", "data=2", "--coordinator", f"localhost:{port}",
+           "--num-processes", "2", "--process-id"]  # fmt: skip
+    procs = [subprocess.Popen([*cmd, str(i)], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for i in (0, 1)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "process 0 wrote the results" in outs[1][0]
+    assert _results(tmp_path / "w") == one_device
 
 
 @pytest.mark.parametrize(

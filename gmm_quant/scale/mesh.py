@@ -40,6 +40,10 @@ def make_mesh(axes: dict[str, int]) -> jax.sharding.Mesh | None:
             f"mesh {format_mesh(axes)} needs {need} devices but JAX sees {have} "
             "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
         )
+    if jax.process_count() > 1 and need != have:
+        raise ValueError(
+            f"a mesh over several processes must use all {have} devices; {format_mesh(axes)} uses {need}"
+        )
     names = tuple(axes)
     auto = (jax.sharding.AxisType.Auto,) * len(names)
     return jax.make_mesh(tuple(axes.values()), names, axis_types=auto, devices=jax.devices()[:need])
