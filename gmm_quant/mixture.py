@@ -205,7 +205,7 @@ def _leaf_sum(table, low, scale, flat):
     def body(total, chunk):
         return total + _grid_sum(table, low, scale, chunk), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), flat.dtype), chunks)
+    total, _ = jax.lax.scan(body, jnp.sum(flat[:0]), chunks)  # a zero typed like flat (shard_map)
     # Padding sits exactly on grid point 0, contributing table[0, 0] each.
     return total - pad * table[0, 0]
 

@@ -39,7 +39,7 @@ def test_sharded_prior_equals_the_unsharded_one_value_and_gradients():
         rng = np.random.default_rng(0)
         w = (0.1 * rng.normal(size=(64, 256))).astype(np.float32)
         w[0, :4] = [-3.0, 3.5, 2.0, -1.0]  # the global extremes sit in the first model block only
-        b = rng.normal(size=(300,)).astype(np.float32)
+        b = rng.normal(size=(4096, 1100)).astype(np.float32)  # blocks of 1.1M: summed in chunks
         state = mx.init_mixture(cfg, [w, b])
         lp = lambda s, w, b, specs=None: mx.log_prob(cfg, s, [w, b], specs=specs)
         grad = jax.value_and_grad(lp, (0, 1, 2))
@@ -48,8 +48,9 @@ def test_sharded_prior_equals_the_unsharded_one_value_and_gradients():
         mesh = make_mesh({"data": 2, "model": 4})
         with jax.set_mesh(mesh):
             ws = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
-            fn = jax.jit(lambda s, w, b: grad(s, w, b, specs=[P(None, "model"), None]))
-            value, grads = fn(state, ws, b)
+            bs = jax.device_put(b, NamedSharding(mesh, P("model", None)))
+            fn = jax.jit(lambda s, w, b: grad(s, w, b, specs=[P(None, "model"), P("model", None)]))
+            value, grads = fn(state, ws, bs)
         blocks = [np.asarray(s.data) for s in ws.addressable_shards]
         diffs = [float(np.abs(np.asarray(a) - np.asarray(c)).max() / (np.abs(np.asarray(a)).max() + 1e-30))
                  for a, c in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads))]
