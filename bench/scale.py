@@ -2,13 +2,13 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python bench/scale.py
 
-(1) One jitted value-and-gradient of the prior (17 components) over one weight matrix: 100M weights
-on 1 device, 100M and 1B (2^30) split over ``model=8`` host devices (``XLA_FLAGS=
+(1) One jitted value-and-gradient of the prior (17 components) over one weight matrix: 134M (2^27)
+weights on 1 device, 134M and 1.07B (2^30) split over ``model=8`` host devices (``XLA_FLAGS=
 --xla_force_host_platform_device_count=8``). Each runs in a fresh subprocess; compiled first, then
 the peak resident memory is reset (``/proc/self/clear_refs``) and measured over the call: the
 prior's extra memory is that peak minus the resident set before the call minus the gradient. Time:
 median of 3 calls. (2) A training step of a wide MLP (1024-8192-8192-2048-10, 92M parameters, batch
-64, Adam) with the prior on every kernel vs without, alternated in one process, median ratio.
+64 and 512, Adam) with the prior on every kernel vs without, alternated in one process, median ratio.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def prior_child(n_log2: int, devices: int) -> dict:
             "value_finite": bool(jnp.isfinite(value))}  # fmt: skip
 
 
-def step_child(repeats: int) -> dict:
+def step_child(repeats: int, batch: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,8 +102,8 @@ def step_child(repeats: int) -> dict:
             x = jax.nn.relu(x) if i < len(sizes) - 2 else x
         return x
 
-    x = jnp.asarray(rng.normal(size=(64, 1024)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, 64), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(batch, 1024)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
     plan = gq.make_plan(params)
     plain = gq.cross_entropy(apply)
     variants = {
@@ -113,7 +113,7 @@ def step_child(repeats: int) -> dict:
     }  # fmt: skip
     steps, states = {}, {}
     for name, (loss, opt, trainable) in variants.items():
-        epoch = loop.make_epoch(loss, opt, 64, scan=False)
+        epoch = loop.make_epoch(loss, opt, batch, scan=False)
         states[name] = (epoch, loop.init_state(trainable, opt))
     times = {name: [] for name in variants}
     for r in range(repeats + 1):  # the first round compiles
@@ -150,7 +150,11 @@ def main():
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        out = prior_child(int(rest[0]), int(rest[1])) if kind == "prior" else step_child(int(rest[0]))
+        out = (
+            prior_child(int(rest[0]), int(rest[1]))
+            if kind == "prior"
+            else step_child(int(rest[0]), int(rest[1]))
+        )
         print(json.dumps(out))
         return
     runs = [("prior", 27, 1), ("prior", 27, 8)] + ([] if args.skip_1b else [("prior", 30, 8)])
@@ -160,11 +164,13 @@ def main():
         print(f"prior over {r['weights']:,} weights on {devices} device(s): {r['seconds']:.2f} s per "
               f"value-and-grad; extra memory {r['extra_mb']:.0f} MB = {share:.1f}% of the weights "
               f"({r['extra_mb'] / devices:.0f} MB per device)", flush=True)  # fmt: skip
-    r = _child(["step", str(args.repeats)], 1)
-    print(
-        f"training step, {r['parameters']:,} parameters, batch 64: plain {1000 * r['plain']:.0f} ms, "
-        f"with the prior {1000 * r['prior']:.0f} ms: ratio {r['ratio']:.2f}x"
-    )
+    for batch in (64, 512):
+        r = _child(["step", str(args.repeats), str(batch)], 1)
+        ms = f"plain {1000 * r['plain']:.0f} ms, with the prior {1000 * r['prior']:.0f} ms"
+        print(
+            f"training step, {r['parameters']:,} parameters, batch {batch}: {ms}: ratio {r['ratio']:.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
