@@ -26,8 +26,16 @@ from gmm_quant.train import add_config_flags, add_override_flags, config_from_ar
 def parser():
     ap = cli.Parser(prog="python -m gmm_quant.tune", description=__doc__.splitlines()[0])
     add_config_flags(ap)
-    budget = "budget: the validation error may rise by at most this many percentage points"
-    ap.add_argument("--max-error-increase", type=float, required=True, metavar="POINTS", help=budget)
+    budget = ap.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--max-error-increase",
+        type=float,
+        metavar="POINTS",
+        help="budget: the validation error may rise by at most this many percentage points",
+    )
+    budget.add_argument("--max-perplexity-increase", type=float, metavar="PERCENT",
+                        help="budget of a language model: the validation perplexity may rise by at most "
+                        "this many percent")  # fmt: skip
     ap.add_argument("--trials", type=int, default=20, help="finished trials to reach (default 20)")
     ap.add_argument("--workdir", default=None, help="default runs/tune-CONFIG")
     ap.add_argument("--pretrained", default=None, help="start from this workdir's pretraining or a .gqz file")
@@ -50,11 +58,18 @@ def parser():
     return ap
 
 
+def budget_of(args) -> tuple[float, str]:
+    """(budget, metric) from --max-error-increase or --max-perplexity-increase."""
+    if args.max_perplexity_increase is not None:
+        return args.max_perplexity_increase, "perplexity"
+    return args.max_error_increase, "error"
+
+
 def check_args(args) -> None:
     from gmm_quant.search import Space
     from gmm_quant.search.budget import check_inputs
 
-    check_inputs(args.max_error_increase, args.trials, val=None)
+    check_inputs(budget_of(args)[0], args.trials, val=None)
     for name in ("timeout", "patience", "heartbeat"):
         value = getattr(args, name)
         if value is not None and not value > 0:

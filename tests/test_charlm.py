@@ -122,3 +122,22 @@ def test_codebook_language_model_export_matches_jax_at_batch_1_and_7(tiny_run, t
         )
         assert np.abs(ours - ref).max() <= 1e-4, batch
         assert np.array_equal(ours.argmax(-1), ref.argmax(-1)), batch
+
+
+def test_a_perplexity_budget_search_records_the_rise_its_final_model_reproduces(tmp_path, capsys):
+    from gmm_quant import tune
+
+    workdir = tmp_path / "t"
+    argv = ["--config", "charlm_tiny", "--max-perplexity-increase", "5", "--trials", "1", "--workdir",
+            str(workdir), "--no-progress", "--dimensions", "tau", "--pretrain-epochs", "2",
+            "--retrain-epochs", "1"]  # fmt: skip
+    assert tune.main(argv) == 0
+    summary = json.loads((workdir / "search.json").read_text())
+    final = json.loads((workdir / "final" / "metrics.json").read_text())
+    assert summary["metric"] == "perplexity" and summary["limit_val_error"] == pytest.approx(0.05)
+    rise = final["val_perplexity_finetuned"] / final["val_perplexity_pretrained"] - 1
+    assert summary["best_val_error"] == pytest.approx(rise, abs=1e-4)  # the trial, re-run as the final model
+    assert "ppl rise %" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # one budget, not two
+        tune.main([*argv[:2], "--max-error-increase", "1", *argv[2:]])
+    assert refused.value.code == 2

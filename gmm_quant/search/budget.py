@@ -5,7 +5,9 @@
     result.config, result.codebooks, result.params, result.study
 
 ``budget`` is the largest acceptable increase of the validation error over ``params``' own, in
-percentage points. The search never sees a test set: only the training and validation splits given.
+percentage points; with ``metric="perplexity"`` (language models) it is the largest acceptable rise
+of the validation perplexity, in percent of ``params``' own. The search never sees a test set: only
+the training and validation splits given.
 """
 
 from __future__ import annotations
@@ -49,11 +51,30 @@ def check_inputs(budget, trials, val) -> None:
         raise BudgetError("the search needs a validation split (val_fraction > 0 or a val set)")
 
 
-def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None) -> study_lib.Search:
+METRICS = ("error", "perplexity")
+
+
+def make_judge(metric: str, apply_fn, params, val):
+    """``judge(apply_fn, params, val)`` -> the judged value (lower is better) and its baseline on
+    ``params``: the validation error (a fraction), or the validation perplexity's rise over
+    ``params``' own (a fraction: 0.02 = 2% higher), so that one budget fraction serves both."""
+    if metric == "error":
+        return loop.error_rate, loop.error_rate(apply_fn, params, *val)
+    if metric != "perplexity":
+        raise BudgetError(f"unknown budget metric {metric!r}; choose one of {METRICS}")
+    reference = loop.perplexity(apply_fn, params, *val)
+
+    def rise(fn, p, x, y):
+        return loop.perplexity(fn, p, x, y) / reference - 1.0
+
+    return rise, 0.0
+
+
+def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None, metric="error"):
     """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit."""
     plan = build_plan(base, params)
     layers = plan.quantised()
-    baseline = loop.error_rate(apply_fn, params, *val)
+    judge, baseline = make_judge(metric, apply_fn, params, val)
     sensitive = []
     if "keep_float" in space:
         from gmm_quant import sensitivity  # a command module: imported only when used
@@ -73,6 +94,8 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None)
         baseline + budget / 100,
         budget / 100,
         graphdef,
+        metric,
+        judge,
     )
 
 
@@ -106,6 +129,8 @@ def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=
 def _check_same_search(study, search: study_lib.Search) -> None:
     """A study resumed (or shared) must have been made with the same limit and dimensions."""
     recorded = {"limit": round(search.limit, 9), "dimensions": list(search.space.dimensions)}
+    if search.metric != "error":  # recorded only when not the default: older studies resume
+        recorded["metric"] = search.metric
     saved = {k: study.user_attrs[k] for k in recorded if k in study.user_attrs}
     if saved and saved != recorded:
         raise BudgetError(
@@ -131,13 +156,14 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
         limit=search.limit,
         budget=search.budget,
         graphdef=search.graphdef,
+        judge=search.judge,
     )
     return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study)
 
 
 def compress_to_budget(
     apply_fn, params, train, val, *, budget, trials=20, base: Config | None = None, dimensions=None,
-    storage=None, study_name="gmm_quant", timeout=None, patience=None, seed=0, progress=True,
+    storage=None, study_name="gmm_quant", timeout=None, patience=None, seed=0, progress=True, metric="error",
 ) -> SearchResult:  # fmt: skip
     """Search settings that compress ``params`` most within ``budget`` points of validation error.
 
@@ -148,7 +174,7 @@ def compress_to_budget(
     check_inputs(budget, trials, val)
     space = space_lib.Space(tuple(dimensions or space_lib.DEFAULT_DIMENSIONS))
     base = base or Config()
-    search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space)
+    search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space, metric=metric)
     study = study_lib.open_study(storage, study_name, seed)
     optimize(search, study, trials=trials, timeout=timeout, patience=patience, progress=progress)
     return best_model(search, study)

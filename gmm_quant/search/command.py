@@ -24,6 +24,7 @@ from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.stages import Stages, check_distillation
+from gmm_quant.tune import budget_of
 
 
 def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
@@ -38,7 +39,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     ds, val = data.split_validation(data.load(cfg.dataset, args.data_dir, cfg.train_subset or None),
                                     cfg.val_fraction, cfg.seed)  # fmt: skip
     run._check_data(cfg, ds, len(val[1]))
-    budget_lib.check_inputs(args.max_error_increase, args.trials, val)
+    budget, metric = budget_of(args)
+    budget_lib.check_inputs(budget, args.trials, val)
     if args.pretrained is not None:
         params = run._load_pretrained(args.pretrained, params)
     if args.storage is not None:  # a URL that cannot be opened fails here, before any training
@@ -55,8 +57,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
         if args.pretrained is None:
             params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
         base = dataclasses.replace(cfg, pretrain_epochs=0)
-        search = budget_lib.prepare(apply_fn, params, train, val, budget=args.max_error_increase, base=base,
-                                    space=space, graphdef=graphdef)  # fmt: skip
+        search = budget_lib.prepare(apply_fn, params, train, val, budget=budget, base=base, space=space,
+                                    graphdef=graphdef, metric=metric)  # fmt: skip
         storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
         seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
         study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat)
@@ -74,31 +76,36 @@ def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
     return Stages(cfg, apply_fn, train, val, runner).pretrain(params)
 
 
+WHAT = {"error": "validation error", "perplexity": "validation perplexity rise"}
+
+
 def _finish(workdir, search, study, args, seconds) -> str:
     limit, baseline = 100 * search.limit, 100 * (search.limit - search.budget)
+    what = WHAT[search.metric]
     rows = outputs.trial_rows(study)
     outputs.write_table(rows, workdir / "trials.csv")
-    outputs.plot_pareto(rows, limit, baseline, workdir / "pareto.png")
-    lines = [outputs.format_table(rows, limit)]
+    outputs.plot_pareto(rows, limit, baseline, workdir / "pareto.png", label=f"{what} (%)")
+    lines = [
+        outputs.format_table(rows, limit, {"error": "val err %", "perplexity": "ppl rise %"}[search.metric])
+    ]
     best = study_lib.feasible(study)
     summary = {
-        "budget_points": args.max_error_increase, "pretrained_val_error": baseline / 100,
+        "metric": search.metric, "budget_points": budget_of(args)[0], "pretrained_val_error": baseline / 100,
         "limit_val_error": search.limit, "trials": len(rows), "seconds_this_run": seconds,
     }  # fmt: skip
     if best:
-        lines += _best(workdir, best[0], baseline, args, summary)
+        lines += _best(workdir, best[0], baseline, args, summary, what)
     else:
-        lines.append(
-            f"no trial met the budget (validation error <= {limit:.2f}%): more trials, or a larger budget"
-        )
+        lines.append(f"no trial met the budget ({what} <= {limit:.2f}%): more trials, or a larger budget")
     write_atomic(workdir / "search.json", json.dumps(summary, indent=1).encode())
     return "\n".join(lines)
 
 
-FINAL_KEYS = ("error_pretrained", "error_finetuned", "val_error_finetuned", "compression_ratio")
+FINAL_KEYS = ("error_pretrained", "error_finetuned", "val_error_finetuned", "compression_ratio",
+              "perplexity_pretrained", "perplexity_finetuned", "val_perplexity_finetuned")  # fmt: skip
 
 
-def _best(workdir, best, baseline, args, summary) -> list[str]:
+def _best(workdir, best, baseline, args, summary, what) -> list[str]:
     """Write the best config, train the final model with it; lines for the summary."""
     values, err = best.user_attrs["config"], best.user_attrs["val_error"]
     outputs.write_config(values, workdir / "best_config.json")
@@ -106,18 +113,21 @@ def _best(workdir, best, baseline, args, summary) -> list[str]:
     command = f"python -m gmm_quant.train --config-file {workdir}/best_config.json --pretrained {source}"
     summary.update(best_trial=best.number, best_compression_ratio=best.value, best_val_error=err)
     summary["reproduce"] = command
-    lines = [f"best: trial {best.number}, {best.value:.1f}x at validation error {100 * err:.2f}% "
+    lines = [f"best: trial {best.number}, {best.value:.1f}x at {what} {100 * err:.2f}% "
              f"(pretrained {baseline:.2f}%)"]  # fmt: skip
     if not args.no_final:
         metrics = run.train_and_evaluate(
             study_lib.config_from_json(values), workdir / "final", data_dir=args.data_dir,
             pretrained=source, progress=not args.no_progress, overwrite=True,
         )  # fmt: skip
-        summary["final"] = {k: metrics.get(k) for k in FINAL_KEYS}
+        summary["final"] = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
         before, after = 100 * metrics["error_pretrained"], 100 * metrics["error_finetuned"]
         ratio = metrics["compression_ratio"]
         lines.append(
             f"final model in {workdir}/final: test error {before:.2f}% -> {after:.2f}% at {ratio:.1f}x"
         )
+        if "perplexity_finetuned" in metrics:
+            ppl = f"{metrics['perplexity_pretrained']:.3f} -> {metrics['perplexity_finetuned']:.3f}"
+            lines.append(f"test perplexity {ppl}")
     lines.append(f"reproduce: {command} --workdir NEW_DIR")
     return lines

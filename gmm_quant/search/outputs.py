@@ -41,8 +41,8 @@ def write_table(rows: list[dict], path) -> None:
     write_atomic(path, out.getvalue().encode())
 
 
-def format_table(rows: list[dict], limit_percent: float) -> str:
-    lines = [f"{'trial':>5} {'state':<9} {'CR':>8} {'val err %':>9}  within budget ({limit_percent:.2f}%)"]
+def format_table(rows: list[dict], limit_percent: float, label: str = "val err %") -> str:
+    lines = [f"{'trial':>5} {'state':<9} {'CR':>8} {label:>10}  within budget ({limit_percent:.2f}%)"]
     for r in rows:
         cr = f"{r['compression_ratio']:.1f}x" if r["compression_ratio"] is not None else "-"
         err = f"{r['val_error_percent']:.2f}" if r["val_error_percent"] is not None else "-"
@@ -51,7 +51,7 @@ def format_table(rows: list[dict], limit_percent: float) -> str:
             ok += " (after longer fine-tuning)"
         if r["pruned_at_epoch"]:
             ok = f"- (pruned at retraining epoch {r['pruned_at_epoch']})"
-        lines.append(f"{r['trial']:>5} {r['state']:<9} {cr:>8} {err:>9}  {ok}")
+        lines.append(f"{r['trial']:>5} {r['state']:<9} {cr:>8} {err:>10}  {ok}")
     return "\n".join(lines)
 
 
@@ -61,8 +61,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(set(front))
 
 
-def plot_pareto(rows: list[dict], limit_percent: float, baseline_percent: float, path) -> None:
-    """Validation error vs CR of every completed trial, the budget line and the Pareto front."""
+def plot_pareto(rows, limit_percent, baseline_percent, path, label="validation error (%)") -> None:
+    """Validation error (or what ``label`` names) vs CR of every completed trial, the budget line and
+    the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +83,7 @@ def plot_pareto(rows: list[dict], limit_percent: float, baseline_percent: float,
     ax.axhline(baseline_percent, color="gray", linestyle=":", label=f"pretrained ({baseline_percent:.2f}%)")
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (Han et al.)")
-    ax.set_ylabel("validation error (%)")
+    ax.set_ylabel(label)
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()

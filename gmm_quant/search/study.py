@@ -133,6 +133,8 @@ class Search(NamedTuple):
     limit: float  # highest acceptable validation error (fraction)
     budget: float  # allowed increase (fraction)
     graphdef: object = None  # of the NNX model, when there is one (feature-map distillation needs it)
+    metric: str = "error"  # or "perplexity": the judged value is then the perplexity's relative rise
+    judge: object = None  # (apply_fn, params, x, y) -> judged value; None: the error rate
 
 
 def objective(search: Search):
@@ -153,6 +155,7 @@ def objective(search: Search):
             outcome, _, _ = run_trial(
                 cfg, search.apply_fn, search.pretrained, search.train, search.val,
                 limit=search.limit, budget=search.budget, report=report, graphdef=search.graphdef,
+                judge=search.judge,
             )  # fmt: skip
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)

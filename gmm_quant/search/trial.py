@@ -41,11 +41,11 @@ def score(compression_ratio: float, val_error: float, limit: float, budget: floa
     return math.log2(compression_ratio) - over
 
 
-def compressed_metrics(apply_fn, plan, mixtures, params, val, assignment="nearest"):
-    """(val error, CR) of the model compressed as it stands."""
+def compressed_metrics(apply_fn, plan, mixtures, params, val, assignment="nearest", judge=None):
+    """(judged value — val error by default —, CR) of the model compressed as it stands."""
     codebooks, snapped = codebook.compress(plan, mixtures, params, assignment=assignment)
     cr = accounting.summarize(codebooks, flatten(snapped))["compression_ratio"]
-    return loop.error_rate(apply_fn, snapped, *val), cr
+    return (judge or loop.error_rate)(apply_fn, snapped, *val), cr
 
 
 def memory_runner(cfg: Config, train, on_retrain_epoch=None):
@@ -67,31 +67,35 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
     return runner
 
 
-def run_trial(cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None):
+def run_trial(
+    cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None, judge=None
+):
     """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
 
-    ``limit`` is the highest acceptable validation error (fraction), ``budget`` the allowed increase.
-    Returns ``(Outcome, codebooks, params)``.
+    ``limit`` is the highest acceptable judged value (validation error, a fraction, unless ``judge``
+    says otherwise), ``budget`` the allowed increase. Returns ``(Outcome, codebooks, params)``.
     """
+    judge = judge or loop.error_rate
     plan = build_plan(cfg, pretrained)
     rungs = sorted({max(1, round(f * cfg.retrain_epochs)) for f in RUNGS} - {cfg.retrain_epochs})
 
     def on_epoch(epoch, state):
         if report is not None and epoch + 1 in rungs:
             mixtures, params = state.trainable["mixtures"], state.trainable["params"]
-            err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment)
+            err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment, judge)
             report(score(cr, err, limit, budget), epoch + 1)
 
     stages = Stages(cfg, apply_fn, train, val, memory_runner(cfg, train, on_epoch), graphdef=graphdef)
     mixtures, retrained = stages.retrain(plan, pretrained)
     codebooks, snapped = stages.compress(plan, mixtures, retrained)
     tuned, final = stages.finetune(codebooks, snapped, cfg.finetune_epochs)
-    error, rescued = stages.val_errors["finetuned"], False
+    error, rescued = judge(stages.apply_fn, final, *val), False
     if error > limit and cfg.finetune_epochs:
         longer = dataclasses.replace(cfg, finetune_epochs=RESCUE * cfg.finetune_epochs)
         stages.cfg = longer
         tuned2, final2 = stages.finetune(codebooks, snapped, longer.finetune_epochs)
-        if stages.val_errors["finetuned"] < error:
-            cfg, tuned, final, error, rescued = longer, tuned2, final2, stages.val_errors["finetuned"], True
+        error2 = judge(stages.apply_fn, final2, *val)
+        if error2 < error:
+            cfg, tuned, final, error, rescued = longer, tuned2, final2, error2, True
     cr = accounting.summarize(tuned, {p: np.asarray(v) for p, v in flatten(final).items()})
     return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final
