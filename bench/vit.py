@@ -1,6 +1,9 @@
-"""The Vision Transformer table: float / codebooks / codebooks + head pruning / W8A8 / W4A8 / W4A16.
+"""The transformer tables: float / codebooks / codebooks + head pruning / W8A8 / W4A8 / W4A16.
 
     python bench/vit.py --data-dir ../shared/data --workdir runs/bench_vit [--retrain-epochs N]
+    python bench/vit.py --config charlm_pydoc --workdir runs/bench_charlm     # the character model
+
+For a language model (sequence labels) every row also gives the test perplexity.
 
 ``vit_mnist`` (models/vit.py) is pretrained once (kept in WORKDIR/pretrained.gqz for reruns) and
 retrained with the mixture prior once; every codebook row starts from that retrained model (compress,
@@ -52,6 +55,7 @@ def _row(name, st, graphdef, codebooks, final, x, test, encoding):
     return {
         "variant": name,
         "test_error": st.errors.get("finetuned", st.errors.get("pretrained")),
+        "test_perplexity": st.perplexities.get("finetuned", st.perplexities.get("pretrained")),
         "val_error": st.val_errors.get("finetuned", st.val_errors.get("pretrained")),
         "nonzero_percent": 100 * summary["nonzero_fraction"] if codebooks else 100.0,
         "heads_kept": kept,
@@ -74,11 +78,11 @@ def _latency(rows, x, repeats):
 def run(args) -> list[dict]:
     fields = ("pretrain_epochs", "retrain_epochs", "finetune_epochs", "train_subset")
     given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    cfg = cfgm.override(cfgm.load("vit_mnist"), given)
+    cfg = cfgm.override(cfgm.load(args.config), given)
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mnist = data.load("mnist", args.data_dir, cfg.train_subset or None)
-    ds, val = data.split_validation(mnist, cfg.val_fraction, cfg.seed)
+    full = data.load(cfg.dataset, args.data_dir, cfg.train_subset or None)
+    ds, val = data.split_validation(full, cfg.val_fraction, cfg.seed)
     train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
 
@@ -106,7 +110,7 @@ def run(args) -> list[dict]:
     codebooks, final = st.finetune(codebooks, snapped, cfg.finetune_epochs)
     rows.append(_row(f"codebooks + heads ({args.head_ratio:.0%} pruned)", st, g, codebooks, final,
                      ds.x_test, test, "sparse"))  # fmt: skip
-    latency = _latency(rows, ds.x_test.astype(np.float32), args.repeats)
+    latency = _latency(rows, export.model_input(ds.x_test), args.repeats)
     for r in rows:
         r["latency_b1"], r["latency_b64"] = latency[1][r["variant"]], latency[64][r["variant"]]
         del r["onnx"]
@@ -115,9 +119,10 @@ def run(args) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="vit_mnist", help="vit_mnist or charlm_pydoc (or any transformer's)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--workdir", default="runs/bench_vit")
-    ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: the vit_mnist config's")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: the config's")
     ap.add_argument("--retrain-epochs", type=int, default=None)
     ap.add_argument("--finetune-epochs", type=int, default=None)
     ap.add_argument("--train-subset", type=int, default=None, help="first N training images (smoke runs)")
@@ -126,15 +131,16 @@ def main():
     args = ap.parse_args()
     start = time.perf_counter()
     rows = run(args)
-    head = f"{'variant':<34} {'test err':>8} {'non-zero':>8} {'heads':>5} {'CR':>7} {'ONNX B':>8}"
+    head = f"{'variant':<34} {'test err':>8} {'ppl':>7} {'non-zero':>8} {'heads':>5} {'CR':>7} {'ONNX B':>8}"
     print(f"{head} {'b1':>6} {'b64':>6}")
     for r in rows:
         heads = "-" if r["heads_kept"] is None else str(r["heads_kept"])
-        print(f"{r['variant']:<34} {100 * r['test_error']:>7.2f}% {r['nonzero_percent']:>7.1f}% {heads:>5} "
-              f"{r['compression_ratio']:>6.1f}x {r['onnx_bytes']:>8,} {r['latency_b1']:>5.2f}x "
+        ppl = "-" if r["test_perplexity"] is None else f"{r['test_perplexity']:.3f}"
+        print(f"{r['variant']:<34} {100 * r['test_error']:>7.2f}% {ppl:>7} {r['nonzero_percent']:>7.1f}% "
+              f"{heads:>5} {r['compression_ratio']:>6.1f}x {r['onnx_bytes']:>8,} {r['latency_b1']:>5.2f}x "
               f"{r['latency_b64']:>5.2f}x")  # fmt: skip
     print(f"wall time {time.perf_counter() - start:.0f} s")
-    (pathlib.Path(args.workdir) / "vit_table.json").write_text(json.dumps(rows, indent=1))
+    (pathlib.Path(args.workdir) / "table.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
