@@ -106,7 +106,8 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
     diff = float(np.max(np.abs(ours - ref)))
     allowed = tolerance * max(1.0, float(np.max(np.abs(ref))))
     if _quantises_activations(model):  # rows: examples, or every position of sequences
-        return _verify_quantised(ours.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1]), diff)
+        rows = (ours.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1]))
+        return _verify_quantised(*rows, diff, sequences=ref.ndim > 2)
     if not diff <= allowed:
         message = f"ONNX Runtime differs from JAX by {diff:.3g} (> {allowed:.2g}); file not written"
         raise ExportMismatch(message)
@@ -114,21 +115,25 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
 
 
 QUANTISED_AGREEMENT = 0.98
+SEQUENCE_WITHIN = 0.95  # positions of sequences within one step: a flipped code reaches every later position
 
 
 def _quantises_activations(model) -> bool:
     return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
-def _verify_quantised(ours, ref, diff) -> float:
+def _verify_quantised(ours, ref, diff, sequences=False) -> float:
     """Activation quantisation: a value a float32 rounding away from a code boundary may take the
     neighbouring code in ONNX Runtime (which orders some float arithmetic differently) and carry that
     step downstream. Required: at least ``QUANTISED_AGREEMENT`` of the rows within one step of the
-    logits quantised to 8 bits (their range / 255), and as many with the same argmax."""
+    logits quantised to 8 bits (their range / 255), and as many with the same argmax. For sequences
+    (rows = positions), causal attention carries one flipped code to every later position of its
+    sequence: ``SEQUENCE_WITHIN`` of the positions within one step suffice (argmax as before)."""
     step = float(ref.max() - ref.min()) / 255
     within = float(np.mean(np.abs(ours - ref).max(axis=1) <= step))
     same = float(np.mean(ours.argmax(1) == ref.argmax(1)))
-    if min(within, same) < QUANTISED_AGREEMENT:
+    needed = SEQUENCE_WITHIN if sequences else QUANTISED_AGREEMENT
+    if within < needed or same < QUANTISED_AGREEMENT:
         raise ExportMismatch(
             f"ONNX Runtime differs from the fake-quantised JAX model: {within:.1%} of the rows within one "
             f"step of the logits ({step:.3g}), {same:.1%} with the same argmax; file not written"
