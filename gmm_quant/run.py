@@ -21,16 +21,10 @@ from gmm_quant import accounting, codebook, data, loop, pipeline, report, storag
 from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
+from gmm_quant.preflight import check_model
 from gmm_quant.rules import flatten
 from gmm_quant.scale import distributed
-from gmm_quant.stages import (
-    Stages,
-    build_plan,
-    check_activations,
-    check_distillation,
-    check_heads,
-    check_mesh,
-)
+from gmm_quant.stages import Stages, build_plan
 
 
 def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None):
@@ -131,10 +125,7 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     wd.check_usable(workdir, overwrite=overwrite)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
-    check_heads(cfg, nnx.merge(graphdef, params))
-    check_activations(cfg, nnx.merge(graphdef, params))
-    check_distillation(cfg, nnx.merge(graphdef, params))
-    check_mesh(cfg, params)
+    check_model(cfg, graphdef, params)
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})

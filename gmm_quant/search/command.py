@@ -19,11 +19,12 @@ from gmm_quant import config as cfgm
 from gmm_quant import data, run
 from gmm_quant import workdir as wd
 from gmm_quant.checkpoint import write_atomic
+from gmm_quant.preflight import check_model
 from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
-from gmm_quant.stages import Stages, check_distillation
+from gmm_quant.stages import Stages
 from gmm_quant.tune import budget_of
 
 
@@ -35,7 +36,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
         tuple(d for d in (args.dimensions or "").split(",") if d) or space_lib.DEFAULT_DIMENSIONS
     )
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
-    check_distillation(cfg, nnx.merge(graphdef, params))
+    check_model(cfg, graphdef, params)
     ds, val = data.split_validation(data.load(cfg.dataset, args.data_dir, cfg.train_subset or None),
                                     cfg.val_fraction, cfg.seed)  # fmt: skip
     run._check_data(cfg, ds, len(val[1]))
