@@ -58,6 +58,11 @@ def check_activations(cfg: cfgm.Config, model) -> None:
 def check_mesh(cfg: cfgm.Config, params) -> None:
     """Before any training: the mesh fits the devices, its data axis divides the batch, and every
     ``shard_params`` match has a dimension the model axis divides."""
+    if cfg.shard_params and "model" not in parse_mesh(cfg.mesh):
+        raise cfgm.ConfigError(
+            f"invalid config field 'shard_params' = {list(cfg.shard_params)}: needs a mesh with a model axis "
+            "(--mesh model=N or data=D,model=N)"
+        )
     try:
         mesh = make_mesh(parse_mesh(cfg.mesh))
         if mesh is not None:

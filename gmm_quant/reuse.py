@@ -141,6 +141,10 @@ def main(argv=None) -> int:
         cli.quiet_libraries(argv)
         if args.evaluate < 0:
             raise ValueError(f"--evaluate must be >= 0, got {args.evaluate}")
+        try:
+            re.compile(args.pattern)
+        except re.error as err:
+            raise ValueError(f"--pattern {args.pattern!r} is not a regular expression ({err})") from None
         workdir = pathlib.Path(args.workdir)
         result = _run(workdir, args.pattern, args.evaluate, args.data_dir, args.pretrained)
         write_atomic(workdir / "reuse.json", json.dumps(result, indent=1).encode())
