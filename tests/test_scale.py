@@ -141,6 +141,7 @@ def test_two_processes_on_localhost_give_the_one_process_result(tmp_path, one_de
             ["--mesh", "model=8", "--shard-params", "layers/2/bias"],
             "cannot shard layers/2/bias (10,) over model=8",
         ),
+        (["--shard-params", "kernel"], "needs a mesh with a model axis"),
     ],
 )
 def test_a_bad_mesh_is_refused_in_one_line_before_anything_is_written(tmp_path, extra, message):
