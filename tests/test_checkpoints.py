@@ -108,7 +108,9 @@ def test_ctrl_c_during_retraining_stops_cleanly_and_resumes_to_the_same_result(r
         steps.exists() and any(p.name in "2345678" for p in steps.iterdir())
     ):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGSTOP)  # frozen where it was seen, however loaded the machine: the
+    proc.send_signal(signal.SIGINT)  # Ctrl-C is pending when it continues
+    proc.send_signal(signal.SIGCONT)
     _out, err = proc.communicate(timeout=120)
     assert not (workdir / "metrics.json").exists(), "interrupted too late to test resuming"
     assert proc.returncode == 130
