@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -25,10 +26,16 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
+def default_sigint():
+    """In the child: Ctrl-C raises KeyboardInterrupt even when the suite itself was started in the
+    background, where the shell sets SIGINT to ignored and children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(workdir, *extra, **kw):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [*CLI, "--workdir", str(workdir), *extra]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **kw)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, preexec_fn=default_sigint, **kw)
 
 
 def run_cli(workdir, *extra):

@@ -23,7 +23,7 @@ from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import Outcome
 from gmm_quant.stages import build_plan
-from tests.cli_runs import ROOT, one_line
+from tests.cli_runs import ROOT, default_sigint, one_line
 
 TUNE = [sys.executable, "-m", "gmm_quant.tune", "--config", "tiny", "--no-progress", "--retrain-epochs", "8",
         "--max-error-increase", "1.0"]  # fmt: skip
@@ -146,7 +146,8 @@ def test_the_search_sees_the_training_data_and_never_the_test_set(monkeypatch, t
 
 def tune(workdir, *extra, **kw):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([*TUNE, "--workdir", str(workdir), *extra], env=env, cwd=ROOT, text=True, **kw)
+    cmd = [*TUNE, "--workdir", str(workdir), *extra]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, preexec_fn=default_sigint, **kw)
 
 
 def finished(proc, timeout=300):
