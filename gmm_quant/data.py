@@ -164,6 +164,16 @@ def load_pydoc_chars(context: int = CONTEXT, test_fraction: float = 0.1) -> Data
     return Dataset(train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:])
 
 
+def random_inputs(name, count: int = 64, seed: int = 0) -> np.ndarray:
+    """``count`` random inputs shaped like dataset ``name``'s: character codes for text, else images
+    (28x28, or 8x8 for digits). What an export is verified on when no real sample is given."""
+    rng = np.random.default_rng(seed)
+    if name == "pydoc_chars":
+        return rng.integers(0, VOCAB, size=(count, CONTEXT)).astype(np.int32)
+    shape = (8, 8, 1) if name == "digits" else (28, 28, 1)
+    return rng.normal(size=(count, *shape)).astype(np.float32)
+
+
 def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, tuple]:
     """``(ds with the training part only, (x_val, y_val))``: the validation examples are the last
     ``fraction`` of a permutation of the training set seeded by ``seed`` (none when ``fraction`` is 0).

@@ -173,22 +173,13 @@ def export_file(
     """Export a ``.gqz`` file; ``sample`` defaults to random inputs of the dataset's shape."""
     apply_fn, params, codebooks, compressed = load_model_file(model_path, model)
     if sample is None:
-        sample = _random_sample((compressed.config or {}).get("dataset"))
+        sample = data.random_inputs((compressed.config or {}).get("dataset"))
     try:
         jax.eval_shape(apply_fn, params, model_input(sample[:1]))
     except (TypeError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"the model does not run on inputs of shape {sample.shape[1:]} ({first})") from None
     return export_onnx(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
-
-
-def _random_sample(dataset) -> np.ndarray:
-    """64 random inputs shaped like ``dataset``'s: character codes for text, else images."""
-    rng = np.random.default_rng(0)
-    if dataset == "pydoc_chars":
-        return rng.integers(0, data.VOCAB, size=(64, data.CONTEXT)).astype(np.int32)
-    shape = (8, 8, 1) if dataset == "digits" else (28, 28, 1)
-    return rng.normal(size=(64, *shape)).astype(np.float32)
 
 
 def _is_our_onnx(path: pathlib.Path) -> bool:

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 
@@ -114,17 +113,26 @@ def predict(apply_fn, params, x, batch_size: int = 1000):
     return jnp.concatenate(outs)
 
 
+def error_rate(apply_fn, params, x, y, batch_size: int = 1000) -> float:
+    """Fraction of labels (examples, or tokens of sequences) the argmax prediction gets wrong."""
+    return _error(predict(apply_fn, params, x, batch_size), y)
+
+
 def perplexity(apply_fn, params, x, y, batch_size: int = 1000) -> float:
     """``exp`` of the mean cross-entropy (nats) over every label: for a language model's ``[N, L]``
     next-token labels, the per-token perplexity."""
-    total = 0.0
-    fn = jax.jit(lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).sum())
-    for i in range(0, x.shape[0], batch_size):
-        total += float(fn(params, x[i : i + batch_size], y[i : i + batch_size]))
-    return math.exp(total / np.size(y))
+    return _perplexity(predict(apply_fn, params, x, batch_size), y)
 
 
-def error_rate(apply_fn, params, x, y, batch_size: int = 1000) -> float:
-    """Fraction of labels (examples, or tokens of sequences) the argmax prediction gets wrong."""
+def error_and_perplexity(apply_fn, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
+    """Both, from one pass over ``x``."""
     logits = predict(apply_fn, params, x, batch_size)
+    return _error(logits, y), _perplexity(logits, y)
+
+
+def _error(logits, y) -> float:
     return float(jnp.mean(jnp.argmax(logits, -1) != y))
+
+
+def _perplexity(logits, y) -> float:
+    return math.exp(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()))

@@ -29,6 +29,7 @@ from gmm_quant import grid as grid_lib
 from gmm_quant import objective as obj
 from gmm_quant.codebook import dequantize
 from gmm_quant.rules import Plan
+from gmm_quant.scale.mesh import batch_problem
 
 
 def cross_entropy(apply_fn):
@@ -78,9 +79,9 @@ def run_epochs(
 
 
 def _check_batch(batch_size, placement):
-    data = placement.mesh.shape.get("data", 1)
-    if batch_size % data:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh's data axis ({data})")
+    problem = batch_problem(dict(placement.mesh.shape), batch_size)
+    if problem:
+        raise ValueError(f"batch_size {batch_size}: {problem}")
 
 
 def _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, stop):

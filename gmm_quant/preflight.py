@@ -15,7 +15,7 @@ from flax import nnx
 from gmm_quant import config as cfgm
 from gmm_quant import heads
 from gmm_quant.activations import points
-from gmm_quant.scale.mesh import make_mesh, parse_mesh
+from gmm_quant.scale.mesh import batch_problem, make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
 
 
@@ -57,24 +57,22 @@ def check_activations(cfg: cfgm.Config, model) -> None:
 
 def check_mesh(cfg: cfgm.Config, params) -> None:
     """Before any training: the mesh fits the devices, its data axis divides the batch, and every
-    ``shard_params`` match has a dimension the model axis divides."""
-    if cfg.shard_params and "model" not in parse_mesh(cfg.mesh):
+    ``shard_params`` match has a dimension the model axis divides (``validate`` parsed the mesh)."""
+    axes = parse_mesh(cfg.mesh)
+    if cfg.shard_params and "model" not in axes:
         raise cfgm.ConfigError(
             f"invalid config field 'shard_params' = {list(cfg.shard_params)}: needs a mesh with a model axis "
             "(--mesh model=N or data=D,model=N)"
         )
     try:
-        mesh = make_mesh(parse_mesh(cfg.mesh))
+        mesh = make_mesh(axes)
         if mesh is not None:
             plan_placement(params, mesh, cfg.shard_params)
     except ValueError as err:
         raise cfgm.ConfigError(f"invalid config field 'mesh' = {cfg.mesh!r}: {err}") from None
-    data = parse_mesh(cfg.mesh).get("data", 1)
-    if cfg.batch_size % data:
-        raise cfgm.ConfigError(
-            f"invalid config field 'batch_size' = {cfg.batch_size}: "
-            f"not a multiple of the mesh's data axis ({data})"
-        )
+    problem = batch_problem(axes, cfg.batch_size)
+    if problem:
+        raise cfgm.ConfigError(f"invalid config field 'batch_size' = {cfg.batch_size}: {problem}")
 
 
 def check_distillation(cfg: cfgm.Config, model) -> None:

@@ -98,24 +98,12 @@ def plot(result: dict, path) -> None:
 
 
 def _run(workdir: pathlib.Path, pattern: str, evaluate: int, data_dir=None, pretrained=None) -> dict:
-    from flax import nnx
+    from gmm_quant.sensitivity import pretrained_model
 
-    from gmm_quant import data, run, stages
-    from gmm_quant import workdir as workdir_lib
-    from gmm_quant.model_spec import make_model
-
-    cfg = workdir_lib.saved_config(workdir)
-    graphdef, like = nnx.split(make_model(cfg.model, cfg.seed), nnx.Param)
-    params = run._load_pretrained(pretrained or workdir, like)  # a .gqz file or a pretraining
-    _ds, val = data.split_validation(data.load(cfg.dataset, data_dir, cfg.train_subset or None),
-                                     cfg.val_fraction or 0.1, cfg.seed)  # fmt: skip
-    paths = [p for p in stages.build_plan(cfg, params).quantised() if re.search(pattern, p)]
+    apply_fn, params, quantised, val = pretrained_model(workdir, data_dir, pretrained)
+    paths = [p for p in quantised if re.search(pattern, p)]
     if len(paths) < 2:
         raise ValueError(f"--pattern {pattern!r} matches {len(paths)} quantised layer(s); reuse needs two")
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p)(x)
-
     return reuse_table(apply_fn, params, paths, val, evaluate)
 
 

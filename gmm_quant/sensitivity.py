@@ -85,7 +85,10 @@ def plot(result: dict, path) -> None:
     plt.close(fig)
 
 
-def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
+def pretrained_model(workdir: pathlib.Path, data_dir=None, pretrained=None):
+    """``(apply_fn, params, quantised paths, val)`` of a run's pretrained model (or of ``pretrained``,
+    a ``.gqz`` file or another work directory) with the run's validation split: what the analysis
+    commands (this one, ``gmm_quant.reuse``) examine."""
     from flax import nnx
 
     from gmm_quant import data, run, stages
@@ -94,19 +97,26 @@ def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
 
     cfg = workdir_lib.saved_config(workdir)
     graphdef, like = nnx.split(make_model(cfg.model, cfg.seed), nnx.Param)
-    params = run.pretrained_params(workdir, like)
-    if params is None:
-        raise FileNotFoundError(f"{workdir}: no intact pretraining checkpoint")
+    if pretrained is not None:
+        params = run._load_pretrained(pretrained, like)
+    else:
+        params = run.pretrained_params(workdir, like)
+        if params is None:
+            raise FileNotFoundError(f"{workdir}: no intact pretraining checkpoint")
     ds = data.load(cfg.dataset, data_dir, cfg.train_subset or None)
     # the run's own held-out split; runs made before it existed (val_fraction 0) get a fresh 10%,
     # which they have trained on
     _ds, val = data.split_validation(ds, cfg.val_fraction or VAL_FRACTION, cfg.seed)
-    plan = stages.build_plan(cfg, params)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    return layer_sensitivity(apply_fn, params, plan.quantised(), val, ks=ks, fractions=fractions)
+    return apply_fn, params, stages.build_plan(cfg, params).quantised(), val
+
+
+def _run(workdir: pathlib.Path, ks, fractions, data_dir=None) -> dict:
+    apply_fn, params, paths, val = pretrained_model(workdir, data_dir)
+    return layer_sensitivity(apply_fn, params, paths, val, ks=ks, fractions=fractions)
 
 
 def main(argv=None) -> int:

@@ -105,15 +105,18 @@ class Stages:
         self.placement = None if mesh is None else plan_placement(params, mesh, self.cfg.shard_params)
 
     def _errors(self, name, params):
-        sequences = np.ndim(self.train[1]) == 2
         if self.test is not None:
-            self.errors[name] = loop.error_rate(self.apply_fn, params, *self.test)
-            if sequences:
-                self.perplexities[name] = loop.perplexity(self.apply_fn, params, *self.test)
+            self._score(name, params, self.test, self.errors, self.perplexities)
         if len(self.val[1]):
-            self.val_errors[name] = loop.error_rate(self.apply_fn, params, *self.val)
-            if sequences:
-                self.val_perplexities[name] = loop.perplexity(self.apply_fn, params, *self.val)
+            self._score(name, params, self.val, self.val_errors, self.val_perplexities)
+
+    def _score(self, name, params, data, errors, perplexities):
+        """Error of ``params`` on ``data`` into ``errors``; for sequence labels (a language model) also
+        the perplexity, from the same pass."""
+        if np.ndim(data[1]) == 2:
+            errors[name], perplexities[name] = loop.error_and_perplexity(self.apply_fn, params, *data)
+        else:
+            errors[name] = loop.error_rate(self.apply_fn, params, *data)
 
     def _record(self, name, params, timer, start):
         self._errors(name, params)

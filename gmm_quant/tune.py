@@ -58,16 +58,10 @@ def parser():
     return ap
 
 
-def budget_of(args) -> tuple[float, str]:
-    """(budget, metric) from --max-error-increase or --max-perplexity-increase."""
-    if args.max_perplexity_increase is not None:
-        return args.max_perplexity_increase, "perplexity"
-    return args.max_error_increase, "error"
-
-
 def check_args(args) -> None:
     from gmm_quant.search import Space
     from gmm_quant.search.budget import check_inputs
+    from gmm_quant.search.command import budget_of
 
     check_inputs(budget_of(args)[0], args.trials, val=None)
     for name in ("timeout", "patience", "heartbeat"):

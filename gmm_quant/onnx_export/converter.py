@@ -137,7 +137,7 @@ class Converter:
         over heads, a fill value) is stored once per distinct slice and Expanded back."""
         arr = np.asarray(value)
         small = arr
-        for axis in range(arr.ndim):
+        for axis in range(arr.ndim if arr.size >= 256 else 0):  # small constants: stored as they are
             if small.shape[axis] > 1 and np.all(small == np.take(small, [0], axis=axis)):
                 small = np.take(small, [0], axis=axis)
         if arr.size >= 256 and small.size * 4 <= arr.size:

@@ -49,5 +49,11 @@ def make_mesh(axes: dict[str, int]) -> jax.sharding.Mesh | None:
     return jax.make_mesh(tuple(axes.values()), names, axis_types=auto, devices=jax.devices()[:need])
 
 
+def batch_problem(axes: dict[str, int], batch_size: int) -> str | None:
+    """Why ``batch_size`` cannot be split over the ``data`` axis of ``axes``, or None."""
+    data = axes.get("data", 1)
+    return f"not a multiple of the mesh's data axis ({data})" if batch_size % data else None
+
+
 def format_mesh(axes: dict[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in axes.items())

@@ -25,7 +25,6 @@ from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.stages import Stages
-from gmm_quant.tune import budget_of
 
 
 def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
@@ -77,18 +76,26 @@ def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
     return Stages(cfg, apply_fn, train, val, runner).pretrain(params)
 
 
-WHAT = {"error": "validation error", "perplexity": "validation perplexity rise"}
+WHAT = {
+    "error": ("validation error", "val err %"),
+    "perplexity": ("validation perplexity rise", "ppl rise %"),
+}
+
+
+def budget_of(args) -> tuple[float, str]:
+    """(budget, metric) from --max-error-increase or --max-perplexity-increase."""
+    if args.max_perplexity_increase is not None:
+        return args.max_perplexity_increase, "perplexity"
+    return args.max_error_increase, "error"
 
 
 def _finish(workdir, search, study, args, seconds) -> str:
     limit, baseline = 100 * search.limit, 100 * (search.limit - search.budget)
-    what = WHAT[search.metric]
+    what, column = WHAT[search.metric]
     rows = outputs.trial_rows(study)
     outputs.write_table(rows, workdir / "trials.csv")
     outputs.plot_pareto(rows, limit, baseline, workdir / "pareto.png", label=f"{what} (%)")
-    lines = [
-        outputs.format_table(rows, limit, {"error": "val err %", "perplexity": "ppl rise %"}[search.metric])
-    ]
+    lines = [outputs.format_table(rows, limit, column)]
     best = study_lib.feasible(study)
     summary = {
         "metric": search.metric, "budget_points": budget_of(args)[0], "pretrained_val_error": baseline / 100,
