@@ -132,7 +132,8 @@ def summarize(codebooks: dict, params, removed: int = 0) -> dict:
 
     ``params``: the model's parameter pytree (or any {path: array}); leaves not in ``codebooks`` count
     as float32. ``removed``: parameters removed structurally before compression (pruned attention
-    heads): they count in the original size and cost nothing.
+    heads, the kernels and biases of layers that reuse another's): they count in the original size
+    and cost nothing.
     """
     float_leaves = {p: v for p, v in flatten(params).items() if p not in codebooks}
     layers = [layer_cost(name, cb) for name, cb in codebooks.items()]

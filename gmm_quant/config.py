@@ -17,6 +17,7 @@ import re
 
 from gmm_quant.codebook import ASSIGNMENTS
 from gmm_quant.data import DATASETS
+from gmm_quant.reuse.links import parse_rule
 from gmm_quant.scale.mesh import parse_mesh
 
 HEAD_SCORES = ("weights", "loss")
@@ -42,6 +43,10 @@ class Config:
     head_threshold: float = 0.0  # remove heads scoring below this x their layer's best (0 = keep all)
     head_ratio: float = 0.0  # or remove this fraction of each layer's heads, lowest scores first
     head_score: str = "weights"  # "weights" (Q/K/V norms) or "loss" (validation loss rise when masked)
+    # --- then: layers reusing an earlier layer's weights plus a transform (gmm_quant.reuse) ---
+    reuse: tuple[str, ...] = ()  # "TARGET_REGEX=SOURCE_PATH", e.g. "blocks/[23]/mlp_in$=blocks/1/mlp_in"
+    reuse_budget: float = 0.0  # > 0 (and no rules): choose links greedily within this many error points
+    reuse_rank: int = 0  # rank of each link's low-rank correction (0: per-channel scale and bias only)
     # --- stage 2: retraining with the mixture prior ---
     retrain_epochs: int = 100  # epochs of joint training of weights and mixture
     tau: float = 2e-3  # prior strength; loss = mean task loss + tau / N * complexity
@@ -156,6 +161,15 @@ def validate(cfg: Config) -> Config:
     both = cfg.head_threshold and cfg.head_ratio
     _check(not both, "head_ratio", "give head_threshold or head_ratio, not both", cfg.head_ratio)
     _check(cfg.head_score in HEAD_SCORES, "head_score", f"choose one of {HEAD_SCORES}", cfg.head_score)
+    _check(cfg.reuse_budget >= 0, "reuse_budget", "must be >= 0 (points of error)", cfg.reuse_budget)
+    _check(cfg.reuse_rank >= 0, "reuse_rank", "must be >= 0", cfg.reuse_rank)
+    both = bool(cfg.reuse) and cfg.reuse_budget > 0
+    _check(not both, "reuse_budget", "give reuse rules or a reuse budget, not both", cfg.reuse_budget)
+    for item in cfg.reuse:
+        try:
+            parse_rule(item)
+        except ValueError as err:
+            raise ConfigError(f"invalid config field 'reuse': {err}") from None
     for name in ("keep_float", "own_mixture"):
         for pattern in getattr(cfg, name):
             _check(_compiles(pattern), name, "not a valid regular expression", pattern)

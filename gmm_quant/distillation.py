@@ -55,23 +55,28 @@ def feature_mse(student: dict, teacher: dict):
     return sum(terms) / len(terms)
 
 
-def distillation_loss(apply_fn, teacher_params, *, alpha=0.5, temperature=4.0, features=None, beta=1.0):
-    """``(params, x, y) -> (loss, {"accuracy", "distill_kl", "distill_features"})``."""
+def distillation_loss(
+    apply_fn, teacher_params, *, alpha=0.5, temperature=4.0, features=None, beta=1.0, teacher_model=None
+):
+    """``(params, x, y) -> (loss, {"accuracy", "distill_kl", "distill_features"})``. ``teacher_model``
+    = ``(apply_fn, features)`` of the teacher when its structure differs from the student's (a
+    student whose layers reuse others); by default the student's own."""
     if alpha < 0 or not temperature > 0 or beta < 0:
         raise ValueError(f"alpha, beta must be >= 0 and temperature > 0, got {alpha}, {beta}, {temperature}")
     use_features = features is not None and beta > 0
+    teacher_fn, teacher_features = teacher_model or (apply_fn, features)
 
     def loss(params, x, y):
         if use_features:
             logits, maps = features(params, x)
-            teacher_logits, teacher_maps = features(teacher_params, x)
+            teacher_logits, teacher_maps = teacher_features(teacher_params, x)
         else:
             logits = apply_fn(params, x)
         task = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         aux = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
         if alpha > 0:
             if not use_features:
-                teacher_logits = apply_fn(teacher_params, x)
+                teacher_logits = teacher_fn(teacher_params, x)
             teacher = jax.lax.stop_gradient(teacher_logits) / temperature
             log_student = jax.nn.log_softmax(logits / temperature)
             kl = jnp.sum(jax.nn.softmax(teacher) * (jax.nn.log_softmax(teacher) - log_student), -1)

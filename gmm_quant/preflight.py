@@ -3,7 +3,8 @@ naming the field, so a bad setting costs seconds, never a run.
 
 ``check_model(cfg, graphdef, params)`` runs them all: head pruning needs attention layers and must
 leave a head in each; activation quantisation needs the layers it names; feature distillation needs
-the modules it names; the mesh must fit the devices and the batch.
+the modules it names; reuse rules must link layers that can share; the mesh must fit the devices
+and the batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from flax import nnx
 from gmm_quant import config as cfgm
 from gmm_quant import heads
 from gmm_quant.activations import points
+from gmm_quant.reuse import layers as reuse_layers
+from gmm_quant.reuse.links import links_from_rules
 from gmm_quant.scale.mesh import batch_problem, make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
 
@@ -24,6 +27,7 @@ def check_model(cfg: cfgm.Config, graphdef, params) -> None:
     check_heads(cfg, model)
     check_activations(cfg, model)
     check_distillation(cfg, model)
+    check_reuse(cfg, model)
     check_mesh(cfg, params)
 
 
@@ -86,3 +90,18 @@ def check_distillation(cfg: cfgm.Config, model) -> None:
             f"invalid config field 'distill_features' = {cfg.distill_features!r}: matches no module path "
             f"of the model (its modules: {', '.join(n for n in names if n)})"
         )
+
+
+def check_reuse(cfg: cfgm.Config, model) -> None:
+    """Before any training: ``reuse`` rules must link at least one layer, each link to a same-typed,
+    same-shaped supported layer before it (attached to a copy of the model to prove it)."""
+    if not cfg.reuse:
+        return
+    links, _ = links_from_rules(cfg.reuse, reuse_layers.modules(model), cfg.reuse_rank)
+    if not links:
+        rules = list(cfg.reuse)
+        raise cfgm.ConfigError(f"invalid config field 'reuse' = {rules}: matches no layer of the model")
+    try:
+        reuse_layers.attach(nnx.clone(model), links, fitted=False)
+    except ValueError as err:
+        raise cfgm.ConfigError(f"invalid config field 'reuse': {err}") from None

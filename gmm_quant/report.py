@@ -72,7 +72,11 @@ def format_table(metrics: dict) -> str:
     if metrics.get("heads"):
         kept = "  ".join(f"{p} {len(h['kept'])}/{h['of']}" for p, h in metrics["heads"].items())
         lines.append(f"attention heads kept: {kept}")
-    stages = ("pretrained", "heads_pruned", "retrained", "compressed", "activations_quantised", "finetuned")
+    if metrics.get("reuse"):
+        links = "  ".join(f"{r['target']} <- {r['source']} (rank {r['rank']})" for r in metrics["reuse"])
+        lines.append(f"layers reusing another's weights: {links}")
+    stages = ("pretrained", "heads_pruned", "reused", "retrained", "compressed", "activations_quantised",
+              "finetuned")  # fmt: skip
     errs = [k for k in stages if f"error_{k}" in metrics]
     lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
     ppl = [k for k in stages if f"perplexity_{k}" in metrics]

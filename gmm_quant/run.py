@@ -156,6 +156,10 @@ def train_and_evaluate(
             graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
             plan = build_plan(cfg, pretrained_params)
             stage.place(pretrained_params)
+        if cfg.reuse or cfg.reuse_budget:
+            graphdef, pretrained_params = stage.reuse_layers(graphdef, pretrained_params)
+            plan = build_plan(cfg, pretrained_params)
+            stage.place(pretrained_params)
         mixtures, retrained = stage.retrain(plan, pretrained_params)
         start = time.perf_counter()
         codebooks, snapped = stage.compress(plan, mixtures, retrained)
@@ -181,6 +185,7 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         model=cfg.model,
         config=dataclasses.asdict(cfg),
         activations=stage.activations,
+        reuse=stage.links,
     )
     extra = {
         "model": cfg.model,
@@ -195,6 +200,10 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     }
     if stage.heads:
         extra["heads"] = stage.heads
+    if stage.links:
+        extra["reuse"] = [dataclasses.asdict(link) for link in stage.links]
+    if stage.reuse_table:
+        extra["reuse_choice"] = stage.reuse_table
     if onnx_sample is not None:
         extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else "sparse")
     metrics = report.metrics_dict(stage.errors, summary, extra)

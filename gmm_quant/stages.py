@@ -24,6 +24,9 @@ from gmm_quant.activations import points
 from gmm_quant.distillation import distillation_loss, feature_maps
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
+from gmm_quant.reuse import layers as reuse_layers
+from gmm_quant.reuse.choose import choose
+from gmm_quant.reuse.links import links_from_rules
 from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
 from gmm_quant.scale.mesh import make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
@@ -74,6 +77,15 @@ def _leaf_settings(cfg, path, thresholds, used) -> dict:
     return {"per_layer": per_layer, "prune_threshold": threshold, "merge_kl": cfg.merge_kl or None}
 
 
+def _count(params) -> int:
+    return sum(int(np.size(v)) for v in flatten(params).values())
+
+
+def _error(model, x, y) -> float:
+    graphdef, params = nnx.split(model, nnx.Param)
+    return loop.error_rate(lambda p, v: nnx.merge(graphdef, p)(v), params, x, y)
+
+
 def _mean_cross_entropy(model, x, y, batch_size=1000) -> float:
     total = 0.0
     for i in range(0, len(y), batch_size):
@@ -98,6 +110,8 @@ class Stages:
         self.perplexities, self.val_perplexities = {}, {}  # language models (sequence labels) only
         self.removed, self.heads, self.activations = 0, {}, None
         self.placement = None  # where training runs (``place``); None: one device
+        self.links, self.reuse_table = [], None  # layers reusing others (``reuse_layers``)
+        self.teacher, self.teacher_graphdef = None, None  # set by reuse_layers, else by retrain
 
     def place(self, params):
         """Lay training out on the config's ``mesh`` (``shard_params`` split over its model axis)."""
@@ -147,13 +161,39 @@ class Stages:
             x, y = self.val if len(self.val[1]) else self.train  # never the test set
             scores = heads.loss_scores(model, lambda m: _mean_cross_entropy(m, x, y))
         keep = heads.select_heads(scores, threshold=cfg.head_threshold or None, ratio=cfg.head_ratio or None)
-        before = sum(int(np.size(v)) for v in flatten(params).values())
+        before = _count(params)
         heads.prune_heads(model, keep)
         graphdef, params = nnx.split(model, nnx.Param)
-        self.removed = before - sum(int(np.size(v)) for v in flatten(params).values())
+        self.removed = before - _count(params)
         self.heads = {p: {"kept": keep[p], "of": len(s)} for p, s in scores.items()}
         self.apply_fn, self.graphdef = (lambda p, x: nnx.merge(graphdef, p)(x)), graphdef
         self._errors("heads_pruned", params)
+        return graphdef, params
+
+    def reuse_layers(self, graphdef, params):
+        """Link layers to earlier ones (``reuse`` rules, or greedily within ``reuse_budget``) with fitted
+        transforms; returns ``(graphdef, params)`` of the reusing model and rebinds ``apply_fn``. The
+        model before reuse stays the distillation teacher."""
+        cfg = self.cfg
+        if not (cfg.reuse or cfg.reuse_budget):
+            return graphdef, params
+        model = nnx.merge(graphdef, params)
+        if cfg.reuse:
+            self.links, unused = links_from_rules(cfg.reuse, reuse_layers.modules(model), cfg.reuse_rank)
+            if unused:
+                warnings.warn(f"reuse rules matched no layer: {unused}", stacklevel=2)
+        else:
+            x, y = self.val if len(self.val[1]) else self.train  # never the test set
+            self.links, self.reuse_table = choose(
+                model, lambda m: _error(m, x, y), cfg.reuse_budget / 100, rank=cfg.reuse_rank
+            )
+        self.teacher, self.teacher_graphdef = params, graphdef
+        reuse_layers.attach(model, self.links)
+        before = _count(params)
+        graphdef, params = nnx.split(model, nnx.Param)
+        self.removed += before - _count(params)  # the Han count's original is the model before reuse
+        self.apply_fn, self.graphdef = (lambda p, x: nnx.merge(graphdef, p)(x)), graphdef
+        self._errors("reused", params)
         return graphdef, params
 
     def _task_loss(self):
@@ -162,19 +202,24 @@ class Stages:
         cfg = self.cfg
         if not (cfg.distill_alpha or cfg.distill_features):
             return None
-        features = None
+        features = teacher_model = None
         if cfg.distill_features:
             if self.graphdef is None:
                 raise cfgm.ConfigError("config field 'distill_features' needs an NNX model (its graphdef)")
             features = feature_maps(self.graphdef, cfg.distill_features)
+        if self.teacher_graphdef is not None:  # the model before its layers reused others
+            graphdef = self.teacher_graphdef
+            maps = feature_maps(graphdef, cfg.distill_features) if cfg.distill_features else None
+            teacher_model = (lambda p, x: nnx.merge(graphdef, p)(x)), maps
         return distillation_loss(
             self.apply_fn, self.teacher, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
-            features=features, beta=cfg.distill_beta,
+            features=features, beta=cfg.distill_beta, teacher_model=teacher_model,
         )  # fmt: skip
 
     def retrain(self, plan, params):
         start, cfg, n = time.perf_counter(), self.cfg, self.train[0].shape[0]
-        self.teacher = params
+        if self.teacher is None:
+            self.teacher = params
         rates = LearningRates(cfg.lr_weights, cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
         setup = pipeline.retrain_setup(
             self.apply_fn, params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1),

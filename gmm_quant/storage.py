@@ -6,9 +6,11 @@ Layout (little-endian)::
 
 The header lists every leaf: quantised leaves as ``centres`` (float32 [k]) and ``indices`` bit-packed
 at ceil(log2 k) bits per weight; float leaves as raw float32. It also records the model name, the
-config and the payload's sha256. Loading checks the magic, the version, both checksums, every offset
-and every shape, and raises ``CorruptFile`` naming the problem; it never returns silently wrong
-weights. Files are written atomically (temporary file, then rename).
+config and the payload's sha256, and which layers reuse another's weights (``reuse``: each shared
+matrix is stored once, at its source's path; a reusing layer stores only its transform). Loading
+checks the magic, the version, both checksums, every offset and every shape, and raises
+``CorruptFile`` naming the problem; it never returns silently wrong weights. Files are written
+atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Compressed(NamedTuple):
     model: str | None
     config: dict | None
     activations: dict | None = None  # {layer: (scale, zero_point, bits)} of activation quantisation
+    reuse: tuple = ()  # reuse.layers.Link of every layer computing another's output transformed
 
     def params(self, like=None):
         """The file's weights as a params pytree shaped like ``like``; by default the ``nnx.Param``
@@ -96,12 +99,16 @@ class Compressed(NamedTuple):
 
     def build_model(self, spec: str | None = None):
         """A fresh module of the model the file names (or ``spec``), its attention layers cut to the
-        heads the file stores (a model whose heads were pruned)."""
+        heads the file stores (a model whose heads were pruned), its reusing layers re-linked."""
         from gmm_quant import heads
         from gmm_quant.model_spec import make_model
 
         module = make_model(spec or self.model)
         heads.fit_heads(module, self.shapes())
+        if self.reuse:
+            from gmm_quant.reuse.layers import attach
+
+            attach(module, self.reuse, fitted=False)
         if self.activations:
             from gmm_quant.activations import points
 
@@ -151,6 +158,7 @@ def save_compressed(
     model: str | None = None,
     config: dict | None = None,
     activations: dict | None = None,
+    reuse=(),
     version: int = VERSION,
 ):
     """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
@@ -159,7 +167,8 @@ def save_compressed(
     ``"package.module:factory"`` (see ``model_spec``). ``version`` 2 (the default) stores each layer's
     non-zero positions and centre indices entropy-coded (``sparse_streams``); version 1 stores every
     index bit-packed. ``activations`` ({layer: (scale, zero_point, bits)}) records activation
-    quantisation, re-attached when the file's model is rebuilt.
+    quantisation, re-attached when the file's model is rebuilt; ``reuse`` (``reuse.layers.Link``s)
+    the layers that reuse another's weights, re-linked likewise.
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version}")
@@ -186,6 +195,7 @@ def save_compressed(
             "model": model,
             "config": config,
             **({"activations": {k: list(v) for k, v in activations.items()}} if activations else {}),
+            **({"reuse": [[r.target, r.source, r.rank] for r in reuse]} if reuse else {}),
             "leaves": leaves,
             "payload_sha256": hashlib.sha256(payload).hexdigest(),
         },
@@ -275,6 +285,7 @@ def _check_header(meta, path) -> None:
     _require(meta.get("model") is None or isinstance(meta["model"], str), path, "model is not a string")
     _require(meta.get("config") is None or isinstance(meta["config"], dict), path, "config is not an object")
     _check_activations(meta.get("activations"), path)
+    _check_reuse(meta.get("reuse", []), path)
     for leaf in meta["leaves"]:
         _check_leaf(leaf, path)
     names = [leaf["path"] for leaf in meta["leaves"]]
@@ -289,6 +300,14 @@ def _check_activations(acts, path) -> None:
         ok = isinstance(v, list) and len(v) == 3 and isinstance(v[0], float) and math.isfinite(v[0])
         ok = ok and v[0] > 0 and _is_count(v[1]) and v[2] == 8 and v[1] <= 255
         _require(ok, path, f"activation quantisation of {name}: invalid (scale, zero point, bits) {v!r}")
+
+
+def _check_reuse(links, path) -> None:
+    _require(isinstance(links, list), path, "reuse is not a list")
+    for v in links:
+        ok = isinstance(v, list) and len(v) == 3 and all(isinstance(s, str) for s in v[:2])
+        ok = ok and _is_count(v[2])
+        _require(ok, path, f"reuse: invalid (target, source, rank) {v!r}")
 
 
 def _slice(payload: bytes, entry: dict, path, name) -> bytes:
@@ -333,4 +352,7 @@ def load_compressed(path) -> Compressed:
                 raise CorruptFile(f"{path}: {name} holds {data.size} values, shape {shape} needs {count}")
             floats[name] = data.astype(np.float32).reshape(shape)
     acts = {k: tuple(v) for k, v in meta.get("activations", {}).items()}
-    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None)
+    from gmm_quant.reuse.links import Link
+
+    links = tuple(Link(*v) for v in meta.get("reuse", []))
+    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links)

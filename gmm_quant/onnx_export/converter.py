@@ -16,6 +16,7 @@ are constant along such a dimension are cut to size 1 there, so they broadcast a
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -134,7 +135,8 @@ class Converter:
 
     def const(self, value, hint="const") -> str:
         """A constant as an initializer; one that repeats along some axes (a causal mask broadcast
-        over heads, a fill value) is stored once per distinct slice and Expanded back."""
+        over heads, a fill value) is stored once per distinct slice and Expanded back; equal constants
+        share one initializer."""
         arr = np.asarray(value)
         small = arr
         for axis in range(arr.ndim if arr.size >= 256 else 0):  # small constants: stored as they are
@@ -143,9 +145,11 @@ class Converter:
         if arr.size >= 256 and small.size * 4 <= arr.size:
             shape = self.const(np.asarray(arr.shape, np.int64), "shape")
             return self.node("Expand", [self.const(small, hint), shape], hint=hint)
-        name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(arr, name))
-        return name
+        key = ("C", arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).digest())
+        if key not in self._memo:  # equal constants (a shared layer's bias, used twice) stored once
+            self._memo[key] = self.fresh(hint)
+            self.initializers.append(numpy_helper.from_array(arr, self._memo[key]))
+        return self._memo[key]
 
     def node(self, op, inputs, hint=None, **attrs) -> str:
         out = self.fresh(hint or op.lower())

@@ -29,6 +29,9 @@ from gmm_quant.stages import Stages
 
 def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     cfgm.validate(cfg)
+    for name in ("head_threshold", "head_ratio", "reuse", "reuse_budget"):
+        if getattr(cfg, name):  # trials run retrain -> compress -> fine-tune only
+            raise cfgm.ConfigError(f"config field {name!r}: the search does not prune heads or reuse layers")
     workdir = pathlib.Path(workdir)
     wd.check_usable(workdir, overwrite=args.overwrite)
     space = space_lib.Space(

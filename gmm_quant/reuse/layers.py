@@ -1,0 +1,138 @@
+"""Layer reuse by model surgery: a target layer becomes the source layer plus a feature transform.
+
+``attach(model, links)`` replaces, in place, each target module by a ``Reused`` module that holds a
+*reference* to the source module (NNX shares the object: one set of ``nnx.Param``s, so
+``nnx.split`` lists the source's kernel once, at the source's path, and the prior, the codebooks,
+the ``.gqz`` file and the ONNX graph all see one matrix) and computes
+
+    reused(x) = source(x) * scale + bias  [+ (x @ down) @ up]     (scale, bias: per output channel)
+
+with an optional rank-``r`` correction (``nnx.Linear`` sources only). The transform is fitted to the
+target it replaces (``fit``): ``scale`` is the per-channel least-squares scale of the source kernel
+onto the target's, ``bias = target bias - source bias * scale``, and ``down @ up`` the best rank-r
+approximation (truncated SVD) of what is left, so a target that is a channel-scaled copy of its source
+(plus a rank-r difference) is reproduced exactly. The identity transform (scale 1, bias 0, no
+correction) computes exactly the source's output.
+
+A layer reuses a layer before it in the model's graph order (the shared weights keep the source's
+parameter path). Supported layers: those with a ``kernel`` whose last axis is their only output axis
+(``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` with one output axis), with or without a bias.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gmm_quant.reuse.candidates import output_scales
+from gmm_quant.reuse.links import Link
+from gmm_quant.rules import path_str
+
+
+class Reused(nnx.Module):
+    """``source(x) * scale + bias (+ (x @ down) @ up)``; ``source`` is shared, not copied."""
+
+    def __init__(self, source: nnx.Module, channels: int, rank: int = 0, in_features: int = 0):
+        self.source = source
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.rank = rank
+        if rank:
+            self.down = nnx.Param(jnp.zeros((in_features, rank), jnp.float32))
+            self.up = nnx.Param(jnp.zeros((rank, channels), jnp.float32))
+
+    def __call__(self, x, **kwargs):
+        y = self.source(x, **kwargs) * self.scale[...] + self.bias[...]
+        if self.rank:
+            y = y + (x @ self.down[...]) @ self.up[...]
+        return y
+
+
+def modules(model) -> dict:
+    """{path: module} of every module of ``model`` (a shared one at its first path)."""
+    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
+
+
+def supported(module) -> bool:
+    """A layer whose kernel's last axis is its one output axis (see the module docstring)."""
+    if isinstance(module, nnx.LinearGeneral):
+        return len(module.out_features) == 1
+    return isinstance(module, (nnx.Linear, nnx.Conv))
+
+
+def links_of(model) -> dict:
+    """{target path: Link} of the ``Reused`` modules in ``model`` (what a ``.gqz`` file records)."""
+    found, paths = {}, {id(m): p for p, m in modules(model).items()}
+    for path, node in modules(model).items():
+        if isinstance(node, Reused):
+            found[path] = Link(path, paths[id(node.source)], node.rank)
+    return found
+
+
+def check_link(model, link: Link) -> None:
+    """Raise ValueError naming the problem when ``link`` cannot be attached to ``model``."""
+    found = modules(model)
+    for role, path in (("target", link.target), ("source", link.source)):
+        if path not in found:
+            raise ValueError(f"reuse {role} {path!r} is not a module of the model")
+        if not supported(found[path]):
+            kind = type(found[path]).__name__
+            raise ValueError(f"reuse {role} {path!r} is a {kind}: only layers with one output axis reuse")
+    target, source = found[link.target], found[link.source]
+    order = list(found)
+    if order.index(link.source) >= order.index(link.target):  # the shared weights keep the source's path
+        raise ValueError(f"layer {link.target!r} can only reuse a layer before it, not {link.source!r}")
+    if np.shape(target.kernel[...]) != np.shape(source.kernel[...]) or type(target) is not type(source):
+        raise ValueError(f"reuse {link.target!r} <- {link.source!r}: the layers differ in type or shape")
+    if link.rank and not isinstance(source, nnx.Linear):
+        raise ValueError(f"reuse {link.target!r}: a rank correction needs an nnx.Linear source")
+    if link.rank < 0 or link.rank > min(np.shape(source.kernel[...])):
+        raise ValueError(f"reuse {link.target!r}: rank {link.rank} outside 0..{min(source.kernel.shape)}")
+
+
+def fit(target, source, rank: int = 0, iterations: int = 50) -> dict:
+    """The transform mapping ``source`` onto ``target`` (float32 arrays; see the module docstring).
+
+    With a rank correction, scale and correction are fitted in turn (each the exact least-squares
+    answer given the other), which recovers a target that is a channel-scaled source plus a rank-r
+    matrix to float precision in a few rounds."""
+    t, s = np.asarray(target.kernel[...], np.float64), np.asarray(source.kernel[...], np.float64)
+    scale, low = output_scales(t, s), None
+    for _ in range(iterations if rank else 0):
+        u, sv, vt = np.linalg.svd(t - s * scale, full_matrices=False)
+        root = np.sqrt(sv[:rank])
+        low = (u[:, :rank] * root, root[:, None] * vt[:rank])
+        previous, scale = scale, output_scales(t - low[0] @ low[1], s)
+        if np.allclose(scale, previous, rtol=1e-10, atol=1e-12):
+            break
+    t_bias = np.zeros(t.shape[-1]) if target.bias is None else np.asarray(target.bias[...], np.float64)
+    s_bias = np.zeros(t.shape[-1]) if source.bias is None else np.asarray(source.bias[...], np.float64)
+    out = {"scale": scale, "bias": t_bias - s_bias * scale}
+    if low is not None:
+        out["down"], out["up"] = low
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def _set_module(model, path: str, value) -> None:
+    *parent, name = path.split("/")
+    node = modules(model)["/".join(parent)] if parent else model
+    if isinstance(node, nnx.List) or name.isdigit():
+        node[int(name)] = value
+    else:
+        setattr(node, name, value)
+
+
+def attach(model, links, *, fitted: bool = True) -> None:
+    """Replace, in place, each ``link.target`` by ``Reused(link.source)``; the transform is fitted to
+    the target (``fitted``) or the identity (a template to load stored values into)."""
+    for link in links:
+        check_link(model, link)
+        found = modules(model)
+        target, source = found[link.target], found[link.source]
+        kernel = np.shape(source.kernel[...])
+        reused = Reused(source, kernel[-1], link.rank, kernel[0] if link.rank else 0)
+        if fitted:
+            for name, value in fit(target, source, link.rank).items():
+                getattr(reused, name)[...] = jnp.asarray(value)
+        _set_module(model, link.target, reused)
