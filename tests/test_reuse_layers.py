@@ -66,6 +66,23 @@ def test_a_channel_scaled_copy_plus_a_rank_r_difference_is_reproduced_by_the_fit
     np.testing.assert_allclose(model(x), before, atol=2e-5)
 
 
+def test_an_attention_projection_reuses_with_a_scale_per_head_and_channel():
+    """A query kernel [in, heads, head_dim] that is another's scaled per (head, channel) plus a rank-2
+    matrix is reproduced."""
+    from models.vit import vit_digits
+
+    vit, rng = vit_digits(rngs=nnx.Rngs(0)), np.random.default_rng(6)
+    source = vit.blocks[0].attn.query
+    scales = rng.uniform(0.5, 2, source.kernel.shape[1:])
+    low = np.einsum("ir,rhd->ihd", rng.normal(size=(32, 2)), rng.normal(size=(2, *scales.shape))) * 0.1
+    vit.blocks[1].attn.query.kernel[...] = jnp.asarray(source.kernel[...] * scales + low, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+    before = vit(x)
+    layers.attach(vit, [Link("blocks/1/attn/query", "blocks/0/attn/query", rank=2)])
+    np.testing.assert_allclose(vit.blocks[1].attn.query.scale[...], scales, rtol=1e-5)
+    np.testing.assert_allclose(vit(x), before, atol=2e-5)
+
+
 def test_the_reused_matrix_is_one_object_listed_once_in_the_params():
     model = stack()
     layers.attach(model, [Link("hidden/1", "hidden/0"), Link("hidden/3", "hidden/0", 2)])
@@ -81,12 +98,12 @@ def test_the_reused_matrix_is_one_object_listed_once_in_the_params():
     }  # fmt: skip
 
 
-def compressed(depth, reusing):
+def compressed(depth, reusing, rank=0):
     """(apply_fn, snapped params, codebooks) of ``stack(depth)`` with hidden/1..reusing reusing hidden/0."""
     model, rng = stack(depth), np.random.default_rng(5)
     for layer in model.hidden:  # distinct biases: equal constants would share one ONNX initializer
         layer.bias[...] = jnp.asarray(rng.normal(size=WIDTH), jnp.float32)
-    layers.attach(model, [Link(f"hidden/{i}", "hidden/0") for i in range(1, reusing + 1)])
+    layers.attach(model, [Link(f"hidden/{i}", "hidden/0", rank) for i in range(1, reusing + 1)])
     graphdef, params = nnx.split(model, nnx.Param)
     codebooks = {
         p: gq.codebook.make_codebook(v, gq.codebook.kmeans_1d(v, 8))
@@ -96,10 +113,10 @@ def compressed(depth, reusing):
     return (lambda p, x: nnx.merge(graphdef, p)(x)), gq.codebook.dequantize(codebooks, params), codebooks
 
 
-def test_the_gqz_stores_a_reused_matrix_once_and_reloads_the_same_model(tmp_path):
-    apply_fn, params, codebooks = compressed(4, 3)
+def test_the_gqz_and_onnx_store_a_reused_matrix_once_and_reload_the_same_model(tmp_path):
+    apply_fn, params, codebooks = compressed(4, 3, rank=2)
     path = tmp_path / "m.gqz"
-    links = [Link(f"hidden/{i}", "hidden/0") for i in (1, 2, 3)]
+    links = [Link(f"hidden/{i}", "hidden/0", 2) for i in (1, 2, 3)]
     storage.save_compressed(path, codebooks, params, model="tests.test_reuse_layers:stack", reuse=links)
     loaded = storage.load_compressed(path)
     assert loaded.reuse == tuple(links)
@@ -108,6 +125,10 @@ def test_the_gqz_stores_a_reused_matrix_once_and_reloads_the_same_model(tmp_path
     model = loaded.load_model()
     assert model.hidden[3].source is model.hidden[0]
     np.testing.assert_array_equal(model(inputs()), apply_fn(params, inputs()))
+    info = export.export_file(path, tmp_path / "m.onnx", sample=np.asarray(inputs(7)))  # verified vs JAX
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    shapes = [tuple(t.dims) for t in graph.initializer]
+    assert shapes.count((WIDTH, WIDTH)) == 1 and info["max_abs_diff"] <= 1e-4
 
 
 def test_files_grow_only_by_the_transform_per_reusing_layer(tmp_path):
@@ -179,12 +200,13 @@ def vit_tiny(tmp_path, *extra):
 
 
 def test_a_vit_whose_mlps_reuse_block_0_trains_saves_and_exports_with_the_matrices_once(tmp_path):
-    proc = vit_tiny(tmp_path, "--reuse", r"blocks/1/(mlp_in|mlp_out)$=blocks/0/\1", "--reuse-rank", "2",
+    proc = vit_tiny(tmp_path, "--reuse", r"blocks/1/(mlp_in|mlp_out|attn/query)$=blocks/0/\1", "--reuse-rank", "2",
                     "--distill-alpha", "0.5")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert [(r["target"], r["source"], r["rank"]) for r in metrics["reuse"]] == [
-        ("blocks/1/mlp_in", "blocks/0/mlp_in", 2), ("blocks/1/mlp_out", "blocks/0/mlp_out", 2)]  # fmt: skip
+        ("blocks/1/attn/query", "blocks/0/attn/query", 2), ("blocks/1/mlp_in", "blocks/0/mlp_in", 2),
+        ("blocks/1/mlp_out", "blocks/0/mlp_out", 2)]  # fmt: skip
     assert "error_reused" in metrics and "layers reusing another's weights" in proc.stdout
     original = sum(
         np.size(v) for v in jax.tree.leaves(nnx.state(gq.load_model(tmp_path / "w" / "model.gqz")))
@@ -194,7 +216,7 @@ def test_a_vit_whose_mlps_reuse_block_0_trains_saves_and_exports_with_the_matric
     assert metrics["original_bytes"] == 4 * unreused  # the Han count's original: the model before reuse
     assert original < unreused
     loaded = storage.load_compressed(tmp_path / "w" / "model.gqz")
-    assert "blocks/1/mlp_in/kernel" not in loaded.shapes() and len(loaded.reuse) == 2
+    assert "blocks/1/mlp_in/kernel" not in loaded.shapes() and len(loaded.reuse) == 3
     assert metrics["onnx"]["max_abs_diff"] <= 1e-4  # exported from the file, verified against JAX
 
 
@@ -204,7 +226,8 @@ def test_a_vit_whose_mlps_reuse_block_0_trains_saves_and_exports_with_the_matric
         (["--reuse", "blocks/1/mlp_out$=blocks/0/mlp_in"], "the layers differ in type or shape"),
         (["--reuse", "blocks/0/mlp_in$=blocks/1/mlp_in"], "can only reuse a layer before it"),
         (["--reuse", "blocks/1/mlp_in$=blocks/0/mlp_in", "--reuse-rank", "99"], "rank 99 outside 0..32"),
-        (["--reuse", "blocks/1/norm1$=blocks/0/norm1"], "only layers with one output axis reuse"),
+        (["--reuse", "blocks/1/norm1$=blocks/0/norm1"], "only Linear, LinearGeneral and Conv reuse"),
+        (["--reuse", "blocks/1/attn/out$=blocks/0/attn/out", "--reuse-rank", "1"], "input is its last axis"),
         (["--reuse", "zzz=blocks/0/mlp_in"], "matches no layer of the model"),
         (["--reuse", "blocks/1/mlp_in$"], "expected TARGET_REGEX=SOURCE_PATH"),
         (["--reuse", "a=b", "--reuse-budget", "0.3"], "give reuse rules or a reuse budget, not both"),

@@ -16,7 +16,7 @@ import re
 import numpy as np
 from flax import nnx
 
-from gmm_quant.reuse.layers import attach, modules, supported
+from gmm_quant.reuse.layers import attach, low_rank_ok, modules, supported
 from gmm_quant.reuse.links import Link
 
 
@@ -26,7 +26,7 @@ def pairs(model, pattern: str = ".", rank: int = 0) -> list[Link]:
     found = {
         p: m
         for p, m in modules(model).items()
-        if supported(m) and re.search(pattern, f"{p}/kernel") and (not rank or isinstance(m, nnx.Linear))
+        if supported(m) and re.search(pattern, f"{p}/kernel") and (not rank or low_rank_ok(m))
     }
     out = []
     for source, target in itertools.combinations(found, 2):  # graph order: the source comes first
