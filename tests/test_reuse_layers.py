@@ -200,8 +200,8 @@ def vit_tiny(tmp_path, *extra):
 
 
 def test_a_vit_whose_mlps_reuse_block_0_trains_saves_and_exports_with_the_matrices_once(tmp_path):
-    proc = vit_tiny(tmp_path, "--reuse", r"blocks/1/(mlp_in|mlp_out|attn/query)$=blocks/0/\1", "--reuse-rank", "2",
-                    "--distill-alpha", "0.5")  # fmt: skip
+    rule = r"blocks/1/(mlp_in|mlp_out|attn/query)$=blocks/0/\1"
+    proc = vit_tiny(tmp_path, "--reuse", rule, "--reuse-rank", "2", "--distill-alpha", "0.5")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert [(r["target"], r["source"], r["rank"]) for r in metrics["reuse"]] == [

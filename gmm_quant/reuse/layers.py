@@ -9,10 +9,10 @@ the ``.gqz`` file and the ONNX graph all see one matrix) and computes
 
 with an optional rank-``r`` correction (sources whose input is the last axis: ``nnx.Linear``, and
 ``nnx.LinearGeneral`` over ``axis=-1`` such as attention's query, key and value). The transform is
-fitted to the target it replaces (``fit``): ``scale`` is the per-channel least-squares scale of the source kernel
-onto the target's, ``bias = target bias - source bias * scale``, and ``down @ up`` the best rank-r
-approximation (truncated SVD) of what is left, so a target that is a channel-scaled copy of its source
-(plus a rank-r difference) is reproduced exactly. The identity transform (scale 1, bias 0, no
+fitted to the target it replaces (``fit``): ``scale`` is the per-channel least-squares scale of the
+source kernel onto the target's, ``bias = target bias - source bias * scale``, and ``down @ up`` the
+best rank-r approximation (truncated SVD) of what is left, so a target that is a channel-scaled copy
+of its source (plus a rank-r difference) is reproduced exactly. The identity transform (scale 1, bias 0, no
 correction) computes exactly the source's output.
 
 A layer reuses a layer before it in the model's graph order (the shared weights keep the source's
