@@ -1,14 +1,16 @@
 """Codebooks alone vs codebooks + cross-layer reuse on the ViT (issue 13).
 
-    python bench/reuse.py --data-dir ../shared/data --workdir runs/bench_vit [--retrain-epochs N]
+    python bench/reuse.py --data-dir ../shared/data --workdir runs/bench_vit [--variants a,b]
 
 Every variant starts from the same pretrained ``vit_mnist`` (WORKDIR/pretrained.gqz, written by
 bench/vit.py or here) and runs the stages of ``python -m gmm_quant.train`` with the config's settings:
-(reuse ->) retrain with the prior -> compress -> fine-tune. Variants: codebooks alone; reuse chosen
-greedily within +0.3 points of validation error; every later block's MLP matrices reusing block 0's
-(rank 0, and rank 8), with the pretrained model as distillation teacher. Columns: test and
-validation error, CR (Han, counting a shared matrix once and the transforms as float32), the
-``.gqz`` and ONNX file sizes (both verified: the ONNX file against JAX). The test set is only reported.
+(reuse ->) retrain with the prior -> compress -> fine-tune. Variants (``VARIANTS``): codebooks alone;
+reuse chosen greedily within +0.3 points of validation error; every later block's MLP matrices
+reusing block 0's (rank 0, and rank 8); blocks 1 and 3 reusing every matrix of blocks 0 and 2; every
+later block reusing every matrix of block 0. Reuse variants have the pretrained model as
+distillation teacher. Columns: test and validation error, CR (Han, counting a shared matrix once
+and the transforms as float32), the ``.gqz`` and ONNX file sizes (the ONNX file verified against
+JAX). The test set is only reported.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ from gmm_quant.search.trial import memory_runner
 from gmm_quant.stages import Stages, build_plan
 
 MLPS = r"blocks/[1-9]/(mlp_in|mlp_out)$=blocks/0/\1"  # every later block's MLPs reuse block 0's
+LAYERS = r"(attn/(query|key|value|out)|mlp_in|mlp_out)$"
+PAIRS = (rf"blocks/1/{LAYERS}=blocks/0/\1", rf"blocks/3/{LAYERS}=blocks/2/\1")  # odd blocks reuse even
+ALL = rf"blocks/[1-9]/{LAYERS}=blocks/0/\1"  # every later block reuses all of block 0's matrices
 VARIANTS = {
     "codebooks": {},  # codebooks alone
     "greedy": {"reuse_budget": 0.3},  # links chosen greedily within +0.3 points of validation error
     "mlp_rank0": {"reuse": (MLPS,), "distill_alpha": 0.5},
     "mlp_rank8": {"reuse": (MLPS,), "reuse_rank": 8, "distill_alpha": 0.5},
+    "pairs_rank0": {"reuse": PAIRS, "distill_alpha": 0.5},
+    "all_rank0": {"reuse": (ALL,), "distill_alpha": 0.5},
 }  # fmt: skip
 
 
