@@ -48,11 +48,17 @@ def huffman_lengths(counts: dict) -> dict:
 
 def huffman_bits(symbols: np.ndarray) -> int:
     """Total bits of ``symbols`` under a Huffman code built from their own counts."""
-    if symbols.size == 0:
-        return 0
     values, counts = np.unique(symbols, return_counts=True)
-    lengths = huffman_lengths(dict(zip(values.tolist(), counts.tolist(), strict=True)))
-    return int(sum(lengths[v] * c for v, c in zip(values.tolist(), counts.tolist(), strict=True)))
+    return huffman_cost(dict(zip(values.tolist(), counts.tolist(), strict=True)))
+
+
+def huffman_cost(counts: dict) -> int:
+    """Total bits of symbols occurring ``{symbol: count}`` times under their Huffman code."""
+    counts = {s: int(c) for s, c in counts.items() if c > 0}
+    if not counts:
+        return 0
+    lengths = huffman_lengths(counts)
+    return int(sum(lengths[s] * c for s, c in counts.items()))
 
 
 def sparse_entries(indices: np.ndarray, diff_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +107,14 @@ def caffe_order(indices: np.ndarray) -> np.ndarray:
 
 
 def layer_cost(name: str, codebook) -> LayerCost:
-    """Han et al.'s storage cost of one quantised layer (conv layers: 4-d kernels, 8-bit diffs)."""
+    """Han et al.'s storage cost of one quantised layer (conv layers: 4-d kernels, 8-bit diffs).
+
+    A layer whose indices are sharded over a mesh is counted where its shards live
+    (``scale.compression.layer_cost``)."""
+    from gmm_quant.scale import compression
+
+    if compression.sharded_axis(codebook.indices) is not None:
+        return compression.layer_cost(name, len(codebook.centres), codebook.indices)
     indices = caffe_order(np.asarray(codebook.indices))
     diff_bits = 8 if indices.ndim == 4 else 5
     codes, diffs = sparse_entries(indices, diff_bits)

@@ -35,7 +35,9 @@ class Codebook(NamedTuple):
     def shape(self) -> tuple:
         return self.indices.shape
 
-    def dequantize(self) -> np.ndarray:
+    def dequantize(self):
+        if _sharded(self.indices):  # stays where its shards live
+            return jnp.asarray(self.centres)[self.indices]
         return self.centres[self.indices]
 
 
@@ -61,16 +63,35 @@ def snap(weights, centres) -> np.ndarray:
     return order[pick].astype(index_dtype(len(centres)))
 
 
+def _sharded(array) -> bool:
+    from gmm_quant.scale.compression import sharded_axis
+
+    return sharded_axis(array) is not None
+
+
+def nearest_counts(weights, centres) -> np.ndarray:
+    """How many weights are nearest to each centre (a sharded layer: counted where its shards live)."""
+    if _sharded(weights):
+        from gmm_quant.scale import compression
+
+        return compression.member_counts(weights, centres)
+    return np.bincount(snap(weights, centres).ravel(), minlength=len(centres))
+
+
 def make_codebook(weights, centres) -> Codebook:
     """Codebook snapping ``weights`` to ``centres``: zero first (added if absent), the rest ascending.
 
-    Non-zero centres that no weight snaps to are dropped.
+    Non-zero centres that no weight snaps to are dropped. A sharded layer's indices stay sharded.
     """
     rest = np.unique(np.asarray(centres, np.float32))
     full = np.concatenate([np.zeros(1, np.float32), rest[rest != 0.0]])
-    used = np.bincount(snap(weights, full).ravel(), minlength=len(full)) > 0
+    used = nearest_counts(weights, full) > 0
     used[0] = True
     full = full[used]
+    if _sharded(weights):
+        from gmm_quant.scale import compression
+
+        return Codebook(full, compression.snap(weights, full))
     return Codebook(full, snap(weights, full))
 
 
@@ -156,7 +177,10 @@ def merge(means, variances, pis, max_kl: float):
 def _layer_centres(config, state, weights, rule, assignment):
     """Surviving centres of one layer after assignment, pruning and merging."""
     means = np.array(mx.component_means(state), np.float32)
-    members = np.bincount(assign(config, state, weights, assignment).ravel(), minlength=len(means))
+    if assignment == "nearest":
+        members = nearest_counts(weights, means)
+    else:
+        members = np.bincount(assign(config, state, weights, assignment).ravel(), minlength=len(means))
     keep = members > rule.threshold_count(np.size(weights))
     keep[0] = True
     if rule.merge_kl is not None:
@@ -178,7 +202,9 @@ def compress(plan: Plan, mixtures: dict, params, *, assignment: str = "nearest")
     codebooks = {}
     for path in plan.quantised():
         group = plan.group_of(path)
-        weights = np.asarray(flat[path], np.float32)
+        weights = flat[path] if _sharded(flat[path]) else np.asarray(flat[path], np.float32)
+        if _sharded(weights) and assignment != "nearest":
+            weights = np.asarray(weights, np.float32)  # responsibilities: on the host
         centres = _layer_centres(plan.mixtures[group], mixtures[group], weights, plan.rules[path], assignment)
         codebooks[path] = make_codebook(weights, centres)
     return codebooks, dequantize(codebooks, params)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmm_quant import grid as grid_lib
-from gmm_quant.codebook import make_codebook
+from gmm_quant.codebook import Codebook, make_codebook
 from gmm_quant.rules import flatten, replace_leaves
 
 
@@ -85,7 +85,7 @@ def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> d
     out = {}
     for path, cb in codebooks.items():
         full = np.concatenate([np.zeros(1, np.float32), np.asarray(centres[path], np.float32)])
-        out[path] = make_codebook(full[cb.indices], full)
+        out[path] = make_codebook(Codebook(full, cb.indices).dequantize(), full)  # sharded: stays so
         if grid and grid_lib.fit(out[path].centres) is None:  # keep the promise: exportable as a grid
             warnings.warn(
                 f"layer {path}: fine-tuned centres {out[path].centres.tolist()} left the grid of scale "

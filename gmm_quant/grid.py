@@ -62,7 +62,7 @@ def _near(x: np.ndarray, ulps: int = 3) -> np.ndarray:
 def to_grid(codebook, bits: int = 4):
     """``codebook`` with its centres rounded onto a signed ``bits``-bit grid (equal centres merged);
     a codebook already on such a grid is returned unchanged."""
-    from gmm_quant.codebook import make_codebook
+    from gmm_quant.codebook import Codebook, make_codebook
 
     fitted = fit(codebook.centres)
     if fitted is not None and int(np.abs(fitted[2]).max()) <= 2 ** (bits - 1) - 1:
@@ -70,4 +70,4 @@ def to_grid(codebook, bits: int = 4):
     scale = np.float32(grid_scale(codebook.centres, bits))
     levels = np.round(np.asarray(codebook.centres) / scale)
     centres = (levels * scale).astype(np.float32)
-    return make_codebook(centres[codebook.indices], centres)
+    return make_codebook(Codebook(centres, codebook.indices).dequantize(), centres)

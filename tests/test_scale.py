@@ -93,6 +93,49 @@ def test_training_state_lives_where_the_placement_says_and_gradients_are_reduced
     assert out["block"][0] * out["block"][1] * 4 == out["shape"][0] * out["shape"][1]  # a quarter each
 
 
+def test_a_sharded_layer_is_compressed_and_counted_where_its_shards_live():
+    """Assign / prune / snap and the Han count of layers split over the model axis (along their input or
+    output dimension, dense and conv) equal the host's numpy result; the indices stay split like the
+    weights, and no compiled program gathers the layer (no all-gather / all-to-all)."""
+    out = run_python("""
+        import json, jax, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        import gmm_quant as gq
+        from gmm_quant import accounting, codebook
+        from gmm_quant.rules import Rule
+        from gmm_quant.scale import compression
+        from gmm_quant.scale.mesh import make_mesh
+        mesh, rng, rows = make_mesh({"data": 2, "model": 4}), np.random.default_rng(0), []
+        conv = (3, 3, 16, 32)
+        layers = [((300, 64), P(None, "model")), ((4000, 64), P("model", None)),
+                  (conv, P(None, None, "model", None)), (conv, P(None, None, None, "model"))]
+        for shape, spec in layers:
+            w = (0.1 * rng.normal(size=shape) * (rng.random(shape) < 0.05)).astype(np.float32)  # long gaps
+            params = {"k": w}
+            plan = gq.make_plan(params, (Rule(".*", prune_threshold=3),))
+            mixtures = gq.init_mixtures(plan, params)
+            ref_cb, _ = codebook.compress(plan, mixtures, params)
+            sharded = {"k": jax.device_put(w, NamedSharding(mesh, spec))}
+            cb, snapped = codebook.compress(plan, mixtures, sharded)
+            centres = cb["k"].centres
+            programs = [compression.snapper(sharded["k"].sharding, centres).lower(sharded["k"])]
+            text = "".join(p.compile().as_text() for p in programs)
+            rows.append({
+                "centres": bool(np.array_equal(centres, ref_cb["k"].centres)),
+                "indices": bool(np.array_equal(np.asarray(cb["k"].indices), ref_cb["k"].indices)),
+                "where": all(a.sharding.is_equivalent_to(sharded["k"].sharding, len(shape))
+                             for a in (cb["k"].indices, snapped["k"])),
+                "cost": accounting.layer_cost("k", cb["k"]) == accounting.layer_cost("k", ref_cb["k"]),
+                "fillers": accounting.layer_cost("k", ref_cb["k"]).fillers,
+                "gathers": "all-gather" in text or "all-to-all" in text,
+            })
+        print(json.dumps(rows))
+    """)
+    for row in out:
+        assert row["centres"] and row["indices"] and row["where"] and row["cost"] and not row["gathers"]
+    assert any(row["fillers"] for row in out)  # gaps longer than the difference field are exercised
+
+
 def _results(workdir) -> dict:
     metrics = json.loads((workdir / "metrics.json").read_text())
     return {k: v for k, v in metrics.items() if k.startswith(("error_", "val_error_", "compression_ratio"))}
