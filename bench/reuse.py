@@ -7,7 +7,8 @@ bench/vit.py or here) and runs the stages of ``python -m gmm_quant.train`` with 
 (reuse ->) retrain with the prior -> compress -> fine-tune. Variants (``VARIANTS``): codebooks alone;
 reuse chosen greedily within +0.3 points of validation error; every later block's MLP matrices
 reusing block 0's (rank 0, and rank 8); blocks 1 and 3 reusing every matrix of blocks 0 and 2; every
-later block reusing every matrix of block 0. Reuse variants have the pretrained model as
+later block reusing every matrix of block 0; ``q_*``: the same with biases and embeddings under the
+prior too. Reuse variants have the pretrained model as
 distillation teacher. Columns: test and validation error, CR (Han, counting a shared matrix once
 and the transforms as float32), the ``.gqz`` and ONNX file sizes (the ONNX file verified against
 JAX). The test set is only reported.
@@ -37,6 +38,7 @@ MLPS = r"blocks/[1-9]/(mlp_in|mlp_out)$=blocks/0/\1"  # every later block's MLPs
 LAYERS = r"(attn/(query|key|value|out)|mlp_in|mlp_out)$"
 PAIRS = (rf"blocks/1/{LAYERS}=blocks/0/\1", rf"blocks/3/{LAYERS}=blocks/2/\1")  # odd blocks reuse even
 ALL = rf"blocks/[1-9]/{LAYERS}=blocks/0/\1"  # every later block reuses all of block 0's matrices
+EVERYTHING = {"quantise_biases": True, "keep_float": ()}
 VARIANTS = {
     "codebooks": {},  # codebooks alone
     "greedy": {"reuse_budget": 0.3},  # links chosen greedily within +0.3 points of validation error
@@ -44,6 +46,10 @@ VARIANTS = {
     "mlp_rank8": {"reuse": (MLPS,), "reuse_rank": 8, "distill_alpha": 0.5},
     "pairs_rank0": {"reuse": PAIRS, "distill_alpha": 0.5},
     "all_rank0": {"reuse": (ALL,), "distill_alpha": 0.5},
+    # every leaf but LayerNorm's and the transforms' scales under the prior (float leaves cap the CR)
+    "q_codebooks": {**EVERYTHING},
+    "q_mlp_rank0": {**EVERYTHING, "reuse": (MLPS,), "distill_alpha": 0.5},
+    "q_all_rank0": {**EVERYTHING, "reuse": (ALL,), "distill_alpha": 0.5},
 }  # fmt: skip
 
 

@@ -55,6 +55,7 @@ class Config:
     lr_means: float = 1e-4  # ... of the free component means
     lr_log_precisions: float = 3e-3  # ... of the log-precisions
     lr_mixing: float = 3e-3  # ... of the mixing logits
+    mixture_every: int = 1  # > 1: the mixture learns on every k-th step only (skips the prior's histogram)
     num_components: int = 17  # J, including the zero component
     pi_zero: float = 0.999  # mixing proportion of the zero component
     learn_pi_zero: bool = False  # learn pi_0 under a Beta hyper-prior
@@ -163,6 +164,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.head_score in HEAD_SCORES, "head_score", f"choose one of {HEAD_SCORES}", cfg.head_score)
     _check(cfg.reuse_budget >= 0, "reuse_budget", "must be >= 0 (points of error)", cfg.reuse_budget)
     _check(cfg.reuse_rank >= 0, "reuse_rank", "must be >= 0", cfg.reuse_rank)
+    _check(cfg.mixture_every >= 1, "mixture_every", "must be >= 1 (steps)", cfg.mixture_every)
     both = bool(cfg.reuse) and cfg.reuse_budget > 0
     _check(not both, "reuse_budget", "give reuse rules or a reuse budget, not both", cfg.reuse_budget)
     for item in cfg.reuse:

@@ -62,7 +62,7 @@ def tau_schedule(tau: float, warmup_steps: int = 0) -> optax.Schedule:
     return optax.linear_schedule(0.0, tau, warmup_steps)
 
 
-def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None):
+def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixture_every: int = 1):
     """Loss over ``{"params", "mixtures"}``: task_loss(params, x, y) + tau(step) / N * complexity.
 
     Args:
@@ -70,14 +70,27 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None):
       tau: a float or an optax schedule of the step.
       num_train: N, the number of training examples.
       placement: where the weights live on a mesh (``scale.placement``), or None (one device).
+      mixture_every: k > 1 gives the mixture a gradient on every k-th step only (steps k-1, 2k-1, ...;
+        ``joint_optimizer(mixture_every=k)`` updates it then): the other steps skip the histogram of
+        the weights that carries it, the largest part of the prior's cost on large layers.
 
     Returns ``(trainable, x, y, step) -> (loss, aux)`` with ``aux["complexity"]`` added.
     """
     schedule = tau if callable(tau) else optax.constant_schedule(tau)
 
+    def prior(params, mixtures):
+        return complexity(plan, mixtures, params, placement=placement)
+
+    def frozen(params, mixtures):  # no cotangent for the mixture: its histogram is never built
+        return prior(params, jax.lax.stop_gradient(mixtures))
+
     def loss(trainable, x, y, step):
         task, aux = task_loss(trainable["params"], x, y)
-        comp = complexity(plan, trainable["mixtures"], trainable["params"], placement=placement)
+        args = trainable["params"], trainable["mixtures"]
+        if mixture_every > 1:
+            comp = jax.lax.cond(step % mixture_every == mixture_every - 1, prior, frozen, *args)
+        else:
+            comp = prior(*args)
         return task + schedule(step) / num_train * comp, {**aux, "complexity": comp}
 
     return loss
@@ -90,10 +103,16 @@ def _label(path, _leaf) -> str:
     return {"means": "means", "log_precisions": "log_precisions"}.get(keys[-1], "mixing")
 
 
-def joint_optimizer(rates: LearningRates = LearningRates()) -> optax.GradientTransformation:
+def joint_optimizer(rates: LearningRates = LearningRates(), mixture_every: int = 1):
     """Adam with separate learning rates for weights, means, log-precisions and mixing logits.
 
-    Works on the ``{"params": ..., "mixtures": {group: MixtureState}}`` pytree of ``joint_loss``.
+    Works on the ``{"params": ..., "mixtures": {group: MixtureState}}`` pytree of ``joint_loss``. With
+    ``mixture_every`` k > 1 the mixture's Adam steps once per k steps (``optax.MultiSteps``), on the
+    step where ``joint_loss(mixture_every=k)`` gives it a gradient.
     """
     transforms = {name: optax.adam(lr) for name, lr in rates._asdict().items()}
+    if mixture_every > 1:
+        for name in ("means", "log_precisions", "mixing"):
+            multi = optax.MultiSteps(transforms[name], every_k_schedule=mixture_every)
+            transforms[name] = multi.gradient_transformation()
     return optax.multi_transform(transforms, lambda tree: jax.tree_util.tree_map_with_path(_label, tree))

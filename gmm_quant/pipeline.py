@@ -139,12 +139,16 @@ def retrain_setup(
     mixtures=None,
     task_loss=None,
     placement=None,
+    mixture_every=1,
 ):
-    """(loss_fn, optimizer, trainable) of joint training; trainable is ``{"params", "mixtures"}``."""
+    """(loss_fn, optimizer, trainable) of joint training; trainable is ``{"params", "mixtures"}``.
+    ``mixture_every`` k > 1: the mixture learns on every k-th step only (``objective.joint_loss``)."""
     schedule = obj.tau_schedule(tau, warmup_epochs * steps_per_epoch)
-    loss = obj.joint_loss(task_loss or cross_entropy(apply_fn), plan, schedule, num_train, placement)
+    task = task_loss or cross_entropy(apply_fn)
+    loss = obj.joint_loss(task, plan, schedule, num_train, placement, mixture_every=mixture_every)
     mixtures = obj.init_mixtures(plan, params) if mixtures is None else mixtures
-    return loss, obj.joint_optimizer(rates), {"params": params, "mixtures": mixtures}
+    optimizer = obj.joint_optimizer(rates, mixture_every=mixture_every)
+    return loss, optimizer, {"params": params, "mixtures": mixtures}
 
 
 PATIENCE = 3  # epochs without a 5% gain in tightness before retraining stops short of the target
@@ -166,6 +170,7 @@ def retrain(
     seed=0,
     mixtures=None,
     task_loss=None,
+    mixture_every=1,
     **kw,
 ):
     """Train weights and mixture jointly (loss = task + tau / N * complexity, see ``objective``).
@@ -191,6 +196,7 @@ def retrain(
         rates=rates,
         mixtures=mixtures,
         task_loss=task_loss,
+        mixture_every=mixture_every,
     )
     limit = epochs if tightness is None else max_epochs or 4 * epochs
 

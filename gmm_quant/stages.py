@@ -224,7 +224,7 @@ class Stages:
         setup = pipeline.retrain_setup(
             self.apply_fn, params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1),
             tau=cfg.tau, warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=self._task_loss(),
-            placement=self.placement,
+            placement=self.placement, mixture_every=cfg.mixture_every,
         )  # fmt: skip
         trained = self.runner("retrain", setup, cfg.retrain_epochs, None).trainable
         self._record("retrained", trained["params"], "retrain", start)

@@ -1,0 +1,44 @@
+"""The joint objective: ``mixture_every`` gives the mixture a gradient and an Adam step on every k-th
+step only, and leaves the weights' gradient exactly that of the full objective."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gmm_quant as gq
+from gmm_quant import loop
+
+
+def setup(k):
+    rng = np.random.default_rng(0)
+    params = {"l": {"kernel": jnp.asarray(rng.normal(size=(64, 32)) * 0.1, jnp.float32)}}
+    plan = gq.make_plan(params)
+    x = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 32, 64), jnp.int32)
+    loss = gq.joint_loss(gq.cross_entropy(lambda p, v: v @ p["l"]["kernel"]), plan, 0.5, 100, mixture_every=k)
+    opt = gq.joint_optimizer(mixture_every=k)
+    state = loop.init_state({"params": params, "mixtures": gq.init_mixtures(plan, params)}, opt)
+    return loss, opt, state, x, y
+
+
+def test_the_mixture_learns_on_every_kth_step_only_and_the_weights_on_every_step():
+    loss, opt, state, x, y = setup(3)
+    full_loss, *_ = setup(1)
+    means = []
+    for step in range(6):
+        grads = jax.grad(lambda t, s: loss(t, x, y, s)[0])(state.trainable, state.step)
+        full = jax.grad(lambda t, s: full_loss(t, x, y, s)[0])(state.trainable, state.step)
+        learns = step % 3 == 2
+        mixture_grad = jax.tree.leaves(grads["mixtures"])
+        assert any(bool(jnp.any(g != 0)) for g in mixture_grad) == learns
+        if learns:  # the gradient of the full objective, then
+            for a, b in zip(mixture_grad, jax.tree.leaves(full["mixtures"]), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(grads["params"]["l"]["kernel"], full["params"]["l"]["kernel"], rtol=1e-6)
+        updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
+        state = loop.TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
+        means.append(np.asarray(state.trainable["mixtures"]["shared"].means))
+    moved = [not np.array_equal(a, b) for a, b in zip([setup(3)[2].trainable["mixtures"]["shared"].means,
+                                                       *means[:-1]], means, strict=True)]  # fmt: skip
+    assert moved == [False, False, True, False, False, True]
