@@ -16,7 +16,7 @@ from flax import nnx
 from gmm_quant import config as cfgm
 from gmm_quant import heads
 from gmm_quant.activations import points
-from gmm_quant.reuse import layers as reuse_layers
+from gmm_quant.reuse import layers as surgery
 from gmm_quant.reuse.links import links_from_rules
 from gmm_quant.scale.mesh import batch_problem, make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
@@ -97,11 +97,11 @@ def check_reuse(cfg: cfgm.Config, model) -> None:
     same-shaped supported layer before it (attached to a copy of the model to prove it)."""
     if not cfg.reuse:
         return
-    links, _ = links_from_rules(cfg.reuse, reuse_layers.modules(model), cfg.reuse_rank)
+    links, _ = links_from_rules(cfg.reuse, surgery.modules(model), cfg.reuse_rank)
     if not links:
         rules = list(cfg.reuse)
         raise cfgm.ConfigError(f"invalid config field 'reuse' = {rules}: matches no layer of the model")
     try:
-        reuse_layers.attach(nnx.clone(model), links, fitted=False)
+        surgery.attach(nnx.clone(model), links, fitted=False)
     except ValueError as err:
         raise cfgm.ConfigError(f"invalid config field 'reuse': {err}") from None

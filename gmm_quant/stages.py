@@ -24,7 +24,7 @@ from gmm_quant.activations import points
 from gmm_quant.distillation import distillation_loss, feature_maps
 from gmm_quant.mixture import MixtureConfig
 from gmm_quant.objective import LearningRates
-from gmm_quant.reuse import layers as reuse_layers
+from gmm_quant.reuse import layers as surgery
 from gmm_quant.reuse.choose import choose
 from gmm_quant.reuse.links import links_from_rules
 from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
@@ -179,7 +179,7 @@ class Stages:
             return graphdef, params
         model = nnx.merge(graphdef, params)
         if cfg.reuse:
-            self.links, unused = links_from_rules(cfg.reuse, reuse_layers.modules(model), cfg.reuse_rank)
+            self.links, unused = links_from_rules(cfg.reuse, surgery.modules(model), cfg.reuse_rank)
             if unused:
                 warnings.warn(f"reuse rules matched no layer: {unused}", stacklevel=2)
         else:
@@ -188,7 +188,7 @@ class Stages:
                 model, lambda m: _error(m, x, y), cfg.reuse_budget / 100, rank=cfg.reuse_rank
             )
         self.teacher, self.teacher_graphdef = params, graphdef
-        reuse_layers.attach(model, self.links)
+        surgery.attach(model, self.links)
         before = _count(params)
         graphdef, params = nnx.split(model, nnx.Param)
         self.removed += before - _count(params)  # the Han count's original is the model before reuse
