@@ -4,5 +4,6 @@
 says where the training state lives (batches split over ``data``; parameters, optimiser state and
 mixtures replicated, or a matched parameter sharded over ``model``, FSDP-style, by regex on its
 path); ``distributed`` starts ``jax.distributed`` for a run over several processes or hosts. The
-prior sums a sharded layer block by block where it lives (``mixture.log_prob(specs=...)``).
+prior sums a sharded layer block by block where it lives (``mixture.log_prob(specs=...)``), and
+``compression`` assigns, snaps and counts (Han) it there too.
 """
