@@ -184,7 +184,7 @@ def test_a_three_trial_search_writes_a_config_that_reproduces_its_best(tmp_path)
     assert metrics["compression_ratio"] == pytest.approx(summary["best_compression_ratio"], rel=1e-12)
 
 
-def wait_for_running_trial(db, after_complete=1, timeout=120):
+def wait_for_running_trial(db, after_complete=1, timeout=300):  # generous: a loaded machine
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.5)
