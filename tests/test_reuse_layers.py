@@ -83,6 +83,13 @@ def test_an_attention_projection_reuses_with_a_scale_per_head_and_channel():
     np.testing.assert_allclose(vit(x), before, atol=2e-5)
 
 
+def test_chains_of_reuse_are_refused_in_either_order():
+    with pytest.raises(ValueError, match="is a Reused"):
+        layers.attach(stack(), [Link("hidden/1", "hidden/0"), Link("hidden/2", "hidden/1")])
+    with pytest.raises(ValueError, match="is reused by another layer"):
+        layers.attach(stack(), [Link("hidden/2", "hidden/1"), Link("hidden/1", "hidden/0")])
+
+
 def test_the_reused_matrix_is_one_object_listed_once_in_the_params():
     model = stack()
     layers.attach(model, [Link("hidden/1", "hidden/0"), Link("hidden/3", "hidden/0", 2)])

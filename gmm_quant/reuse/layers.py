@@ -63,7 +63,7 @@ def supported(module) -> bool:
 
 def low_rank_ok(module) -> bool:
     """Whether a rank correction ``(x @ down) @ up`` applies: the layer's input is x's last axis."""
-    general = isinstance(module, nnx.LinearGeneral) and tuple(module.axis) in ((-1,), (0,))
+    general = isinstance(module, nnx.LinearGeneral) and tuple(module.axis) == (-1,)
     return isinstance(module, nnx.Linear) or (general and len(module.in_features) == 1)
 
 
@@ -96,6 +96,8 @@ def check_link(model, link: Link) -> None:
     order = list(found)
     if order.index(link.source) >= order.index(link.target):  # the shared weights keep the source's path
         raise ValueError(f"layer {link.target!r} can only reuse a layer before it, not {link.source!r}")
+    if any(isinstance(m, Reused) and m.source is target for m in found.values()):
+        raise ValueError(f"layer {link.target!r} is reused by another layer; it cannot reuse in turn")
     if np.shape(target.kernel[...]) != np.shape(source.kernel[...]) or type(target) is not type(source):
         raise ValueError(f"reuse {link.target!r} <- {link.source!r}: the layers differ in type or shape")
     if link.rank and not low_rank_ok(source):
