@@ -55,6 +55,7 @@ class Config:
     lr_means: float = 1e-4  # ... of the free component means
     lr_log_precisions: float = 3e-3  # ... of the log-precisions
     lr_mixing: float = 3e-3  # ... of the mixing logits
+    retrain_tightness: float = 0.0  # > 0: go on past retrain_epochs (to 4x) until weights are this tight
     mixture_every: int = 1  # > 1: the mixture learns on every k-th step only (skips the prior's histogram)
     num_components: int = 17  # J, including the zero component
     pi_zero: float = 0.999  # mixing proportion of the zero component
@@ -165,6 +166,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.reuse_budget >= 0, "reuse_budget", "must be >= 0 (points of error)", cfg.reuse_budget)
     _check(cfg.reuse_rank >= 0, "reuse_rank", "must be >= 0", cfg.reuse_rank)
     _check(cfg.mixture_every >= 1, "mixture_every", "must be >= 1 (steps)", cfg.mixture_every)
+    tight = cfg.retrain_tightness
+    _check(tight >= 0, "retrain_tightness", "must be >= 0 (0: fixed epochs)", tight)
     both = bool(cfg.reuse) and cfg.reuse_budget > 0
     _check(not both, "reuse_budget", "give reuse rules or a reuse budget, not both", cfg.reuse_budget)
     for item in cfg.reuse:

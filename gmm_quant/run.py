@@ -27,7 +27,7 @@ from gmm_quant.scale import distributed
 from gmm_quant.stages import Stages, build_plan
 
 
-def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None):
+def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None, stop=None):
     """Train one stage with verified per-epoch checkpoints; resumes from the newest good one.
 
     ``parent`` keys the checkpoints to what the stage started from (default: the digest of its
@@ -44,6 +44,8 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
     state = restored if restored is not None else state
     done, state = distributed.broadcast((np.int32(done), state))
     done = int(done)
+    if stop is not None and done and stop(done - 1, state):  # resumed where the stage had stopped
+        return distributed.to_local(state)
     bar = tqdm(total=epochs, initial=done, desc=name, disable=not (progress and writer), unit="epoch")
 
     def on_epoch(epoch, st, metrics):
@@ -56,7 +58,7 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
     try:
         state = pipeline.run_epochs(
             loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-            name=name, state=state, start_epoch=done, on_epoch=on_epoch, placement=placement,
+            name=name, state=state, start_epoch=done, on_epoch=on_epoch, placement=placement, stop=stop,
         )  # fmt: skip
     finally:
         bar.close()
@@ -145,8 +147,9 @@ def train_and_evaluate(
         if writer:
             wd.claim(workdir, cfg)
 
-        def runner(name, setup, epochs, parent):
-            return _run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, stage.placement)
+        def runner(name, setup, epochs, parent, stop=None):
+            where = stage.placement
+            return _run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, where, stop)
 
         train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
         stage = Stages(cfg, apply_fn, train, val, runner, test=test, graphdef=graphdef)
@@ -200,6 +203,7 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     }
     if stage.heads:
         extra["heads"] = stage.heads
+    extra["retrain_epochs"] = stage.retrain_epochs_run
     if stage.links:
         extra["reuse"] = [dataclasses.asdict(link) for link in stage.links]
     if stage.reuse_table:

@@ -77,6 +77,19 @@ def _leaf_settings(cfg, path, thresholds, used) -> dict:
     return {"per_layer": per_layer, "prune_threshold": threshold, "merge_kl": cfg.merge_kl or None}
 
 
+def _tight(plan, epochs: int, tightness: float):
+    """``stop(epoch, state)``: after ``epochs`` epochs, once every quantised layer's
+    ``codebook.tightness`` (RMS distance to the nearest centre / std) is at most ``tightness``."""
+
+    def stop(epoch, state) -> bool:
+        if epoch + 1 < epochs:
+            return False
+        trainable = state.trainable
+        return max(codebook.tightness(plan, trainable["mixtures"], trainable["params"]).values()) <= tightness
+
+    return stop
+
+
 def _count(params) -> int:
     return sum(int(np.size(v)) for v in flatten(params).values())
 
@@ -111,6 +124,7 @@ class Stages:
         self.removed, self.heads, self.activations = 0, {}, None
         self.placement = None  # where training runs (``place``); None: one device
         self.links, self.reuse_table = [], None  # layers reusing others (``reuse_layers``)
+        self.retrain_epochs_run = 0  # retraining epochs run (more than asked with ``retrain_tightness``)
         self.teacher, self.teacher_graphdef = None, None  # set by reuse_layers, else by retrain
 
     def place(self, params):
@@ -226,7 +240,13 @@ class Stages:
             tau=cfg.tau, warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=self._task_loss(),
             placement=self.placement, mixture_every=cfg.mixture_every,
         )  # fmt: skip
-        trained = self.runner("retrain", setup, cfg.retrain_epochs, None).trainable
+        if cfg.retrain_tightness:  # go on (up to 4x the epochs) until the weights sit on their centres
+            stop = _tight(plan, cfg.retrain_epochs, cfg.retrain_tightness)
+            state = self.runner("retrain", setup, 4 * cfg.retrain_epochs, None, stop)
+        else:
+            state = self.runner("retrain", setup, cfg.retrain_epochs, None)
+        self.retrain_epochs_run = int(state.step) // max(n // cfg.batch_size, 1)
+        trained = state.trainable
         self._record("retrained", trained["params"], "retrain", start)
         return trained["mixtures"], trained["params"]
 

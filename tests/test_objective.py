@@ -42,3 +42,37 @@ def test_the_mixture_learns_on_every_kth_step_only_and_the_weights_on_every_step
     moved = [not np.array_equal(a, b) for a, b in zip([setup(3)[2].trainable["mixtures"]["shared"].means,
                                                        *means[:-1]], means, strict=True)]  # fmt: skip
     assert moved == [False, False, True, False, False, True]
+
+
+def test_retraining_goes_on_until_tight_and_stops_at_the_first_tight_epoch():
+    """``retrain_tightness``: after ``retrain_epochs``, retraining stops at the first epoch whose state
+    has every layer within the tightness (recomputed here from each epoch's state), or at 4x."""
+    import dataclasses
+
+    from flax import nnx
+
+    import models
+    from gmm_quant import codebook, data
+    from gmm_quant import config as cfgm
+    from gmm_quant.search.trial import memory_runner
+    from gmm_quant.stages import Stages, build_plan
+
+    ds = data.load("digits")
+    train = (ds.x_train[:512], ds.y_train[:512])
+    graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+    base = dataclasses.replace(cfgm.load("tiny"), retrain_epochs=2, tau=0.5)
+    for target in (1e9, 0.15):
+        cfg = dataclasses.replace(base, retrain_tightness=target)
+        plan, seen = build_plan(cfg, params), []
+
+        def record(epoch, state, plan=plan, seen=seen):
+            tr = state.trainable
+            seen.append(max(codebook.tightness(plan, tr["mixtures"], tr["params"]).values()))
+
+        apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+        stages = Stages(cfg, apply_fn, train, (train[0][:0], train[1][:0]), memory_runner(cfg, train, record))
+        stages.retrain(plan, params)
+        ok = [e for e, t in enumerate(seen) if e + 1 >= 2 and t <= target]
+        expected = ok[0] + 1 if ok else 8
+        assert stages.retrain_epochs_run == len(seen) == expected
+    assert expected > 2  # the tight target made it go on past the epochs asked for

@@ -73,8 +73,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
 
 
 def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
-    def runner(name, setup, epochs, parent):
-        return run._run_stage(workdir, name, setup, train, cfg, epochs, progress, parent)
+    def runner(name, setup, epochs, parent, stop=None):
+        return run._run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, stop=stop)
 
     return Stages(cfg, apply_fn, train, val, runner).pretrain(params)
 

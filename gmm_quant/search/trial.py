@@ -51,17 +51,17 @@ def compressed_metrics(apply_fn, plan, mixtures, params, val, assignment="neares
 def memory_runner(cfg: Config, train, on_retrain_epoch=None):
     """A ``Stages`` runner without checkpoints; ``on_retrain_epoch(epoch, state)`` after each epoch."""
 
-    def runner(name, setup, epochs, parent):
+    def runner(name, setup, epochs, parent, stop=None):
         loss, optimizer, trainable = setup
 
-        def stop(epoch, state):
+        def after(epoch, state):
             if name == "retrain" and on_retrain_epoch is not None:
                 on_retrain_epoch(epoch, state)
-            return False
+            return stop is not None and stop(epoch, state)
 
         return pipeline.run_epochs(
             loss, optimizer, trainable, train, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-            name=name, stop=stop,
+            name=name, stop=after,
         )  # fmt: skip
 
     return runner
