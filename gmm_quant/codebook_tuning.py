@@ -27,8 +27,15 @@ from gmm_quant.rules import flatten, replace_leaves
 
 
 def init_centres(codebooks: dict) -> dict:
-    """Trainable part of the codebooks: ``{path: centres[1:]}`` (the zero centre is not trainable)."""
-    return {path: jnp.asarray(cb.centres[1:]) for path, cb in codebooks.items()}
+    """Trainable part of the codebooks: ``{path: centres[1:]}`` (the zero centre is not trainable); a
+    layer pruned to zero entirely has nothing to train and is left out (no zero-size leaves, which
+    checkpoints cannot store)."""
+    return {path: jnp.asarray(cb.centres[1:]) for path, cb in codebooks.items() if len(cb.centres) > 1}
+
+
+def _free(centres: dict, path: str):
+    """A layer's free centres, none for a layer pruned to zero entirely."""
+    return centres[path] if path in centres else np.zeros((0,), np.float32)
 
 
 def grid_scales(codebooks: dict) -> dict:
@@ -68,7 +75,8 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
     def build(tr):
         base = replace_leaves(params, tr.get("float", {}))
         centres = effective_centres(tr["centres"], scales)
-        return replace_leaves(base, {p: jnp.concatenate([zero, centres[p]])[indices[p]] for p in codebooks})
+        snapped = {p: jnp.concatenate([zero, _free(centres, p)])[indices[p]] for p in codebooks}
+        return replace_leaves(base, snapped)
 
     def loss_fn(tr, x, y, step):
         del step
@@ -84,7 +92,7 @@ def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> d
     centres = effective_centres(trainable["centres"], scales)
     out = {}
     for path, cb in codebooks.items():
-        full = np.concatenate([np.zeros(1, np.float32), np.asarray(centres[path], np.float32)])
+        full = np.concatenate([np.zeros(1, np.float32), np.asarray(_free(centres, path), np.float32)])
         out[path] = make_codebook(Codebook(full, cb.indices).dequantize(), full)  # sharded: stays so
         if grid and grid_lib.fit(out[path].centres) is None:  # keep the promise: exportable as a grid
             warnings.warn(

@@ -122,3 +122,27 @@ def test_ctrl_c_during_retraining_stops_cleanly_and_resumes_to_the_same_result(r
 
 
 # --- errors a user sees ----------------------------------------------------------------------------
+
+
+def test_a_layer_pruned_to_zero_entirely_fine_tunes_and_checkpoints(tmp_path):
+    """A codebook of the zero centre alone has no free centre: fine-tuning leaves it out of the
+    trainable state (orbax cannot store zero-size arrays), keeps its weights exactly 0 and its codebook."""
+    import jax.numpy as jnp
+
+    from gmm_quant import codebook_tuning
+    from gmm_quant.codebook import Codebook
+
+    params = {"a": {"kernel": jnp.zeros((4, 3))}, "b": {"kernel": jnp.ones((4, 3))}}
+    codebooks = {
+        "a/kernel": Codebook(np.zeros(1, np.float32), np.zeros((4, 3), np.uint8)),
+        "b/kernel": Codebook(np.array([0.0, 1.0], np.float32), np.ones((4, 3), np.uint8)),
+    }
+    trainable, _, build = codebook_tuning.finetune_loss(lambda p, x, y: (0.0, {}), codebooks, params)
+    assert list(trainable["centres"]) == ["b/kernel"]
+    built = build(trainable)
+    assert np.all(np.asarray(built["a"]["kernel"]) == 0.0) and np.all(np.asarray(built["b"]["kernel"]) == 1.0)
+    store = ckpt.StageCheckpoints(tmp_path, "finetune", "p0")
+    store.save(1, trainable)
+    store.close()
+    tuned = codebook_tuning.updated_codebooks(codebooks, trainable)
+    assert tuned["a/kernel"].centres.tolist() == [0.0] and tuned["b/kernel"].centres.tolist() == [0.0, 1.0]
