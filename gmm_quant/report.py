@@ -20,7 +20,7 @@ def layer_rows(summary: dict) -> list[dict]:
             "centres": c.centres,
             "bits_per_index": c.bits_per_index,
             "han_bits": c.han_bits,
-            "compression_ratio": 32 * c.num_weights / c.han_bits,
+            "compression_ratio": 32 * c.num_weights / c.han_bits if c.han_bits else None,  # None: all zero
         }
         for c in summary["layers"]
     ]
@@ -50,9 +50,11 @@ def format_table(metrics: dict) -> str:
         f"{'layer':<24} {'weights':>9} {'non-zero %':>10} {'centres':>7} {'bits/idx':>8} {'CR (Han)':>9}",
     ]
     for row in metrics["layers"]:
+        ratio = row["compression_ratio"]
         lines.append(
             f"{row['name']:<24} {row['num_weights']:>9d} {row['nonzero_percent']:>10.2f} "
-            f"{row['centres']:>7d} {row['bits_per_index']:>8d} {row['compression_ratio']:>8.1f}x"
+            f"{row['centres']:>7d} {row['bits_per_index']:>8d} "
+            + (f"{ratio:>8.1f}x" if ratio is not None else f"{'all zero':>9}")
         )
     lines.append(
         f"{'total (+ float leaves)':<24} {metrics['num_weights']:>9d} "

@@ -69,3 +69,17 @@ def test_gzip_ratio_rewards_repeated_values():
     dense = {"w": rng.normal(size=10000).astype(np.float32)}
     sparse = {"w": np.where(rng.random(10000) < 0.05, 0.25, 0.0).astype(np.float32)}
     assert accounting.gzip_ratio(dense) < 1.2 < 10 < accounting.gzip_ratio(sparse)
+
+
+def test_a_layer_pruned_to_zero_costs_nothing_and_reports_without_a_ratio():
+    """Every weight zero: no entry, no codebook (Han: 0 bits); the report says so instead of dividing by 0."""
+    from gmm_quant import report
+
+    zero = Codebook(np.zeros(1, np.float32), np.zeros((6, 4), np.uint8))
+    cost = accounting.layer_cost("z", zero)
+    assert (cost.han_bits, cost.nonzero, cost.fillers) == (0, 0, 0)
+    summary = accounting.summarize({"z": zero}, {"z": np.zeros((6, 4)), "b": np.zeros(4)})
+    assert summary["compression_ratio"] == 32 * 28 / (32 * 4)
+    metrics = report.metrics_dict({}, summary)
+    assert metrics["layers"][0]["compression_ratio"] is None
+    assert "all zero" in report.format_table(metrics)
