@@ -48,8 +48,7 @@ def huffman_lengths(counts: dict) -> dict:
 
 def huffman_bits(symbols: np.ndarray) -> int:
     """Total bits of ``symbols`` under a Huffman code built from their own counts."""
-    values, counts = np.unique(symbols, return_counts=True)
-    return huffman_cost(dict(zip(values.tolist(), counts.tolist(), strict=True)))
+    return huffman_cost(_counts(symbols))
 
 
 def huffman_cost(counts: dict) -> int:
@@ -97,13 +96,30 @@ class LayerCost(NamedTuple):
         return max(1, math.ceil(math.log2(self.centres)))
 
 
+CAFFE_PERM = {2: (1, 0), 4: (3, 2, 0, 1)}  # Flax [in, out] / [h, w, in, out] -> Caffe's axes
+
+
 def caffe_order(indices: np.ndarray) -> np.ndarray:
     """Flax kernel indices in Caffe's layout: [in, out] -> [out, in]; [h, w, in, out] -> [out, in, h, w]."""
-    if indices.ndim == 2:
-        return indices.T
-    if indices.ndim == 4:
-        return indices.transpose(3, 2, 0, 1)
-    return indices
+    perm = CAFFE_PERM.get(indices.ndim)
+    return indices if perm is None else indices.transpose(perm)
+
+
+def diff_field_bits(ndim: int) -> int:
+    """Bits of the position-difference field: 8 for conv layers (4-d kernels), 5 otherwise."""
+    return 8 if ndim == 4 else 5
+
+
+def cost_from_counts(name, num_weights, k, nonzero, fillers, code_counts: dict, diff_counts: dict):
+    """``LayerCost`` from the counts of stored codebook indices and position differences (fillers
+    included): what both the host count and the sharded one (``scale.compression``) produce."""
+    codebook_bits = 32 * (k - 1)
+    return LayerCost(
+        name=name, num_weights=int(num_weights), nonzero=int(nonzero), centres=k, fillers=int(fillers),
+        index_bits=huffman_cost(code_counts), diff_bits=huffman_cost(diff_counts),
+        codebook_bits=codebook_bits,
+        packed_bits=int(num_weights) * max(1, math.ceil(math.log2(k))) + codebook_bits,
+    )  # fmt: skip
 
 
 def layer_cost(name: str, codebook) -> LayerCost:
@@ -116,22 +132,15 @@ def layer_cost(name: str, codebook) -> LayerCost:
     if compression.sharded_axis(codebook.indices) is not None:
         return compression.layer_cost(name, len(codebook.centres), codebook.indices)
     indices = caffe_order(np.asarray(codebook.indices))
-    diff_bits = 8 if indices.ndim == 4 else 5
-    codes, diffs = sparse_entries(indices, diff_bits)
-    k = len(codebook.centres)
+    codes, diffs = sparse_entries(indices, diff_field_bits(indices.ndim))
     nonzero = int(np.count_nonzero(indices))
-    codebook_bits = 32 * (k - 1)
-    return LayerCost(
-        name=name,
-        num_weights=int(indices.size),
-        nonzero=nonzero,
-        centres=k,
-        fillers=len(codes) - nonzero,
-        index_bits=huffman_bits(codes),
-        diff_bits=huffman_bits(diffs),
-        codebook_bits=codebook_bits,
-        packed_bits=indices.size * max(1, math.ceil(math.log2(k))) + codebook_bits,
-    )
+    return cost_from_counts(name, indices.size, len(codebook.centres), nonzero, len(codes) - nonzero,
+                            _counts(codes), _counts(diffs))  # fmt: skip
+
+
+def _counts(symbols: np.ndarray) -> dict:
+    values, counts = np.unique(symbols, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
 
 
 def gzip_ratio(params_flat: dict) -> float:

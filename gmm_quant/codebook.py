@@ -78,6 +78,15 @@ def nearest_counts(weights, centres) -> np.ndarray:
     return np.bincount(snap(weights, centres).ravel(), minlength=len(centres))
 
 
+def _snap_where(weights, centres):
+    """``snap``, on the devices for a sharded layer (its indices stay sharded)."""
+    if _sharded(weights):
+        from gmm_quant.scale import compression
+
+        return compression.snap(weights, centres)
+    return snap(weights, centres)
+
+
 def make_codebook(weights, centres) -> Codebook:
     """Codebook snapping ``weights`` to ``centres``: zero first (added if absent), the rest ascending.
 
@@ -88,11 +97,7 @@ def make_codebook(weights, centres) -> Codebook:
     used = nearest_counts(weights, full) > 0
     used[0] = True
     full = full[used]
-    if _sharded(weights):
-        from gmm_quant.scale import compression
-
-        return Codebook(full, compression.snap(weights, full))
-    return Codebook(full, snap(weights, full))
+    return Codebook(full, _snap_where(weights, full))
 
 
 def assign(config, state, weights, rule: str = "nearest") -> np.ndarray:
@@ -202,9 +207,9 @@ def compress(plan: Plan, mixtures: dict, params, *, assignment: str = "nearest")
     codebooks = {}
     for path in plan.quantised():
         group = plan.group_of(path)
-        weights = flat[path] if _sharded(flat[path]) else np.asarray(flat[path], np.float32)
-        if _sharded(weights) and assignment != "nearest":
-            weights = np.asarray(weights, np.float32)  # responsibilities: on the host
+        weights = flat[path]
+        if not (_sharded(weights) and assignment == "nearest"):  # responsibilities: on the host
+            weights = np.asarray(weights, np.float32)
         centres = _layer_centres(plan.mixtures[group], mixtures[group], weights, plan.rules[path], assignment)
         codebooks[path] = make_codebook(weights, centres)
     return codebooks, dequantize(codebooks, params)

@@ -25,8 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gmm_quant import accounting
 from gmm_quant.codebook import index_dtype
 
-CAFFE = {2: (1, 0), 4: (3, 2, 0, 1)}  # Flax -> Caffe layout, as accounting.caffe_order
-
 
 def sharded_axis(array) -> tuple[int, str] | None:
     """(dimension, mesh axis) of a ``jax.Array`` split over one mesh axis; None if not sharded."""
@@ -85,13 +83,13 @@ def snapper(sharding, centres):
 def layer_cost(name: str, centres: int, indices) -> accounting.LayerCost:
     """``accounting.layer_cost`` of sharded ``indices`` (a layer with ``centres`` codebook entries)."""
     dim, axis = sharded_axis(indices)
-    perm = CAFFE.get(indices.ndim, tuple(range(indices.ndim)))
+    perm = accounting.CAFFE_PERM.get(indices.ndim, tuple(range(indices.ndim)))
     caffe_dim = perm.index(dim)
     devices = indices.sharding.mesh.shape[axis]
     shape = tuple(indices.shape[p] for p in perm)  # global, Caffe order
     pre, post = math.prod(shape[:caffe_dim]), math.prod(shape[caffe_dim + 1 :])
     seg_len = shape[caffe_dim] // devices * post
-    max_diff = 1 << (8 if indices.ndim == 4 else 5)
+    max_diff = 1 << accounting.diff_field_bits(indices.ndim)
     codes, diffs, fillers, first, last = _local_stats(indices, perm, axis, pre, seg_len, centres, max_diff)
     # segment (p, d) starts at p * row + d * seg_len in Caffe order; walk them in that order
     row = shape[caffe_dim] * post
@@ -106,15 +104,10 @@ def layer_cost(name: str, centres: int, indices) -> accounting.LayerCost:
     codes[0] += fillers
     diffs[max_diff] += fillers
     nonzero = int(codes[1:].sum())
-    codebook_bits = 32 * (centres - 1)
-    count = math.prod(shape)
-    return accounting.LayerCost(
-        name=name, num_weights=count, nonzero=nonzero, centres=centres, fillers=fillers,
-        index_bits=accounting.huffman_cost(dict(enumerate(codes.tolist()))),
-        diff_bits=accounting.huffman_cost(dict(enumerate(diffs.tolist()))),
-        codebook_bits=codebook_bits,
-        packed_bits=count * max(1, math.ceil(math.log2(centres))) + codebook_bits,
-    )  # fmt: skip
+    code_counts, diff_counts = dict(enumerate(codes.tolist())), dict(enumerate(diffs.tolist()))
+    return accounting.cost_from_counts(
+        name, math.prod(shape), centres, nonzero, fillers, code_counts, diff_counts
+    )
 
 
 def _local_stats(indices, perm, axis, pre, seg_len, k, max_diff):
