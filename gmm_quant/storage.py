@@ -26,22 +26,14 @@ import numpy as np
 from gmm_quant import sparse_streams
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.codebook import Codebook, index_dtype
+from gmm_quant.header_checks import CorruptFile, bits_for, check_header, require
 from gmm_quant.rules import flatten, replace_leaves
 
 MAGIC = b"GMMQ"
 VERSION = 2  # written; 1 and 2 are read
 VERSIONS = (1, 2)
 _MAX_HEADER = 1 << 24
-_MAX_WEIGHTS = 1 << 33  # per layer; v1 layers are bounded by their exact byte counts instead
 _PREFIX = struct.Struct("<4sHI32s")
-
-
-class CorruptFile(ValueError):
-    """A compressed file that does not parse, fails its checksum, or does not fit the model."""
-
-
-def bits_for(k: int) -> int:
-    return max(1, math.ceil(math.log2(k)))
 
 
 def pack_bits(indices: np.ndarray, bits: int) -> bytes:
@@ -224,90 +216,11 @@ def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
         meta = json.loads(text.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise CorruptFile(f"{path}: header is not valid JSON ({err})") from None
-    _check_header(meta, path)
-    _require(meta.get("version") == version, path, f"header says version {meta.get('version')!r}")
+    check_header(meta, path)
+    require(meta.get("version") == version, path, f"header says version {meta.get('version')!r}")
     if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
         raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
     return meta, payload
-
-
-def _require(cond: bool, path, problem: str) -> None:
-    if not cond:
-        raise CorruptFile(f"{path}: malformed header: {problem}")
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_span(entry, path, where: str, nbytes: int) -> None:
-    _require(isinstance(entry, dict), path, f"{where} is not an object")
-    _require(_is_count(entry.get("offset")), path, f"{where} has no valid offset")
-    size = entry.get("nbytes")
-    _require(size == nbytes, path, f"{where} holds {size!r} bytes, needs {nbytes}")
-
-
-def _check_leaf(leaf, path) -> None:
-    _require(isinstance(leaf, dict) and isinstance(leaf.get("path"), str), path, "a leaf without a path")
-    name, shape = leaf["path"], leaf.get("shape")
-    _require(isinstance(shape, list) and all(map(_is_count, shape)), path, f"{name}: invalid shape {shape!r}")
-    count = math.prod(shape)
-    if leaf.get("kind") == "codebook":
-        k, bits = leaf.get("k"), leaf.get("bits")
-        _require(_is_count(k) and k >= 1, path, f"{name}: invalid codebook size {k!r}")
-        _require(bits == bits_for(k), path, f"{name}: {bits!r} bits per index for {k} centres")
-        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
-        _check_span(leaf.get("indices"), path, f"{name} indices", (count * bits + 7) // 8)
-    elif leaf.get("kind") == "sparse":
-        _require(count <= _MAX_WEIGHTS, path, f"{name}: {count} weights exceed the {_MAX_WEIGHTS} supported")
-        k, nnz, raw = leaf.get("k"), leaf.get("nnz"), leaf.get("gaps_raw")
-        _require(_is_count(k) and 1 <= k <= 256, path, f"{name}: invalid codebook size {k!r}")
-        _require(_is_count(nnz) and nnz <= count, path, f"{name}: invalid non-zero count {nnz!r}")
-        _require(
-            _is_count(raw) and nnz <= raw <= 10 * nnz, path, f"{name}: invalid gap stream length {raw!r}"
-        )
-        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
-        for stream in ("gaps", "values"):  # entropy-coded: any size, checked when decoded
-            entry = leaf.get(stream)
-            size = entry.get("nbytes") if isinstance(entry, dict) else None
-            _require(_is_count(size), path, f"{name} {stream} has no valid size")
-            _require(_is_count(entry.get("offset")), path, f"{name} {stream} has no valid offset")
-    else:
-        _require(leaf.get("kind") == "float", path, f"{name}: unknown kind {leaf.get('kind')!r}")
-        _check_span(leaf.get("data"), path, f"{name} data", 4 * count)
-
-
-def _check_header(meta, path) -> None:
-    """Every key and type the loader relies on, so that damage is a ``CorruptFile``, never a KeyError."""
-    _require(isinstance(meta, dict), path, "not a JSON object")
-    _require(isinstance(meta.get("payload_sha256"), str), path, "no payload checksum")
-    _require(isinstance(meta.get("leaves"), list), path, "no list of leaves")
-    _require(meta.get("model") is None or isinstance(meta["model"], str), path, "model is not a string")
-    _require(meta.get("config") is None or isinstance(meta["config"], dict), path, "config is not an object")
-    _check_activations(meta.get("activations"), path)
-    _check_reuse(meta.get("reuse", []), path)
-    for leaf in meta["leaves"]:
-        _check_leaf(leaf, path)
-    names = [leaf["path"] for leaf in meta["leaves"]]
-    _require(len(set(names)) == len(names), path, "a leaf is listed twice")
-
-
-def _check_activations(acts, path) -> None:
-    if acts is None:
-        return
-    _require(isinstance(acts, dict), path, "activations is not an object")
-    for name, v in acts.items():
-        ok = isinstance(v, list) and len(v) == 3 and isinstance(v[0], float) and math.isfinite(v[0])
-        ok = ok and v[0] > 0 and _is_count(v[1]) and v[2] == 8 and v[1] <= 255
-        _require(ok, path, f"activation quantisation of {name}: invalid (scale, zero point, bits) {v!r}")
-
-
-def _check_reuse(links, path) -> None:
-    _require(isinstance(links, list), path, "reuse is not a list")
-    for v in links:
-        ok = isinstance(v, list) and len(v) == 3 and all(isinstance(s, str) for s in v[:2])
-        ok = ok and _is_count(v[2])
-        _require(ok, path, f"reuse: invalid (target, source, rank) {v!r}")
 
 
 def _slice(payload: bytes, entry: dict, path, name) -> bytes:
