@@ -171,43 +171,51 @@ def _grid_sum(table, low, scale, flat):
     Table rows are (f_k, f_{k+1} - f_k, f'_k, f'_{k+1} - f'_k) with f = log p and f' = d log p / dw
     on the grid. The value and the mixture's gradient come from interpolating f (the cotangent reaches
     the grid values as a two-column histogram); the weights' gradient is the interpolated exact
-    derivative f', far more accurate than the slope of f. Value and weight gradient share one gather.
+    derivative f', far more accurate than the slope of f.
+
+    Nothing per weight is kept between the passes: the backward pass recomputes each weight's grid
+    cell from the weights themselves, and its gradient is elementwise (XLA fuses it into whatever
+    consumes the gradient, e.g. the optimiser's update). The value and the histogram are summed over
+    chunks of ``_CHUNK`` weights, so the extra memory is O(grid_size + chunk) whatever the leaf's
+    size. When the mixture needs no gradient (it is frozen), XLA drops the histogram altogether.
     """
-    return _grid_sum_fwd(table, low, scale, flat)[0]
+
+    def value(chunk):
+        k, t = _locate(table, low, scale, chunk)
+        return jnp.sum(table[k, 0] + t * table[k, 1])
+
+    return _chunk_sum(value, flat, jnp.sum(flat[:0]))  # a zero typed like flat (shard_map)
 
 
 def _grid_sum_fwd(table, low, scale, flat):
-    k, t = _locate(table, low, scale, flat)
-    row = table.at[k].get(mode="promise_in_bounds")
-    value = jnp.sum(row[:, 0] + t * row[:, 1])
-    return value, (k, t, row[:, 2] + t * row[:, 3], table.shape, low, scale)
+    return _grid_sum(table, low, scale, flat), (table, low, scale, flat)
 
 
 def _grid_sum_bwd(res, g):
-    k, t, slope, shape, low, scale = res
-    hist = jnp.zeros((shape[0], 2), t.dtype).at[k].add(jnp.stack([jnp.ones_like(t), t], axis=1))
-    d_table = jnp.concatenate([g * hist, jnp.zeros((shape[0], 2), t.dtype)], axis=1)
-    return d_table, jnp.zeros_like(low), jnp.zeros_like(scale), g * slope
+    table, low, scale, flat = res
+    k, t = _locate(table, low, scale, flat)
+    d_flat = g * (table[k, 2] + t * table[k, 3])
+
+    def histogram(chunk):  # [grid, 2]: per cell, the number of weights in it and the sum of their t
+        k, t = _locate(table, low, scale, chunk)
+        return jnp.zeros((table.shape[0], 2), flat.dtype).at[k].add(jnp.stack([jnp.ones_like(t), t], axis=1))
+
+    hist = _chunk_sum(histogram, flat, jnp.zeros((table.shape[0], 2), flat.dtype) + jnp.sum(flat[:0]))
+    d_table = jnp.concatenate([g * hist, jnp.zeros_like(hist)], axis=1)
+    return d_table, jnp.zeros_like(low), jnp.zeros_like(scale), d_flat
+
+
+def _chunk_sum(fn, flat, zero):
+    """``zero + sum of fn(chunk)`` over ``flat`` in chunks of ``_CHUNK`` sliced in place (no copy)."""
+    n = flat.shape[0]
+    full, total = n // _CHUNK, zero
+    if full:
+        chunk = lambda i: jax.lax.dynamic_slice(flat, (i * _CHUNK,), (_CHUNK,))  # noqa: E731
+        total = jax.lax.fori_loop(0, full, lambda i, acc: acc + fn(chunk(i)), total)
+    return total + fn(flat[full * _CHUNK :]) if n % _CHUNK else total
 
 
 _grid_sum.defvjp(_grid_sum_fwd, _grid_sum_bwd)
-
-
-def _leaf_sum(table, low, scale, flat):
-    """``_grid_sum`` over one flat leaf, in rematerialised chunks when the leaf is large."""
-    n = flat.shape[0]
-    if n <= _CHUNK:
-        return _grid_sum(table, low, scale, flat)
-    pad = (-n) % _CHUNK
-    chunks = jnp.pad(flat, (0, pad), constant_values=low).reshape(-1, _CHUNK)
-
-    @jax.checkpoint
-    def body(total, chunk):
-        return total + _grid_sum(table, low, scale, chunk), None
-
-    total, _ = jax.lax.scan(body, jnp.sum(flat[:0]), chunks)  # a zero typed like flat (shard_map)
-    # Padding sits exactly on grid point 0, contributing table[0, 0] each.
-    return total - pad * table[0, 0]
 
 
 def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bool = False, specs=None):
@@ -244,7 +252,7 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
 
 
 def _sharded_sum(table, low, scale, leaf, spec):
-    """``_leaf_sum`` of ``leaf`` laid out by ``spec``: each device sums its block, then one psum."""
+    """``_grid_sum`` of ``leaf`` laid out by ``spec``: each device sums its block, then one psum."""
     axes = tuple(
         a
         for entry in spec or ()
@@ -252,12 +260,12 @@ def _sharded_sum(table, low, scale, leaf, spec):
         for a in (entry if isinstance(entry, tuple) else (entry,))
     )
     if not axes:
-        return _leaf_sum(table, low, scale, jnp.ravel(leaf))
+        return _grid_sum(table, low, scale, jnp.ravel(leaf))
     from jax.sharding import PartitionSpec
 
     def local(table, low, scale, block):
         table, low, scale = (jax.lax.pcast(v, axes, to="varying") for v in (table, low, scale))  # bwd: psum
-        return jax.lax.psum(_leaf_sum(table, low, scale, jnp.ravel(block)), axes)
+        return jax.lax.psum(_grid_sum(table, low, scale, jnp.ravel(block)), axes)
 
     replicated = PartitionSpec()
     in_specs = (replicated, replicated, replicated, spec)
