@@ -10,7 +10,8 @@ Per quantised layer, weights flattened in Caffe's layout as in the paper (dense 
   from this layer's counts; the code tables themselves are not counted, as in the paper);
 * the codebook costs 32 bits per non-zero centre.
 
-Float leaves (biases, ``keep_float`` layers) cost 32 bits per value and are reported separately.
+Float leaves (biases, ``keep_float`` layers) cost 32 bits per value, or stored as codes (``float_bits``,
+``float_codes``) their code width per value plus 32 bits of scale and a zero point; reported separately.
 ``CR = 32 * all parameters / (quantised bits + float bits)``. The *packed* measure stores every index
 densely at ceil(log2 k) bits plus the codebook, which is what the compressed file holds.
 """
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gmm_quant.float_codes import cost_bits
 from gmm_quant.rules import flatten
 
 
@@ -149,21 +151,25 @@ def gzip_ratio(params_flat: dict) -> float:
     return len(raw) / len(gzip.compress(raw, 9))
 
 
-def summarize(codebooks: dict, params, removed: int = 0) -> dict:
+def summarize(codebooks: dict, params, removed: int = 0, float_codes: dict | None = None) -> dict:
     """Per-layer costs and totals: ``compression_ratio`` (Han), ``packed_ratio``, float bits.
 
     ``params``: the model's parameter pytree (or any {path: array}); leaves not in ``codebooks`` count
-    as float32. ``removed``: parameters removed structurally before compression (pruned attention
-    heads, the kernels and biases of layers that reuse another's): they count in the original size
-    and cost nothing.
+    as float32, or as their codes when in ``float_codes`` ({path: FloatCode}: ``bits`` per value plus
+    a float32 scale and a zero point). ``removed``: parameters removed structurally before compression
+    (pruned attention heads, the kernels and biases of layers that reuse another's): they count in the
+    original size and cost nothing.
     """
+    float_codes = float_codes or {}
     float_leaves = {p: v for p, v in flatten(params).items() if p not in codebooks}
     layers = [layer_cost(name, cb) for name, cb in codebooks.items()]
     float_values = sum(int(np.size(v)) for v in float_leaves.values())
+    float_bits = sum(cost_bits(float_codes[p]) if p in float_codes else 32 * int(np.size(v))
+                     for p, v in float_leaves.items())  # fmt: skip
     quantised = sum(c.num_weights for c in layers)
     original = 32 * (quantised + float_values + removed)
-    han = sum(c.han_bits for c in layers) + 32 * float_values
-    packed = sum(c.packed_bits for c in layers) + 32 * float_values
+    han = sum(c.han_bits for c in layers) + float_bits
+    packed = sum(c.packed_bits for c in layers) + float_bits
     nonzero = sum(c.nonzero for c in layers)
     return {
         "layers": layers,
@@ -171,7 +177,8 @@ def summarize(codebooks: dict, params, removed: int = 0) -> dict:
         "nonzero": nonzero,
         "nonzero_fraction": nonzero / max(quantised, 1),
         "float_values": float_values,
-        "float_bits": 32 * float_values,
+        "float_bits": float_bits,
+        "float_code_bits": sorted({c.bits for c in float_codes.values()}),
         "original_bits": original,
         "han_bits": han,
         "packed_bits": packed,

@@ -21,6 +21,7 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
+from gmm_quant import float_codes
 from gmm_quant import grid as grid_lib
 from gmm_quant.codebook import Codebook, make_codebook
 from gmm_quant.rules import flatten, replace_leaves
@@ -58,11 +59,14 @@ def effective_centres(centres: dict, scales: dict | None = None) -> dict:
     return {p: grid_lib.project(c, *scales[p]) for p, c in centres.items()}
 
 
-def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = True, grid: bool = False):
+def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = True, grid: bool = False,
+                  float_grids=None):  # fmt: skip
     """Loss over ``{"centres", "float"}`` for fine-tuning; returns ``(trainable, loss_fn, build)``.
 
     ``build(trainable)`` gives the full params; ``loss_fn(trainable, x, y, step)`` the task loss.
-    With ``grid`` the centres are used rounded onto each layer's grid (straight-through gradient).
+    With ``grid`` the centres are used rounded onto each layer's grid (straight-through gradient);
+    ``float_grids`` ({path: (scale, zero_point, bits)}, see ``float_codes``) does the same for the
+    float leaves it names.
     """
     flat = flatten(params)
     scales = grid_scales(codebooks) if grid else None
@@ -72,8 +76,12 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
     indices = {p: jnp.asarray(cb.indices, jnp.int32) for p, cb in codebooks.items()}
     zero = jnp.zeros((1,), jnp.float32)
 
+    float_grids = float_grids or {}
+
     def build(tr):
-        base = replace_leaves(params, tr.get("float", {}))
+        floats = {p: float_codes.project(v, *float_grids[p]) if p in float_grids else v
+                  for p, v in tr.get("float", {}).items()}  # fmt: skip
+        base = replace_leaves(params, floats)
         centres = effective_centres(tr["centres"], scales)
         snapped = {p: jnp.concatenate([zero, _free(centres, p)])[indices[p]] for p in codebooks}
         return replace_leaves(base, snapped)

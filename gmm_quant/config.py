@@ -84,6 +84,7 @@ class Config:
     grid_bits: int = (
         0  # > 0: centres kept on an evenly spaced signed grid of this many bits (ONNX grid export)
     )
+    float_bits: int = 0  # 2..8: leaves outside the prior (biases, LayerNorm, keep_float) as codes
     activation_mode: str = ""  # "w8a8", "w4a8" or "w4a16": weight grid and activation widths ("" off)
     activation_layers: str = ".*"  # regex of the Linear / LinearGeneral layers whose input is quantised
     calibration_examples: int = 1024  # training examples that set the activation ranges
@@ -147,6 +148,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.merge_kl >= 0, "merge_kl", "must be >= 0", cfg.merge_kl)
     bits = cfg.grid_bits
     _check(bits == 0 or 2 <= bits <= 8, "grid_bits", "must be 0 (off) or 2..8", bits)
+    fbits = cfg.float_bits
+    _check(fbits == 0 or 2 <= fbits <= 8, "float_bits", "must be 0 (float32) or 2..8", fbits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
     layer_thresholds(cfg)
     modes = ("", *ACTIVATION_MODES)

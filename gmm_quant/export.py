@@ -26,7 +26,7 @@ from flax import nnx
 
 from gmm_quant import cli, data, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
-from gmm_quant.onnx_export.encodings import ENCODERS
+from gmm_quant.onnx_export.encodings import ENCODERS, code_float_initializers
 from gmm_quant.rules import path_str
 
 OPSET = 21
@@ -38,10 +38,12 @@ class ExportMismatch(RuntimeError):
 
 
 def to_onnx(
-    apply_fn, params, codebooks: dict, sample, *, encoding="codebook", remove_dead_units=True
-) -> onnx.ModelProto:
+    apply_fn, params, codebooks: dict, sample, *, encoding="codebook", remove_dead_units=True,
+    float_codes=None,
+) -> onnx.ModelProto:  # fmt: skip
     """ONNX model of ``apply_fn(params, x)`` with the leaves in ``codebooks`` stored compressed; units
-    whose weights are all zero are removed (matrices shrunk, constant units folded into biases)."""
+    whose weights are all zero are removed (matrices shrunk, constant units folded into biases).
+    Constants on the grid of one of ``float_codes`` ({path: FloatCode}) are stored as its codes."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -62,6 +64,8 @@ def to_onnx(
         fn, leaves, paths, encoders, model_input(sample), opset=OPSET, codebooks=codebooks, make=make,
         remove_dead_units=remove_dead_units,
     )  # fmt: skip
+    if float_codes:
+        code_float_initializers(model, {(c.scale, c.zero_point, c.bits) for c in float_codes.values()})
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)  # a check; its value_info is not kept
     return model
@@ -141,9 +145,11 @@ def _verify_quantised(ours, ref, diff, sequences=False) -> float:
     return diff
 
 
-def export_onnx(apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4) -> dict:
+def export_onnx(
+    apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4, float_codes=None
+) -> dict:
     """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff."""
-    model = to_onnx(apply_fn, params, codebooks, sample[:8], encoding=encoding)
+    model = to_onnx(apply_fn, params, codebooks, sample[:8], encoding=encoding, float_codes=float_codes)
     diff = verify(model, apply_fn, params, sample, tolerance)
     data = model.SerializeToString()
     write_atomic(pathlib.Path(path), data)
@@ -179,7 +185,8 @@ def export_file(
     except (TypeError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"the model does not run on inputs of shape {sample.shape[1:]} ({first})") from None
-    return export_onnx(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance)
+    return export_onnx(apply_fn, params, codebooks, sample, out_path, encoding=encoding, tolerance=tolerance,
+                       float_codes=compressed.float_codes)  # fmt: skip
 
 
 def _is_our_onnx(path: pathlib.Path) -> bool:

@@ -56,6 +56,14 @@ def _check_leaf(leaf, path) -> None:
             size = entry.get("nbytes") if isinstance(entry, dict) else None
             require(_is_count(size), path, f"{name} {stream} has no valid size")
             require(_is_count(entry.get("offset")), path, f"{name} {stream} has no valid offset")
+    elif leaf.get("kind") == "coded":
+        bits, scale, zero_point = leaf.get("bits"), leaf.get("scale"), leaf.get("zero_point")
+        require(_is_count(bits) and 2 <= bits <= 8, path, f"{name}: invalid code width {bits!r}")
+        finite = isinstance(scale, float) and math.isfinite(scale) and scale > 0
+        require(finite, path, f"{name}: invalid scale {scale!r}")
+        valid = _is_count(zero_point) and zero_point <= 2**bits - 1
+        require(valid, path, f"{name}: invalid zero point {zero_point!r}")
+        _check_span(leaf.get("data"), path, f"{name} codes", (count * bits + 7) // 8)
     else:
         require(leaf.get("kind") == "float", path, f"{name}: unknown kind {leaf.get('kind')!r}")
         _check_span(leaf.get("data"), path, f"{name} data", 4 * count)

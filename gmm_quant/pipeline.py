@@ -233,11 +233,13 @@ def finetune_setup(
     train_float=True,
     task_loss=None,
     grid=False,
+    float_grids=None,
 ):
     """(loss_fn, optimizer, trainable, build) of codebook fine-tuning; ``build(trainable)`` -> params."""
     trainable, loss, build = ct.finetune_loss(
-        task_loss or cross_entropy(apply_fn), codebooks, params, train_float=train_float, grid=grid
-    )
+        task_loss or cross_entropy(apply_fn), codebooks, params, train_float=train_float, grid=grid,
+        float_grids=float_grids,
+    )  # fmt: skip
     return loss, optax.adam(learning_rate), trainable, build
 
 

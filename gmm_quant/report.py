@@ -36,6 +36,8 @@ def metrics_dict(errors: dict, summary: dict, extra: dict | None = None) -> dict
         "num_weights": summary["num_weights"],
         "nonzero": summary["nonzero"],
         "float_values": summary["float_values"],
+        "float_bytes": summary["float_bits"] / 8,
+        "float_code_bits": summary["float_code_bits"],
         "original_bytes": summary["original_bits"] / 8,
         "han_bytes": summary["han_bits"] / 8,
         "packed_bytes": summary["packed_bits"] / 8,
@@ -60,7 +62,10 @@ def format_table(metrics: dict) -> str:
         f"{'total (+ float leaves)':<24} {metrics['num_weights']:>9d} "
         f"{100 * metrics['nonzero_fraction']:>10.2f} {'':>7} {'':>8} {metrics['compression_ratio']:>8.1f}x"
     )
-    lines.append(f"float leaves (32-bit): {metrics['float_values']} values")
+    widths = metrics.get("float_code_bits") or []
+    kind = "32-bit" if not widths else f"{'/'.join(map(str, widths))}-bit codes"
+    line = f"float leaves ({kind}): {metrics['float_values']} values"
+    lines.append(line + (f" = {metrics['float_bytes']:,.0f} bytes" if "float_bytes" in metrics else ""))
     line = f"compression ratio (Han et al.): {metrics['compression_ratio']:.1f}x"
     line += f" = {metrics['han_bytes']:,.0f} bytes   packed: {metrics['packed_ratio']:.1f}x"
     if "gzip_ratio" in metrics:

@@ -179,7 +179,7 @@ def train_and_evaluate(
 def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
     """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
-    summary = accounting.summarize(codebooks, flat, removed=stage.removed)
+    summary = accounting.summarize(codebooks, flat, removed=stage.removed, float_codes=stage.float_codes)
     model_path = workdir / "model.gqz"
     storage.save_compressed(
         model_path,
@@ -189,6 +189,7 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
         config=dataclasses.asdict(cfg),
         activations=stage.activations,
         reuse=stage.links,
+        float_codes=stage.float_codes,
     )
     extra = {
         "model": cfg.model,

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from gmm_quant import checkpoint as ckpt
-from gmm_quant import codebook, codebook_tuning, grid, heads, loop, pipeline
+from gmm_quant import codebook, codebook_tuning, float_codes, grid, heads, loop, pipeline
 from gmm_quant import config as cfgm
 from gmm_quant.activations import points
 from gmm_quant.distillation import distillation_loss, feature_maps
@@ -27,7 +27,7 @@ from gmm_quant.objective import LearningRates
 from gmm_quant.reuse import layers as surgery
 from gmm_quant.reuse.choose import choose
 from gmm_quant.reuse.links import links_from_rules
-from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
+from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan, replace_leaves
 from gmm_quant.scale.mesh import make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
 
@@ -126,6 +126,7 @@ class Stages:
         self.links, self.reuse_table = [], None  # layers reusing others (``reuse_layers``)
         self.retrain_epochs_run = 0  # retraining epochs run (more than asked with ``retrain_tightness``)
         self.teacher, self.teacher_graphdef = None, None  # set by reuse_layers, else by retrain
+        self.float_codes = {}  # {path: FloatCode} of the float leaves when ``float_bits`` (``compress``)
 
     def place(self, params):
         """Lay training out on the config's ``mesh`` (``shard_params`` split over its model axis)."""
@@ -256,8 +257,18 @@ class Stages:
         if self.cfg.weight_bits:
             codebooks = {p: grid.to_grid(cb, self.cfg.weight_bits) for p, cb in codebooks.items()}
             snapped = codebook.dequantize(codebooks, retrained)
+        if self.cfg.float_bits:  # the leaves outside the prior on grids of their own
+            floats = {p: v for p, v in flatten(snapped).items() if p not in codebooks}
+            self.float_codes = float_codes.code_leaves(floats, self.cfg.float_bits)
+            snapped = self._coded(snapped)
         self._errors("compressed", snapped)
         return codebooks, snapped
+
+    def _coded(self, params):
+        """``params`` with the float leaves on their grids (re-encoded: fine-tuning moved them)."""
+        leaves, grids = flatten(params), float_codes.grids(self.float_codes)
+        self.float_codes = {p: float_codes.encode(np.asarray(leaves[p]), *g) for p, g in grids.items()}
+        return replace_leaves(params, {p: c.dequantize() for p, c in self.float_codes.items()})
 
     def finetune(self, codebooks, snapped, epochs, start=None):
         """Fine-tune the centres for ``epochs`` epochs from ``snapped``; kept only if better on val."""
@@ -266,6 +277,7 @@ class Stages:
             loss, opt, trainable, build = pipeline.finetune_setup(
                 self.apply_fn, codebooks, snapped, learning_rate=cfg.finetune_lr,
                 grid=bool(cfg.weight_bits), task_loss=self._task_loss(),
+                float_grids=float_codes.grids(self.float_codes),
             )  # fmt: skip
             parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self.runner("finetune", (loss, opt, trainable), epochs, parent).trainable
@@ -274,6 +286,7 @@ class Stages:
             if improved:
                 codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.weight_bits))
                 final = codebook.dequantize(codebooks, build(tuned))
+        final = self._coded(final) if self.float_codes else final
         self._record("finetuned", final, "compress_finetune", start)
         return codebooks, final
 

@@ -5,7 +5,8 @@ Layout (little-endian)::
     b"GMMQ"  u16 version  u32 header_length  32-byte sha256(header)  header (UTF-8 JSON)  payload
 
 The header lists every leaf: quantised leaves as ``centres`` (float32 [k]) and ``indices`` bit-packed
-at ceil(log2 k) bits per weight; float leaves as raw float32. It also records the model name, the
+at ceil(log2 k) bits per weight; float leaves as raw float32, or (``coded``) as codes of 2-8 bits
+bit-packed with their ``scale`` and ``zero_point`` (``float_codes``). It also records the model name, the
 config and the payload's sha256, and which layers reuse another's weights (``reuse``: each shared
 matrix is stored once, at its source's path; a reusing layer stores only its transform). Loading
 checks the magic, the version, both checksums, every offset and every shape, and raises
@@ -26,6 +27,7 @@ import numpy as np
 from gmm_quant import sparse_streams
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.codebook import Codebook, index_dtype
+from gmm_quant.float_codes import FloatCode
 from gmm_quant.header_checks import CorruptFile, bits_for, check_header, require
 from gmm_quant.rules import flatten, replace_leaves
 
@@ -58,6 +60,7 @@ class Compressed(NamedTuple):
     config: dict | None
     activations: dict | None = None  # {layer: (scale, zero_point, bits)} of activation quantisation
     reuse: tuple = ()  # reuse.layers.Link of every layer computing another's output transformed
+    float_codes: dict | None = None  # {path: FloatCode} of the float leaves stored as codes
 
     def params(self, like=None):
         """The file's weights as a params pytree shaped like ``like``; by default the ``nnx.Param``
@@ -151,6 +154,7 @@ def save_compressed(
     config: dict | None = None,
     activations: dict | None = None,
     reuse=(),
+    float_codes: dict | None = None,
     version: int = VERSION,
 ):
     """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
@@ -160,7 +164,8 @@ def save_compressed(
     non-zero positions and centre indices entropy-coded (``sparse_streams``); version 1 stores every
     index bit-packed. ``activations`` ({layer: (scale, zero_point, bits)}) records activation
     quantisation, re-attached when the file's model is rebuilt; ``reuse`` (``reuse.layers.Link``s)
-    the layers that reuse another's weights, re-linked likewise.
+    the layers that reuse another's weights, re-linked likewise; ``float_codes`` ({path: FloatCode})
+    the float leaves stored as codes (their values in ``params`` must be the codes' values).
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version}")
@@ -176,6 +181,10 @@ def save_compressed(
     for name, leaf in flatten(params).items():
         if name in codebooks:
             entry = _codebook_entry(codebooks[name], add, version)
+        elif float_codes and name in float_codes:
+            c = float_codes[name]
+            entry = {"kind": "coded", "bits": c.bits, "scale": float(c.scale), "zero_point": c.zero_point,
+                     "data": add(pack_bits(c.codes, c.bits))}  # fmt: skip
         else:
             entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
         leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
@@ -249,7 +258,7 @@ def load_compressed(path) -> Compressed:
     with open(path, "rb") as f:
         raw = f.read()
     meta, payload = _read_header(raw, path)
-    codebooks, floats = {}, {}
+    codebooks, floats, coded = {}, {}, {}
     for leaf in meta["leaves"]:
         name, shape = leaf["path"], tuple(leaf["shape"])
         count = math.prod(shape)
@@ -259,6 +268,11 @@ def load_compressed(path) -> Compressed:
             if indices.size and indices.max() >= centres.size:
                 raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
             codebooks[name] = Codebook(centres, indices.astype(index_dtype(centres.size)).reshape(shape))
+        elif leaf["kind"] == "coded":
+            codes = unpack_bits(_slice(payload, leaf["data"], path, name), leaf["bits"], count)
+            coded[name] = FloatCode(codes.astype(np.uint8).reshape(shape), np.float32(leaf["scale"]),
+                                    leaf["zero_point"], leaf["bits"])  # fmt: skip
+            floats[name] = coded[name].dequantize()
         else:
             data = np.frombuffer(_slice(payload, leaf["data"], path, name), "<f4")
             if data.size != count:
@@ -268,4 +282,4 @@ def load_compressed(path) -> Compressed:
     from gmm_quant.reuse.links import Link
 
     links = tuple(Link(*v) for v in meta.get("reuse", []))
-    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links)
+    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links, coded)
