@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gmm_quant import accounting, codebook, loop, pipeline
+from gmm_quant import accounting, codebook, float_codes, loop, pipeline
 from gmm_quant.config import Config
-from gmm_quant.rules import flatten
+from gmm_quant.rules import flatten, replace_leaves
 from gmm_quant.stages import Stages, build_plan
 
 RUNGS = (0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned (before
@@ -41,10 +41,17 @@ def score(compression_ratio: float, val_error: float, limit: float, budget: floa
     return math.log2(compression_ratio) - over
 
 
-def compressed_metrics(apply_fn, plan, mixtures, params, val, assignment="nearest", judge=None):
+def compressed_metrics(
+    apply_fn, plan, mixtures, params, val, assignment="nearest", judge=None, float_bits=0
+):  # fmt: skip
     """(judged value — val error by default —, CR) of the model compressed as it stands."""
     codebooks, snapped = codebook.compress(plan, mixtures, params, assignment=assignment)
-    cr = accounting.summarize(codebooks, flatten(snapped))["compression_ratio"]
+    codes = {}
+    if float_bits:  # the float leaves as the finished trial will store them
+        floats = {p: v for p, v in flatten(snapped).items() if p not in codebooks}
+        codes = float_codes.code_leaves(floats, float_bits)
+        snapped = replace_leaves(snapped, {p: c.dequantize() for p, c in codes.items()})
+    cr = accounting.summarize(codebooks, flatten(snapped), float_codes=codes)["compression_ratio"]
     return (judge or loop.error_rate)(apply_fn, snapped, *val), cr
 
 
@@ -82,7 +89,8 @@ def run_trial(
     def on_epoch(epoch, state):
         if report is not None and epoch + 1 in rungs:
             mixtures, params = state.trainable["mixtures"], state.trainable["params"]
-            err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment, judge)
+            err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment, judge,
+                                         cfg.float_bits)  # fmt: skip
             report(score(cr, err, limit, budget), epoch + 1)
 
     stages = Stages(cfg, apply_fn, train, val, memory_runner(cfg, train, on_epoch), graphdef=graphdef)
@@ -97,5 +105,6 @@ def run_trial(
         error2 = judge(stages.apply_fn, final2, *val)
         if error2 < error:
             cfg, tuned, final, error, rescued = longer, tuned2, final2, error2, True
-    cr = accounting.summarize(tuned, {p: np.asarray(v) for p, v in flatten(final).items()})
+    flat = {p: np.asarray(v) for p, v in flatten(final).items()}
+    cr = accounting.summarize(tuned, flat, float_codes=stages.float_codes)  # costs depend on widths only
     return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final
