@@ -5,12 +5,14 @@
 (1) One jitted value-and-gradient of the prior (17 components) over one weight matrix: 134M (2^27)
 weights on 1 device, 134M and 1.07B (2^30) split over ``model=8`` host devices (``XLA_FLAGS=
 --xla_force_host_platform_device_count=8``). Each runs in a fresh subprocess; compiled first, then
-the peak resident memory is reset (``/proc/self/clear_refs``) and measured over the call: the
-prior's extra memory is that peak minus the resident set before the call minus the gradient. Time:
-median of 3 calls. (2) A training step of a wide MLP (1024-8192-8192-2048-10, 92M parameters, batch
-64 and 512, Adam) with the prior on every kernel vs without, alternated in one process, median ratio;
-each timing is 4 consecutive steps divided by 4 (one whole cycle of ``mixture_every=4``: three steps
-with the mixture frozen and one that updates it).
+the peak resident memory is reset (``/proc/self/clear_refs``) and measured over the first call: the
+prior's extra memory is that peak minus the resident set before the call minus the gradient (XLA's
+own plan of the scratch, ``memory_analysis``, is printed beside). Time: median of 3 further calls.
+
+(2) A training step of a wide MLP (1024-8192-8192-2048-10, 92M parameters, batch 64 and 512, Adam)
+with the prior on every kernel vs without, alternated in one process, median ratio; each timing is 4
+consecutive steps divided by 4 (one whole cycle of ``mixture_every=4``: three steps with the mixture
+frozen and one that updates it).
 """
 
 from __future__ import annotations
@@ -68,18 +70,19 @@ def prior_child(n_log2: int, devices: int) -> dict:
         compiled = fn.lower(state, w).compile()
         pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
         before = _status("VmRSS")
+        value, grads = jax.block_until_ready(compiled(state, w))  # memory: the first call alone (a later
+        peak = _status("VmHWM")  # one may meet the previous gradient not yet released by the runtime)
+        del grads
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            value, grads = compiled(state, w)
-            jax.block_until_ready(grads)
+            jax.block_until_ready(compiled(state, w))
             times.append(time.perf_counter() - start)
-            del grads
-        peak = _status("VmHWM")
     weights = int(np.prod(shape)) * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20  # XLA's own plan, per device
     return {"weights": int(np.prod(shape)), "devices": devices, "seconds": float(np.median(times)),
             "weights_mb": weights / 2**20, "extra_mb": (peak - before - weights) / 2**20,
-            "value_finite": bool(jnp.isfinite(value))}  # fmt: skip
+            "temp_mb": temp, "value_finite": bool(jnp.isfinite(value))}  # fmt: skip
 
 
 def step_child(repeats: int, batch: int) -> dict:
@@ -155,6 +158,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--steps-only", action="store_true", help="only the training-step table")
+    ap.add_argument("--prior-only", action="store_true", help="only the prior's time and memory table")
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
@@ -175,8 +179,9 @@ def main():
         share = 100 * r["extra_mb"] / r["weights_mb"]
         print(f"prior over {r['weights']:,} weights on {devices} device(s): {r['seconds']:.2f} s per "
               f"value-and-grad; extra memory {r['extra_mb']:.0f} MB = {share:.1f}% of the weights "
-              f"({r['extra_mb'] / devices:.0f} MB per device)", flush=True)  # fmt: skip
-    for batch in (64, 512):
+              f"({r['extra_mb'] / devices:.0f} MB per device; XLA's planned scratch {r['temp_mb']:.0f} MB "
+              "per device)", flush=True)  # fmt: skip
+    for batch in () if args.prior_only else (64, 512):
         r = _child(["step", str(args.repeats), str(batch)], 1)
         ms = f"plain {1000 * r['plain']:.0f} ms, with the prior {1000 * r['prior']:.0f} ms"
         ms += f" ({r['ratio']:.2f}x), mixture every 4 steps {1000 * r['every4']:.0f} ms"
