@@ -86,6 +86,30 @@ def test_vit_codebook_export_matches_jax_on_1000_mnist_test_images(vit):
         assert np.array_equal(ours.argmax(1), ref.argmax(1)), batch
 
 
+def test_the_library_session_runs_integer_kernels_exactly_when_activations_are_quantised(vit, tmp_path):
+    """What the latency benchmarks time: W8A8 through ONNX Runtime's integer kernels (as a plain
+    session runs the file), weight-only grids decoded once at load (no DequantizeLinear left)."""
+    graphdef, params, codebooks, x, calibration = vit
+    codebooks = {p: grid.to_grid(cb, 8) for p, cb in codebooks.items()}
+    params = gq.dequantize(codebooks, params)
+    model = nnx.merge(graphdef, params)
+    weights_only = export.to_onnx(
+        lambda p, v: nnx.merge(graphdef, p)(v), params, codebooks, x[:8], encoding="grid"
+    )
+    points.attach(model, points.calibrate(model, "blocks", [calibration[:256]], 8))
+    gd, ps = nnx.split(model, nnx.Param)
+    w8a8 = export.to_onnx(lambda p, v: nnx.merge(gd, p)(v), ps, codebooks, x[:8], encoding="grid")
+    kernels = {}
+    for name, proto in (("weights only", weights_only), ("w8a8", w8a8)):
+        export.session(proto, optimized_path=tmp_path / f"{name}.onnx").run(None, {"input": x[:2]})
+        kernels[name] = Counter(n.op_type for n in onnx.load(tmp_path / f"{name}.onnx").graph.node)
+    assert kernels["w8a8"]["MatMulIntegerToFloat"] == 24 and kernels["w8a8"]["MatMul"] < 24
+    assert (
+        kernels["weights only"]["DequantizeLinear"] == 0
+        and kernels["weights only"]["MatMulIntegerToFloat"] == 0
+    )
+
+
 def test_w8a8_export_runs_integer_kernels_and_matches_the_fake_quantised_model(vit, tmp_path):
     graphdef, params, codebooks, x, calibration = vit
     codebooks = {p: grid.to_grid(cb, 8) for p, cb in codebooks.items()}
