@@ -5,6 +5,12 @@
 
 For a language model (sequence labels) every row also gives the test perplexity.
 
+    python bench/vit.py --latency runs/vit20_f6 runs/vit20_w8a8 --pretrained runs/bench_vit20/pretrained.gqz
+
+times the ``model.onnx`` of finished runs against the float32 export of their pretrained model, side
+by side in one process (ONNX Runtime as ``export.session`` runs them: integer kernels for quantised
+activations), without training anything.
+
 ``vit_mnist`` (models/vit.py) is pretrained once (kept in WORKDIR/pretrained.gqz for reruns) and
 retrained with the mixture prior once; every codebook row starts from that retrained model (compress,
 then the mode's grid and calibrated activation quantisation, then fine-tuning); the head-pruning row
@@ -117,8 +123,25 @@ def run(args) -> list[dict]:
     return rows
 
 
+def latency_of_runs(workdirs, pretrained, data_dir, repeats) -> dict:
+    """{name: (latency batch 1, batch 64)} of the runs' ONNX files relative to float32."""
+    import onnx
+
+    apply_fn, params, _cb, compressed = export.load_model_file(pretrained)
+    ds = data.load((compressed.config or {}).get("dataset", "mnist"), data_dir)
+    x = export.model_input(ds.x_test)
+    rows = [
+        {"variant": "float32", "onnx": export.to_onnx(apply_fn, params, {}, x[:8], remove_dead_units=False)}
+    ]
+    rows += [{"variant": str(w), "onnx": onnx.load(pathlib.Path(w) / "model.onnx")} for w in workdirs]
+    latency = _latency(rows, x, repeats)
+    return {r["variant"]: (latency[1][r["variant"]], latency[64][r["variant"]]) for r in rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--latency", nargs="+", default=None, metavar="WORKDIR", help="time finished runs only")
+    ap.add_argument("--pretrained", default=None, help="with --latency: the float32 model (.gqz)")
     ap.add_argument("--config", default="vit_mnist", help="vit_mnist or charlm_pydoc (or any transformer's)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--workdir", default="runs/bench_vit")
@@ -130,6 +153,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
     start = time.perf_counter()
+    if args.latency:
+        for name, (b1, b64) in latency_of_runs(
+            args.latency, args.pretrained, args.data_dir, args.repeats
+        ).items():
+            print(f"{name:<34} batch 1 {b1:5.2f}x   batch 64 {b64:5.2f}x")
+        return
     rows = run(args)
     head = f"{'variant':<34} {'test err':>8} {'ppl':>7} {'non-zero':>8} {'heads':>5} {'CR':>7} {'ONNX B':>8}"
     print(f"{head} {'b1':>6} {'b64':>6}")
