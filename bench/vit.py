@@ -73,7 +73,8 @@ def _row(name, st, graphdef, codebooks, final, x, test, encoding):
 
 def _latency(rows, x, repeats):
     """Latency of every export relative to float32 at batch 1 and 64 (bench/export.py's timing)."""
-    sessions = {r["variant"]: export.session(r["onnx"]) for r in rows}
+    sessions = {r["variant"]: export.session(r["onnx"], integer_kernels=r.get("integer_kernels"))
+                for r in rows}  # fmt: skip
     out = {}
     for batch in (1, 64):
         med = timed_runs(sessions, x[:batch], repeats)
@@ -133,7 +134,11 @@ def latency_of_runs(workdirs, pretrained, data_dir, repeats) -> dict:
     rows = [
         {"variant": "float32", "onnx": export.to_onnx(apply_fn, params, {}, x[:8], remove_dead_units=False)}
     ]
-    rows += [{"variant": str(w), "onnx": onnx.load(pathlib.Path(w) / "model.onnx")} for w in workdirs]
+    for w in workdirs:
+        proto = onnx.load(pathlib.Path(w) / "model.onnx")
+        rows.append({"variant": str(w), "onnx": proto})
+        if export._quantises_activations(proto):  # the same file with ORT's integer kernels off
+            rows.append({"variant": f"{w} (float kernels)", "onnx": proto, "integer_kernels": False})
     latency = _latency(rows, x, repeats)
     return {r["variant"]: (latency[1][r["variant"]], latency[64][r["variant"]]) for r in rows}
 

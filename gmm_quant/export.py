@@ -23,10 +23,12 @@ import jax
 import numpy as np
 import onnx
 from flax import nnx
+from onnx import numpy_helper
 
 from gmm_quant import cli, data, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.onnx_export.encodings import ENCODERS, code_float_initializers
+from gmm_quant.onnx_export.units import RESTORED
 from gmm_quant.rules import path_str
 
 OPSET = 21
@@ -71,9 +73,11 @@ def to_onnx(
     return model
 
 
-def session(model, optimized_path=None):
+def session(model, optimized_path=None, integer_kernels=None):
     """An onnxruntime CPU session for ``model`` (ModelProto or bytes), run as it is best run
-    (``optimized_path``: where ORT writes the graph it actually runs, to see its kernels).
+    (``optimized_path``: where ORT writes the graph it actually runs, to see its kernels;
+    ``integer_kernels``: force ORT's QDQ fusion on or off, default on exactly when the model
+    quantises activations).
 
     Weights only quantised: ORT constant-folds ``Cast -> Gather(centres)`` by itself, but keeps
     ``DequantizeLinear`` for its QDQ int8 kernels unless ``session.disable_quant_qdq`` is set: without
@@ -87,11 +91,45 @@ def session(model, optimized_path=None):
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if not _quantises_activations(proto):
+    integer_kernels = _quantises_activations(proto) if integer_kernels is None else integer_kernels
+    if not integer_kernels:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    else:  # ORT never folds a DequantizeLinear; decode those no integer kernel takes, once, here
+        proto = fold_constant_dequantize(proto)
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+_INTEGER_KERNEL_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}  # what ORT's QDQ fusion can turn integer
+
+
+def fold_constant_dequantize(model) -> onnx.ModelProto:
+    """A copy of ``model`` with every per-tensor ``DequantizeLinear`` of constants that feeds no
+    matrix product (float leaves stored as codes: biases, LayerNorm) replaced by its float32 value:
+    ONNX Runtime keeps such nodes to fuse QDQ patterns and would decode them on every call."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    consts = {i.name: i for i in graph.initializer}
+    users: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    keep, folded = [], []
+    for node in graph.node:
+        inputs = [consts.get(name) for name in node.input]
+        foldable = node.op_type == "DequantizeLinear" and len(inputs) == 3 and all(inputs)
+        if foldable and not users.get(node.output[0], set()) & _INTEGER_KERNEL_OPS:
+            q, scale, zero_point = (numpy_helper.to_array(i) for i in inputs)
+            if scale.size == 1 and zero_point.size == 1:
+                value = (q.astype(np.int32) - int(zero_point)).astype(np.float32) * np.float32(scale)
+                folded.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(folded)
+    return model
 
 
 def model_input(x) -> np.ndarray:
@@ -153,14 +191,30 @@ def _verify_quantised(ours, ref, diff, sequences=False) -> float:
 
 
 def export_onnx(
-    apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4, float_codes=None
-) -> dict:
-    """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff."""
-    model = to_onnx(apply_fn, params, codebooks, sample[:8], encoding=encoding, float_codes=float_codes)
+    apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4, float_codes=None,
+    remove_dead_units=None,
+) -> dict:  # fmt: skip
+    """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff.
+
+    ``remove_dead_units`` None: remove them unless that makes the graph put narrowed features back in
+    order (a residual stream, a LayerNorm: a Concat and a Gather per site, which cost a transformer
+    more time than the narrower products save — BENCHMARKS.md, "W8A8 latency").
+    """
+    build = lambda remove: to_onnx(apply_fn, params, codebooks, sample[:8], encoding=encoding,  # noqa: E731
+                                   float_codes=float_codes, remove_dead_units=remove)  # fmt: skip
+    removed = remove_dead_units is not False
+    model = build(removed)
+    if remove_dead_units is None and restores_units(model):
+        removed, model = False, build(False)
     diff = verify(model, apply_fn, params, sample, tolerance)
     data = model.SerializeToString()
     write_atomic(pathlib.Path(path), data)
-    return {"bytes": len(data), "max_abs_diff": diff, "encoding": encoding}
+    return {"bytes": len(data), "max_abs_diff": diff, "encoding": encoding, "dead_units_removed": removed}
+
+
+def restores_units(model) -> bool:
+    """Whether the graph puts narrowed features back in order somewhere (``units.materialise``)."""
+    return any(out.startswith(RESTORED) for node in model.graph.node for out in node.output)
 
 
 def load_model_file(path, model: str | None = None):

@@ -79,3 +79,24 @@ def test_a_dead_unit_feeding_a_non_matmul_is_restored_to_full_width():
     x = np.random.default_rng(3).normal(size=(5, 6)).astype(np.float32)
     model = export.to_onnx(wide, params, codebooks, x, encoding="sparse")
     np.testing.assert_allclose(export.run_onnx(model, x), np.asarray(wide(params, x)), atol=1e-5)
+
+
+def test_the_written_file_keeps_dead_units_exactly_when_removing_them_would_restore_order(tmp_path):
+    """A chain of layers loses its dead units; a model that needs its narrowed features back in order
+    (here: also an output) keeps them, and no order-restoring Gather is left in the file."""
+    apply_fn, params, codebooks = _mlp()
+
+    def wide(p, x):
+        h = jax.nn.relu(x @ p["l0"]["kernel"] + p["l0"]["bias"])
+        return jax.numpy.concatenate([h, apply_fn(p, x)], axis=-1)
+
+    x = np.random.default_rng(4).normal(size=(16, 6)).astype(np.float32)
+    for fn, removed in ((apply_fn, True), (wide, False)):
+        removing = export.to_onnx(fn, params, codebooks, x[:8], encoding="sparse")
+        assert export.restores_units(removing) != removed
+        info = export.export_onnx(fn, params, codebooks, x, tmp_path / "m.onnx", encoding="sparse")
+        model = onnx.load(tmp_path / "m.onnx")
+        assert info["dead_units_removed"] == removed and not export.restores_units(model)
+        expected = export.to_onnx(fn, params, codebooks, x[:8], encoding="sparse", remove_dead_units=removed)
+        assert info["bytes"] == len(expected.SerializeToString())
+        np.testing.assert_allclose(export.run_onnx(model, x), np.asarray(fn(params, x)), atol=1e-5)

@@ -76,6 +76,9 @@ def dense_weight(w) -> np.ndarray:
     return np.asarray(w, np.float32)
 
 
+RESTORED = "units_restored"  # names the Gathers that put narrowed features back in order
+
+
 def materialise(conv, n: Narrow) -> Sym:
     """The full-width value: Concat(live, broadcast fill) then Gather back into feature order."""
     live = conv.layout(n.sym, identity(len(n.sym.shape)))
@@ -84,7 +87,7 @@ def materialise(conv, n: Narrow) -> Sym:
     fill = conv.node("Expand", [conv.const(n.fill.reshape((1,) * (len(n.shape) - 1) + (-1,))), fill_shape])
     both = conv.node("Concat", [live, fill], axis=-1)
     order = np.argsort(np.concatenate([n.live, n.dead])).astype(np.int64)
-    out = conv.node("Gather", [both, small_indices(conv, order)], axis=len(n.shape) - 1)
+    out = conv.node("Gather", [both, small_indices(conv, order)], axis=len(n.shape) - 1, hint=RESTORED)
     return Sym(out, identity(len(n.shape)), n.shape)
 
 
