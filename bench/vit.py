@@ -137,7 +137,7 @@ def latency_of_runs(workdirs, pretrained, data_dir, repeats) -> dict:
     for w in workdirs:
         proto = onnx.load(pathlib.Path(w) / "model.onnx")
         rows.append({"variant": str(w), "onnx": proto})
-        if export._quantises_activations(proto):  # the same file with ORT's integer kernels off
+        if export.quantises_activations(proto):  # the same file with ORT's integer kernels off
             rows.append({"variant": f"{w} (float kernels)", "onnx": proto, "integer_kernels": False})
     latency = _latency(rows, x, repeats)
     return {r["variant"]: (latency[1][r["variant"]], latency[64][r["variant"]]) for r in rows}

@@ -23,11 +23,11 @@ import jax
 import numpy as np
 import onnx
 from flax import nnx
-from onnx import numpy_helper
 
 from gmm_quant import cli, data, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
 from gmm_quant.onnx_export.encodings import ENCODERS, code_float_initializers
+from gmm_quant.onnx_export.runtime import quantises_activations, session
 from gmm_quant.onnx_export.units import RESTORED
 from gmm_quant.rules import path_str
 
@@ -73,65 +73,6 @@ def to_onnx(
     return model
 
 
-def session(model, optimized_path=None, integer_kernels=None):
-    """An onnxruntime CPU session for ``model`` (ModelProto or bytes), run as it is best run
-    (``optimized_path``: where ORT writes the graph it actually runs, to see its kernels;
-    ``integer_kernels``: force ORT's QDQ fusion on or off, default on exactly when the model
-    quantises activations).
-
-    Weights only quantised: ORT constant-folds ``Cast -> Gather(centres)`` by itself, but keeps
-    ``DequantizeLinear`` for its QDQ int8 kernels unless ``session.disable_quant_qdq`` is set: without
-    it the grid encoding re-decodes every weight on every call (LeNet-300-100, batch 1: 0.44 ms vs
-    0.035 ms), so it is set. Activations quantised too (``QuantizeLinear`` in the graph): that is
-    exactly what the QDQ fusion is for — ``MatMulIntegerToFloat`` integer kernels, as a plain
-    ``onnxruntime.InferenceSession`` runs the file — so it is left on.
-    """
-    import onnxruntime as ort
-
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    integer_kernels = _quantises_activations(proto) if integer_kernels is None else integer_kernels
-    if not integer_kernels:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    else:  # ORT never folds a DequantizeLinear; decode those no integer kernel takes, once, here
-        proto = fold_constant_dequantize(proto)
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-_INTEGER_KERNEL_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}  # what ORT's QDQ fusion can turn integer
-
-
-def fold_constant_dequantize(model) -> onnx.ModelProto:
-    """A copy of ``model`` with every per-tensor ``DequantizeLinear`` of constants that feeds no
-    matrix product (float leaves stored as codes: biases, LayerNorm) replaced by its float32 value:
-    ONNX Runtime keeps such nodes to fuse QDQ patterns and would decode them on every call."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    consts = {i.name: i for i in graph.initializer}
-    users: dict = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, set()).add(node.op_type)
-    keep, folded = [], []
-    for node in graph.node:
-        inputs = [consts.get(name) for name in node.input]
-        foldable = node.op_type == "DequantizeLinear" and len(inputs) == 3 and all(inputs)
-        if foldable and not users.get(node.output[0], set()) & _INTEGER_KERNEL_OPS:
-            q, scale, zero_point = (numpy_helper.to_array(i) for i in inputs)
-            if scale.size == 1 and zero_point.size == 1:
-                value = (q.astype(np.int32) - int(zero_point)).astype(np.float32) * np.float32(scale)
-                folded.append(numpy_helper.from_array(value, node.output[0]))
-                continue
-        keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
-    graph.initializer.extend(folded)
-    return model
-
-
 def model_input(x) -> np.ndarray:
     """The graph's input dtype: float32 for real-valued inputs, int32 for token ids."""
     x = np.asarray(x)
@@ -154,7 +95,7 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
         raise ExportMismatch("the model's outputs on the sample are not finite; file not written")
     diff = float(np.max(np.abs(ours - ref)))
     allowed = tolerance * max(1.0, float(np.max(np.abs(ref))))
-    if _quantises_activations(model):  # rows: examples, or every position of sequences
+    if quantises_activations(model):  # rows: examples, or every position of sequences
         rows = (ours.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1]))
         return _verify_quantised(*rows, diff, sequences=ref.ndim > 2)
     if not diff <= allowed:
@@ -165,10 +106,6 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
 
 QUANTISED_AGREEMENT = 0.98
 SEQUENCE_WITHIN = 0.95  # positions of sequences within one step: a flipped code reaches every later position
-
-
-def _quantises_activations(model) -> bool:
-    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
 def _verify_quantised(ours, ref, diff, sequences=False) -> float:

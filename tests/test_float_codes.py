@@ -155,3 +155,34 @@ def test_an_impossible_code_width_is_refused_before_training(tmp_path, bits):
     proc = vit_tiny(tmp_path, "--float-bits", bits)
     assert proc.returncode in (1, 2) and "float_bits" in one_line(proc.stderr)
     assert not (tmp_path / "w").exists()
+
+
+def test_folding_decodes_exactly_the_constants_no_integer_kernel_takes():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gmm_quant.onnx_export.runtime import fold_constant_dequantize
+
+    rng = np.random.default_rng(5)
+    bias, weight = float_codes.fit(rng.normal(size=4), 6), float_codes.fit(rng.normal(size=(4, 3)), 8)
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("bq", bias.codes), ("bs", bias.scale), ("bz", np.uint8(bias.zero_point)),
+        ("wq", weight.codes), ("ws", weight.scale), ("wz", np.uint8(weight.zero_point)))]  # fmt: skip
+    nodes = [
+        helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
+        helper.make_node("Add", ["input", "b"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["output"]),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("input", [2, 4]), ("output", [2, 3]))]
+    graph = helper.make_graph(nodes, "g", io[:1], io[1:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    folded = fold_constant_dequantize(model)
+    assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "Add", "MatMul"]
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(next(i for i in folded.graph.initializer if i.name == "b")), bias.dequantize()
+    )
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    expected = (x + bias.dequantize()) @ weight.dequantize()
+    for proto in (model, folded):
+        out = export.session(proto, integer_kernels=False).run(None, {"input": x})[0]
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
