@@ -173,7 +173,8 @@ def test_folding_decodes_exactly_the_constants_no_integer_kernel_takes():
         helper.make_node("Add", ["input", "b"], ["h"]),
         helper.make_node("MatMul", ["h", "w"], ["output"]),
     ]
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("input", [2, 4]), ("output", [2, 3]))]
+    shapes = (("input", [2, 4]), ("output", [2, 3]))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes]
     graph = helper.make_graph(nodes, "g", io[:1], io[1:], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     folded = fold_constant_dequantize(model)
