@@ -57,7 +57,8 @@ def fold_constant_dequantize(model) -> onnx.ModelProto:
     keep, folded = [], []
     for node in graph.node:
         inputs = [consts.get(name) for name in node.input]
-        foldable = node.op_type == "DequantizeLinear" and len(inputs) == 3 and all(inputs)
+        constant = len(inputs) == 3 and all(i is not None for i in inputs)
+        foldable = node.op_type == "DequantizeLinear" and constant
         if foldable and not users.get(node.output[0], set()) & _INTEGER_KERNEL_OPS:
             q, scale, zero_point = (numpy_helper.to_array(i) for i in inputs)
             if scale.size == 1 and zero_point.size == 1:
