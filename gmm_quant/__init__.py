@@ -9,6 +9,7 @@ from gmm_quant.accounting import summarize
 from gmm_quant.codebook import Codebook, compress, dequantize, make_codebook, snap
 from gmm_quant.config import Config
 from gmm_quant.distillation import distillation_loss, feature_maps
+from gmm_quant.float_codes import code_float_leaves
 from gmm_quant.init import sample_params
 from gmm_quant.loop import error_rate
 from gmm_quant.mixture import (
@@ -52,6 +53,7 @@ __all__ = [
     "MixtureState",
     "Plan",
     "Rule",
+    "code_float_leaves",
     "complexity",
     "compress",
     "compress_to_budget",

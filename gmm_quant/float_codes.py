@@ -83,3 +83,13 @@ def grids(codes: dict) -> dict:
 def cost_bits(code: FloatCode) -> int:
     """Bits the leaf costs in the Han count: its codes, a float32 scale and a ``bits``-bit zero point."""
     return code.bits * int(code.codes.size) + 32 + code.bits
+
+
+def code_float_leaves(codebooks: dict, params, bits: int):
+    """``(codes, params)``: every leaf of ``params`` outside ``codebooks`` as ``bits``-bit codes, and
+    ``params`` with those leaves replaced by the codes' values; pass ``codes`` on as
+    ``save_compressed(..., float_codes=codes)`` and ``summarize(..., float_codes=codes)``."""
+    from gmm_quant.rules import flatten, replace_leaves
+
+    codes = code_leaves({p: v for p, v in flatten(params).items() if p not in codebooks}, bits)
+    return codes, replace_leaves(params, {p: c.dequantize() for p, c in codes.items()})
