@@ -12,6 +12,8 @@ import errno
 import os
 import sys
 
+from gmm_quant import interrupts
+
 DEBUG_ENV = "GMM_QUANT_DEBUG"
 
 
@@ -101,8 +103,11 @@ def exit_now(code: int) -> None:
 def run(body, argv, *, user_errors=(Exception,)) -> int:
     """``body()`` -> exit code, with every failure turned into one line on stderr (unless debugging)."""
     debug = debug_requested(argv)
+    interrupts.install()
     try:
-        return body()
+        code = body()
+        interrupts.check()  # a Ctrl-C that a garbage-collector callback dropped near the end
+        return code
     except KeyboardInterrupt:
         if debug:
             raise

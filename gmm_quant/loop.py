@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gmm_quant import interrupts
+
 
 class TrainState(NamedTuple):
     step: jax.Array
@@ -71,6 +73,7 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
         for idx in batches(x, key):
             state, metrics = jit_step(state, x, y, idx)
             history.append(metrics)
+            interrupts.check()  # a Ctrl-C dropped inside a garbage-collector callback stops here
         return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
 
     def epoch(state: TrainState, x, y, key):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gmm_quant import augment, codebook, loop
+from gmm_quant import augment, codebook, interrupts, loop
 from gmm_quant import codebook_tuning as ct
 from gmm_quant import grid as grid_lib
 from gmm_quant import objective as obj
@@ -90,6 +90,7 @@ def _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, st
         metrics = loop.check_finite(metrics, f"{name} epoch {epoch + 1}")
         if on_epoch is not None:
             on_epoch(epoch, state, metrics)
+        interrupts.check()  # after the epoch's checkpoint: a dropped Ctrl-C stops the run here
         if stop is not None and stop(epoch, state):
             break
     return state

@@ -207,7 +207,8 @@ def test_a_search_killed_or_interrupted_mid_trial_resumes_and_retries_that_trial
     wait_for_running_trial(db)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "run the same command to resume" in one_line(err)
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in one_line(err)
     proc = tune(workdir, "--trials", "4", "--no-final", **quiet)
     wait_for_running_trial(db, after_complete=2)
     proc.kill()
