@@ -26,6 +26,7 @@ from flax import nnx
 
 from gmm_quant import cli, data, onnx_export, storage
 from gmm_quant.checkpoint import write_atomic
+from gmm_quant.float_codes import grids
 from gmm_quant.onnx_export.encodings import ENCODERS, code_float_initializers
 from gmm_quant.onnx_export.runtime import quantises_activations, session
 from gmm_quant.onnx_export.units import RESTORED
@@ -67,7 +68,7 @@ def to_onnx(
         remove_dead_units=remove_dead_units,
     )  # fmt: skip
     if float_codes:
-        code_float_initializers(model, {(c.scale, c.zero_point, c.bits) for c in float_codes.values()})
+        code_float_initializers(model, set(grids(float_codes).values()))
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)  # a check; its value_info is not kept
     return model

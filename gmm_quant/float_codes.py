@@ -89,7 +89,23 @@ def code_float_leaves(codebooks: dict, params, bits: int):
     """``(codes, params)``: every leaf of ``params`` outside ``codebooks`` as ``bits``-bit codes, and
     ``params`` with those leaves replaced by the codes' values; pass ``codes`` on as
     ``save_compressed(..., float_codes=codes)`` and ``summarize(..., float_codes=codes)``."""
-    from gmm_quant.rules import flatten, replace_leaves
+    from gmm_quant.rules import flatten
 
     codes = code_leaves({p: v for p, v in flatten(params).items() if p not in codebooks}, bits)
-    return codes, replace_leaves(params, {p: c.dequantize() for p, c in codes.items()})
+    return codes, _with_codes(params, codes)
+
+
+def recode(codes: dict, params):
+    """``(codes, params)`` with the leaves of ``params`` that ``codes`` names put back on the same
+    grids (after fine-tuning moved them)."""
+    from gmm_quant.rules import flatten
+
+    leaves = flatten(params)
+    codes = {p: encode(np.asarray(leaves[p]), *g) for p, g in grids(codes).items()}
+    return codes, _with_codes(params, codes)
+
+
+def _with_codes(params, codes: dict):
+    from gmm_quant.rules import replace_leaves
+
+    return replace_leaves(params, {p: c.dequantize() for p, c in codes.items()})

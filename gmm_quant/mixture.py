@@ -196,11 +196,13 @@ def _grid_sum_bwd(res, g):
     k, t = _locate(table, low, scale, flat)
     d_flat = g * (table[k, 2] + t * table[k, 3])
 
+    empty = jnp.zeros((table.shape[0], 2), flat.dtype)
+
     def histogram(chunk):  # [grid, 2]: per cell, the number of weights in it and the sum of their t
         k, t = _locate(table, low, scale, chunk)
-        return jnp.zeros((table.shape[0], 2), flat.dtype).at[k].add(jnp.stack([jnp.ones_like(t), t], axis=1))
+        return empty.at[k].add(jnp.stack([jnp.ones_like(t), t], axis=1))
 
-    hist = _chunk_sum(histogram, flat, jnp.zeros((table.shape[0], 2), flat.dtype) + jnp.sum(flat[:0]))
+    hist = _chunk_sum(histogram, flat, empty + jnp.sum(flat[:0]))  # typed like flat (shard_map)
     d_table = jnp.concatenate([g * hist, jnp.zeros_like(hist)], axis=1)
     return d_table, jnp.zeros_like(low), jnp.zeros_like(scale), d_flat
 

@@ -27,7 +27,7 @@ from gmm_quant.objective import LearningRates
 from gmm_quant.reuse import layers as surgery
 from gmm_quant.reuse.choose import choose
 from gmm_quant.reuse.links import links_from_rules
-from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan, replace_leaves
+from gmm_quant.rules import DEFAULT_RULES, Rule, flatten, make_plan
 from gmm_quant.scale.mesh import make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
 
@@ -258,17 +258,9 @@ class Stages:
             codebooks = {p: grid.to_grid(cb, self.cfg.weight_bits) for p, cb in codebooks.items()}
             snapped = codebook.dequantize(codebooks, retrained)
         if self.cfg.float_bits:  # the leaves outside the prior on grids of their own
-            floats = {p: v for p, v in flatten(snapped).items() if p not in codebooks}
-            self.float_codes = float_codes.code_leaves(floats, self.cfg.float_bits)
-            snapped = self._coded(snapped)
+            self.float_codes, snapped = float_codes.code_float_leaves(codebooks, snapped, self.cfg.float_bits)
         self._errors("compressed", snapped)
         return codebooks, snapped
-
-    def _coded(self, params):
-        """``params`` with the float leaves on their grids (re-encoded: fine-tuning moved them)."""
-        leaves, grids = flatten(params), float_codes.grids(self.float_codes)
-        self.float_codes = {p: float_codes.encode(np.asarray(leaves[p]), *g) for p, g in grids.items()}
-        return replace_leaves(params, {p: c.dequantize() for p, c in self.float_codes.items()})
 
     def finetune(self, codebooks, snapped, epochs, start=None):
         """Fine-tune the centres for ``epochs`` epochs from ``snapped``; kept only if better on val."""
@@ -286,7 +278,8 @@ class Stages:
             if improved:
                 codebooks = codebook_tuning.updated_codebooks(codebooks, tuned, grid=bool(cfg.weight_bits))
                 final = codebook.dequantize(codebooks, build(tuned))
-        final = self._coded(final) if self.float_codes else final
+        if self.float_codes:  # back on their grids: fine-tuning moved them
+            self.float_codes, final = float_codes.recode(self.float_codes, final)
         self._record("finetuned", final, "compress_finetune", start)
         return codebooks, final
 

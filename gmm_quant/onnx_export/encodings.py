@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-from gmm_quant import grid
+from gmm_quant import float_codes, grid
 
 
 def _codes_initializer(name, codes, bits_max):
@@ -148,11 +148,10 @@ def code_float_initializers(model, grids, min_values: int = 16) -> int:
 
 def _on_grid(arr: np.ndarray, grids):
     """(codes, scale, zero_point) of the first grid reproducing ``arr`` exactly, or None."""
-    for scale, zero_point, bits in grids:
-        scale = np.float32(scale)
-        codes = np.round(arr / scale) + zero_point
-        if codes.min() < 0 or codes.max() > 2**bits - 1:
-            continue
-        if np.array_equal((codes.astype(np.int32) - zero_point).astype(np.float32) * scale, arr):
-            return codes.astype(np.uint8), scale, int(zero_point)
+    if not np.all(np.isfinite(arr)):  # a mask of -inf is no leaf
+        return None
+    for grid_params in grids:
+        code = float_codes.encode(arr, *grid_params)  # clipped: values off the grid do not reproduce
+        if np.array_equal(code.dequantize(), arr):
+            return code.codes, code.scale, code.zero_point
     return None

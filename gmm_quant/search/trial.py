@@ -18,7 +18,7 @@ import numpy as np
 
 from gmm_quant import accounting, codebook, float_codes, loop, pipeline
 from gmm_quant.config import Config
-from gmm_quant.rules import flatten, replace_leaves
+from gmm_quant.rules import flatten
 from gmm_quant.stages import Stages, build_plan
 
 RUNGS = (0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned (before
@@ -48,9 +48,7 @@ def compressed_metrics(
     codebooks, snapped = codebook.compress(plan, mixtures, params, assignment=assignment)
     codes = {}
     if float_bits:  # the float leaves as the finished trial will store them
-        floats = {p: v for p, v in flatten(snapped).items() if p not in codebooks}
-        codes = float_codes.code_leaves(floats, float_bits)
-        snapped = replace_leaves(snapped, {p: c.dequantize() for p, c in codes.items()})
+        codes, snapped = float_codes.code_float_leaves(codebooks, snapped, float_bits)
     cr = accounting.summarize(codebooks, flatten(snapped), float_codes=codes)["compression_ratio"]
     return (judge or loop.error_rate)(apply_fn, snapped, *val), cr
 
