@@ -4,7 +4,7 @@ Layout::
 
     WORKDIR/config.json                              the config the checkpoints belong to (``workdir.py``)
     WORKDIR/checkpoints/<stage>/<N>/                 orbax checkpoint of the TrainState after epoch N
-    WORKDIR/checkpoints/<stage>/<N>/gmm_quant.json   {"digest", "parent", "files": {name: sha256}}
+    WORKDIR/checkpoints/<stage>/<N>/gmm_quant.json   {"checksum", "parent", "files": {name: sha256}}
 
 A checkpoint holds the stage's whole ``TrainState`` (params, mixture, optimiser state, step). Batch
 order is a function of (seed, epoch), so the RNG state is the epoch number itself; a run killed at any
@@ -13,11 +13,15 @@ moment and started again resumes after the last completed epoch and ends with th
 Invariants (tests/test_reliability.py):
 
 * :meth:`StageCheckpoints.restore_latest` returns only a state whose files are byte-identical to those
-  written (checked before orbax reads them), whose sha256 digest equals the one saved with it and whose
-  values are all finite. A step that fails any check is reported, deleted, and the previous step is
-  tried (two are kept); with none left the stage starts afresh.
-* Every step records ``parent``, the digest of what its stage started from (the previous stage's
+  written (checked before orbax reads them), whose checksum (``checksums.tree_checksum``: the same
+  for any sharding and process count) equals the one saved with it and whose values are all finite. A
+  step that fails any check is reported, deleted, and the previous step is tried (two are kept); with
+  none left the stage starts afresh.
+* Every step records ``parent``, the checksum of what its stage started from (the previous stage's
   result). Steps whose parent differs from the current one belong to another history and are discarded.
+* Steps written before checksums existed (a sha256 ``digest`` instead) are verified by that digest.
+* Several processes: every process writes its own shards of each step into the shared directory and
+  takes part in verifying it; a run may resume with another mesh or another number of processes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ import threading
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gmm_quant.checksums import tree_checksum
+from gmm_quant.scale import distributed
 
 META = "gmm_quant.json"
 
@@ -76,11 +83,6 @@ def tree_digest(tree) -> str:
     return digest.hexdigest()
 
 
-def _all_finite(tree) -> bool:
-    arrays = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    return all(np.all(np.isfinite(a)) for a in arrays if np.issubdtype(a.dtype, np.floating))
-
-
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold back Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: a save is whole."""
@@ -107,13 +109,29 @@ def _as_os_error(err: Exception, directory: pathlib.Path) -> Exception:
     return err
 
 
-def _file_digests(step: pathlib.Path) -> dict:
-    """sha256 of every file under a step directory but our own metadata, by relative path."""
-    return {
-        str(p.relative_to(step)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(step.rglob("*"))
-        if p.is_file() and p.name != META
-    }
+def _file_sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_digests(step: pathlib.Path, collective: bool = False) -> dict:
+    """sha256 of every file under a step directory but our own metadata, by relative path.
+    ``collective``: each of the P processes hashes every P-th file and the digests are exchanged."""
+    names = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != META)
+    me, count = (jax.process_index(), jax.process_count()) if collective else (0, 1)
+    mine = np.zeros((len(names), 32), np.uint8)
+    for i in range(me, len(names), count):
+        mine[i] = np.frombuffer(bytes.fromhex(_file_sha256(step / names[i])), np.uint8)
+    every = distributed.gather_rows(mine) if collective else mine[None]
+    return {name: every[i % count, i].tobytes().hex() for i, name in enumerate(names)}
+
+
+def identity(tree) -> dict:
+    """What a stage starts from, as a checkpoint's ``parent``: the tree's checksum (any layout, any
+    process count) and, when this process holds every leaf, its sha256 digest (which checkpoints
+    written before the checksum existed recorded)."""
+    addressable = all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree))
+    return {"checksum": tree_checksum(tree)[0], "digest": tree_digest(tree) if addressable else None}
 
 
 def _warn(message: str) -> None:
@@ -123,27 +141,34 @@ def _warn(message: str) -> None:
 class StageCheckpoints:
     """Per-epoch checkpoints of one stage (keeps the latest two), verified on restore.
 
-    ``parent`` is the digest of the state the stage starts from; None skips that check (reading the
-    pretraining of another work directory). ``read_only`` never creates or deletes anything.
+    ``parent`` identifies the state the stage starts from (``identity(tree)``, or a string standing for
+    both its forms); None skips that check (reading the pretraining of another work directory).
+    ``read_only`` never creates or deletes anything.
+
+    With several processes every process calls ``save`` and ``restore_latest`` on the same global
+    state: orbax writes each process's shards into the (shared) work directory, the file digests and
+    the checksum are computed where the data are, and every decision (which step is intact) is taken
+    by all processes together. A ``read_only`` store is read by each process alone.
     """
 
-    def __init__(self, workdir, stage: str, parent: str | None = None, *, read_only: bool = False):
+    def __init__(self, workdir, stage: str, parent=None, *, read_only: bool = False):
         self.directory = (pathlib.Path(workdir) / "checkpoints" / stage).absolute()
-        self.stage, self.parent, self.read_only = stage, parent, read_only
+        self.stage, self.read_only = stage, read_only
+        self.parent = {"checksum": parent, "digest": parent} if isinstance(parent, str) else parent
+        self.collective = distributed.multi_process() and not read_only
+        self.writer = distributed.is_writer() or not self.collective
         self.manager = self._open()
 
     def _open(self):
         alone = {}
-        if jax.process_count() > 1:  # several processes: this one works alone (gmm_quant.scale.distributed)
+        if distributed.multi_process() and not self.collective:  # reading alone, another run's files
             me = jax.process_index()
             alone["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
                 primary_host=me, active_processes={me}
             )
-            if not self.read_only:
-                self.directory.mkdir(parents=True, exist_ok=True)  # orbax will not create it then
         options = ocp.CheckpointManagerOptions(
             max_to_keep=2,
-            create=not (self.read_only or alone),
+            create=not self.read_only,
             read_only=self.read_only,
             cleanup_tmp_directories=not self.read_only,
             **alone,
@@ -158,21 +183,32 @@ class StageCheckpoints:
                 self.manager.wait_until_finished()
             except (ValueError, RuntimeError) as err:  # orbax reports a failed write as these
                 raise _as_os_error(err, self.directory) from None
+            distributed.barrier(f"gmm_quant-saved-{self.stage}-{epoch}")
             step = self.directory / str(epoch)
-            meta = {"digest": tree_digest(state), "parent": self.parent, "files": _file_digests(step)}
-            write_atomic(step / META, json.dumps(meta, indent=1).encode())
+            meta = {"checksum": tree_checksum(state)[0], "parent": self._parent("checksum"),
+                    "files": _file_digests(step, self.collective)}  # fmt: skip
+            if self.writer:
+                write_atomic(step / META, json.dumps(meta, indent=1).encode())
+            distributed.barrier(f"gmm_quant-meta-{self.stage}-{epoch}")
+
+    def _parent(self, form: str):
+        return None if self.parent is None else self.parent[form]
 
     def _load(self, epoch: int, like):
-        """The verified state of ``epoch``; raises ValueError saying what is wrong with it."""
+        """The verified state of ``epoch``; raises ValueError saying what is wrong with it (every
+        process alike)."""
         step = self.directory / str(epoch)
         try:
             meta = json.loads((step / META).read_text())
-            files, digest, parent = meta["files"], meta["digest"], meta["parent"]
+            files, parent = meta["files"], meta["parent"]
+            form = "checksum" if "checksum" in meta else "digest"  # "digest": written before checksums
+            expected = meta[form]
         except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(f"has no readable {META} (incomplete or damaged)") from None
-        if self.parent is not None and parent != self.parent:
+        if self.parent is not None and parent != self._parent(form):
             raise LookupError("was made from a different starting point (an earlier stage changed)")
-        if _file_digests(step) != files:
+        intact = _file_digests(step, self.collective) == files
+        if not (distributed.all_true(intact) if self.collective else intact):
             raise ValueError("has files that differ from those written (truncated, changed or missing)")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
@@ -181,9 +217,10 @@ class StageCheckpoints:
             text = str(err).strip()
             reason = text.splitlines()[0][:160] if text else type(err).__name__
             raise ValueError(f"does not load ({reason})") from None
-        if tree_digest(state) != digest:
+        checksum, finite = tree_checksum(state)
+        if (checksum if form == "checksum" else tree_digest(state)) != expected:
             raise ValueError("fails its checksum")
-        if not _all_finite(state):
+        if not finite:
             raise ValueError("holds non-finite values")
         return state
 
@@ -193,23 +230,26 @@ class StageCheckpoints:
             try:
                 return epoch, self._load(epoch, like)
             except LookupError as err:
-                _warn(f"{self.stage} checkpoint {epoch} {err}; starting {self.stage} afresh")
+                self._warn(f"{self.stage} checkpoint {epoch} {err}; starting {self.stage} afresh")
                 self._discard(None)
                 return 0, None
             except ValueError as err:
-                _warn(f"{self.stage} checkpoint {epoch} is damaged: it {err}; trying the previous one")
+                self._warn(f"{self.stage} checkpoint {epoch} is damaged: it {err}; trying the previous one")
                 self._discard(epoch)
         return 0, None
+
+    def _warn(self, message: str) -> None:
+        if self.writer:
+            _warn(message)
 
     def _discard(self, epoch: int | None) -> None:
         """Delete step ``epoch`` (None: every step of this stage). Only our own checkpoint files."""
         if self.read_only:
             return
         self.manager.close()
-        if epoch is None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        else:
-            shutil.rmtree(self.directory / str(epoch), ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.directory / ("" if epoch is None else str(epoch)), ignore_errors=True)
+        distributed.barrier(f"gmm_quant-discard-{self.stage}-{epoch}")
         self.manager = self._open()
 
     def close(self) -> None:

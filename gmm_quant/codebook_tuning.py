@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gmm_quant import float_codes
 from gmm_quant import grid as grid_lib
 from gmm_quant.codebook import Codebook, make_codebook
-from gmm_quant.rules import flatten, replace_leaves
+from gmm_quant.rules import flatten
 
 
 def init_centres(codebooks: dict) -> dict:
@@ -63,7 +64,8 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
                   float_grids=None):  # fmt: skip
     """Loss over ``{"centres", "float"}`` for fine-tuning; returns ``(trainable, loss_fn, build)``.
 
-    ``build(trainable)`` gives the full params; ``loss_fn(trainable, x, y, step)`` the task loss.
+    ``build(trainable)`` gives the full params; ``loss_fn(trainable, x, y, step)`` the task loss (a
+    ``jax.tree_util.Partial`` over the indices, see ``loop.arguments``).
     With ``grid`` the centres are used rounded onto each layer's grid (straight-through gradient);
     ``float_grids`` ({path: (scale, zero_point, bits)}, see ``float_codes``) does the same for the
     float leaves it names.
@@ -74,23 +76,26 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
     if train_float:
         trainable["float"] = {p: leaf for p, leaf in flat.items() if p not in codebooks}
     indices = {p: jnp.asarray(cb.indices, jnp.int32) for p, cb in codebooks.items()}
-    zero = jnp.zeros((1,), jnp.float32)
-
+    trained = trainable.get("float", {})
+    fixed = {p: leaf for p, leaf in flat.items() if p not in codebooks and p not in trained}
+    treedef, paths = jax.tree.structure(params), list(flat)
     float_grids = float_grids or {}
 
-    def build(tr):
+    def assemble(indices, fixed, tr):
         floats = {p: float_codes.project(v, *float_grids[p]) if p in float_grids else v
                   for p, v in tr.get("float", {}).items()}  # fmt: skip
-        base = replace_leaves(params, floats)
         centres = effective_centres(tr["centres"], scales)
+        zero = np.zeros((1,), np.float32)
         snapped = {p: jnp.concatenate([zero, _free(centres, p)])[indices[p]] for p in codebooks}
-        return replace_leaves(base, snapped)
+        leaves = {**fixed, **floats, **snapped}
+        return jax.tree.unflatten(treedef, [leaves[p] for p in paths])
 
-    def loss_fn(tr, x, y, step):
+    def loss_fn(indices, fixed, tr, x, y, step):
         del step
-        return task_loss(build(tr), x, y)
+        return task_loss(assemble(indices, fixed, tr), x, y)
 
-    return trainable, loss_fn, build
+    # the indices (and leaves held fixed) travel as arguments: a sharded layer's may span processes
+    return trainable, jax.tree_util.Partial(loss_fn, indices, fixed), lambda tr: assemble(indices, fixed, tr)
 
 
 def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> dict:

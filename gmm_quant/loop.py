@@ -39,11 +39,11 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     ``None`` picks scan unless the loss contains a convolution.
     """
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, arrays):
         x, y = batch
         if batch_sharding is not None:
             x, y = (jax.lax.with_sharding_constraint(v, batch_sharding) for v in (x, y))
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(bound(loss_fn, arrays), has_aux=True)
         (loss, aux), grads = grad_fn(state.trainable, x, y, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -59,19 +59,20 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
         return jax.random.permutation(key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
 
     @jax.jit
-    def scan_epoch(state: TrainState, x, y, key):
+    def scan_epoch(state: TrainState, x, y, key, arrays):
         order = batches(x, key)
-        state, metrics = jax.lax.scan(lambda s, idx: train_step(s, (x[idx], y[idx])), state, order)
+        state, metrics = jax.lax.scan(lambda s, idx: train_step(s, (x[idx], y[idx]), arrays), state, order)
         if state_sharding is not None:
             state = jax.lax.with_sharding_constraint(state, state_sharding)
         return state, jax.tree.map(jnp.mean, metrics)
 
-    jit_step = jax.jit(lambda state, x, y, idx: train_step(state, (x[idx], y[idx])))
+    jit_step = jax.jit(lambda state, x, y, idx, arrays: train_step(state, (x[idx], y[idx]), arrays))
+    arrays = arguments(loss_fn)
 
     def loop_epoch(state: TrainState, x, y, key):
         history = []
         for idx in batches(x, key):
-            state, metrics = jit_step(state, x, y, idx)
+            state, metrics = jit_step(state, x, y, idx, arrays)
             history.append(metrics)
             interrupts.check()  # a Ctrl-C dropped inside a garbage-collector callback stops here
         return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
@@ -79,11 +80,30 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     def epoch(state: TrainState, x, y, key):
         nonlocal scan
         if scan is None:
-            jaxpr = jax.make_jaxpr(loss_fn)(state.trainable, x[:batch_size], y[:batch_size], state.step)
+            probe = jax.make_jaxpr(lambda a, *v: bound(loss_fn, a)(*v))
+            jaxpr = probe(arrays, state.trainable, x[:batch_size], y[:batch_size], state.step)
             scan = "conv_general_dilated" not in str(jaxpr)
-        return (scan_epoch if scan else loop_epoch)(state, x, y, key)
+        return scan_epoch(state, x, y, key, arrays) if scan else loop_epoch(state, x, y, key)
 
     return epoch
+
+
+def arguments(loss_fn):
+    """The arrays a ``jax.tree_util.Partial`` loss carries (``()`` for a plain function).
+
+    A loss that needs arrays besides the trainable state (fine-tuning's codebook indices) is a
+    ``Partial`` over them: the loops pass them to ``jax.jit`` as arguments. Closed over, they would be
+    baked into the program as constants, which JAX refuses for arrays spread over several processes.
+    """
+    return (loss_fn.args, loss_fn.keywords) if isinstance(loss_fn, jax.tree_util.Partial) else ()
+
+
+def bound(loss_fn, arrays):
+    """``loss_fn`` with its ``arguments`` replaced by ``arrays`` (traced values inside a jit)."""
+    if not arrays:
+        return loss_fn
+    args, keywords = arrays
+    return lambda *rest: loss_fn.func(*args, *rest, **keywords)
 
 
 def epoch_key(seed: int, epoch: int) -> jax.Array:
@@ -101,11 +121,11 @@ def check_finite(metrics: dict, where: str) -> dict:
 
 def mean_loss(loss_fn, trainable, x, y, batch_size: int = 1000) -> float:
     """Example-weighted mean of ``loss_fn(trainable, x_batch, y_batch, 0)[0]`` over all of ``x``."""
-    fn = jax.jit(lambda t, xb, yb: loss_fn(t, xb, yb, jnp.zeros((), jnp.int32))[0])
-    total = 0.0
+    fn = jax.jit(lambda a, t, xb, yb: bound(loss_fn, a)(t, xb, yb, jnp.zeros((), jnp.int32))[0])
+    arrays, total = arguments(loss_fn), 0.0
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        total += float(fn(trainable, xb, yb)) * xb.shape[0]
+        total += float(fn(arrays, trainable, xb, yb)) * xb.shape[0]
     return total / x.shape[0]
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import pathlib
 import time
 
+import jax
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -22,7 +23,7 @@ from gmm_quant import checkpoint as ckpt
 from gmm_quant import config as cfgm
 from gmm_quant import workdir as wd
 from gmm_quant.preflight import check_model
-from gmm_quant.rules import flatten
+from gmm_quant.rules import flatten, replace_leaves
 from gmm_quant.scale import distributed
 from gmm_quant.stages import Stages, build_plan
 
@@ -30,41 +31,38 @@ from gmm_quant.stages import Stages, build_plan
 def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None, stop=None):
     """Train one stage with verified per-epoch checkpoints; resumes from the newest good one.
 
-    ``parent`` keys the checkpoints to what the stage started from (default: the digest of its
+    ``parent`` keys the checkpoints to what the stage started from (default: the identity of its
     initial trainable state), so a changed earlier stage never resumes a later one's old steps.
-    Several processes: process 0 alone reads and writes the checkpoints and hands what it resumed
-    from to the others; every process gets the trained state back as local arrays.
+    Several processes: all of them save and restore together, each its own shards of the global state
+    (``checkpoint.StageCheckpoints``); the trained state comes back as global arrays.
     """
     loss, optimizer, trainable = setup
-    parent = parent or ckpt.tree_digest(trainable)
-    writer = distributed.is_writer()
-    store = ckpt.StageCheckpoints(workdir, name, parent) if writer else None
     state = loop.init_state(trainable, optimizer)
-    done, restored = store.restore_latest(state) if writer else (0, None)
+    if placement is not None:  # restored straight into place (several processes: into global arrays)
+        state = placement.place(state)
+    parent = parent or ckpt.identity(state.trainable)
+    writer = distributed.is_writer()
+    store = ckpt.StageCheckpoints(workdir, name, parent)
+    done, restored = store.restore_latest(state)
     state = restored if restored is not None else state
-    done, state = distributed.broadcast((np.int32(done), state))
-    done = int(done)
     if stop is not None and done and stop(done - 1, state):  # resumed where the stage had stopped
-        return distributed.to_local(state)
+        store.close()
+        return state
     bar = tqdm(total=epochs, initial=done, desc=name, disable=not (progress and writer), unit="epoch")
 
     def on_epoch(epoch, st, metrics):
-        st = distributed.to_local(st)
-        if writer:
-            store.save(epoch + 1, st)
+        store.save(epoch + 1, st)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.4f}")
         bar.update()
 
     try:
-        state = pipeline.run_epochs(
+        return pipeline.run_epochs(
             loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
             name=name, state=state, start_epoch=done, on_epoch=on_epoch, placement=placement, stop=stop,
         )  # fmt: skip
     finally:
         bar.close()
-        if writer:
-            store.close()
-    return distributed.to_local(state)
+        store.close()
 
 
 def _load_pretrained(path, like):
@@ -124,6 +122,7 @@ def train_and_evaluate(
     ``overwrite`` deletes only our outputs, and one process at a time holds the directory).
     """
     cfgm.validate(cfg)
+    cfg = dataclasses.replace(cfg, mesh=distributed.default_mesh(cfg.mesh))  # several processes: data=N
     workdir = pathlib.Path(workdir)
     wd.check_usable(workdir, overwrite=overwrite)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
@@ -146,6 +145,11 @@ def train_and_evaluate(
             wd.clear(workdir)
         if writer:
             wd.claim(workdir, cfg)
+        if not distributed.sees_shared(workdir):
+            raise wd.WorkdirError(
+                f"work directory {workdir} is not shared by the {jax.process_count()} processes: each writes "
+                "its shards of every checkpoint there; put it on a filesystem every host mounts (e.g. NFS)"
+            )
 
         def runner(name, setup, epochs, parent, stop=None):
             where = stage.placement
@@ -168,18 +172,31 @@ def train_and_evaluate(
         codebooks, snapped = stage.compress(plan, mixtures, retrained)
         graphdef = stage.quantise_activations(graphdef, snapped)
         codebooks, final = stage.finetune(codebooks, snapped, cfg.finetune_epochs, start)
+        # the Han count where the shards live; then the file writer's copy (several processes: gathered)
+        summary = accounting.summarize(codebooks, final, removed=stage.removed, float_codes=stage.float_codes)
+        codebooks, final = _on_host(codebooks, final)
+        figures = _figure_weights(plan, pretrained_params, retrained)
         if not writer:
             return None
         sample = ds.x_test[:64] if export_onnx else None
-        metrics = _save_results(cfg, workdir, codebooks, final, stage, sample)
-        _figures(workdir, plan, mixtures, pretrained_params, retrained)
+        metrics = _save_results(cfg, workdir, codebooks, final, stage, sample, summary)
+        _figures(workdir, plan, mixtures, *figures)
     return metrics
 
 
-def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample) -> dict:
+def _on_host(codebooks, final):
+    """Codebooks and params as host arrays (several processes: the indices and the float leaves
+    gathered, the quantised leaves rebuilt from them rather than gathered as floats)."""
+    if not distributed.multi_process():
+        return codebooks, final
+    codebooks = distributed.to_local(codebooks)
+    floats = distributed.to_local({p: v for p, v in flatten(final).items() if p not in codebooks})
+    return codebooks, codebook.dequantize(codebooks, replace_leaves(final, floats))
+
+
+def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample, summary) -> dict:
     """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
-    summary = accounting.summarize(codebooks, flat, removed=stage.removed, float_codes=stage.float_codes)
     model_path = workdir / "model.gqz"
     storage.save_compressed(
         model_path,
@@ -226,12 +243,18 @@ def _export(model_path, workdir, sample, encoding):
     return {"path": str(out), **info}
 
 
-def _figures(workdir, plan, mixtures, before, after):
-    group = next(iter(plan.mixtures))
-    cfg, state = plan.mixtures[group], mixtures[group]
-    paths = plan.group_paths(group)
+def _figure_weights(plan, before, after):
+    """The first mixture's weights before and after retraining (several processes: a sample of each
+    layer taken where it lives, at most ``distributed.SAMPLE`` values)."""
+    paths = plan.group_paths(next(iter(plan.mixtures)))
     fb, fa = flatten(before), flatten(after)
-    w0 = np.concatenate([np.asarray(fb[p]).ravel() for p in paths])
-    w1 = np.concatenate([np.asarray(fa[p]).ravel() for p in paths])
+    w0 = np.concatenate([distributed.sample(fb[p]) for p in paths])
+    w1 = np.concatenate([distributed.sample(fa[p]) for p in paths])
+    return w0, w1
+
+
+def _figures(workdir, plan, mixtures, w0, w1):
+    group = next(iter(plan.mixtures))
+    cfg, state = plan.mixtures[group], distributed.to_local(mixtures[group])
     comps = codebook.assign(cfg, state, w1)
     report.plot_figures(workdir, cfg, state, w0, w1, comps)

@@ -271,7 +271,7 @@ class Stages:
                 grid=bool(cfg.weight_bits), task_loss=self._task_loss(),
                 float_grids=float_codes.grids(self.float_codes),
             )  # fmt: skip
-            parent = ckpt.tree_digest((trainable, snapped))  # the indices live in snapped, not trainable
+            parent = ckpt.identity((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self.runner("finetune", (loss, opt, trainable), epochs, parent).trainable
             selection = self.val if len(self.val[1]) else self.train  # never the test set
             tuned, improved = pipeline.keep_better(loss, trainable, tuned, selection)

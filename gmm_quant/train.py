@@ -41,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
     multi.add_argument(
         "--process-id", type=int, default=None, metavar="I", help="0 .. N-1; 0 writes the results"
     )
+    multi.add_argument(
+        "--distributed", action="store_true",
+        help="instead of the three above: what JAX reads from a Slurm, Open MPI or Kubernetes job "
+        "(or JAX_COORDINATOR_ADDRESS with --num-processes / --process-id)",
+    )  # fmt: skip
     cli.add_debug_flag(ap)
     add_override_flags(ap)
     return ap
@@ -106,8 +111,19 @@ def main(argv=None) -> int:
 
 
 def _start_processes(args) -> None:
-    """``jax.distributed`` when --coordinator / --num-processes / --process-id are given (all three)."""
+    """``jax.distributed`` when --coordinator / --num-processes / --process-id are given (all three), or
+    from the cluster's environment with --distributed."""
     given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if args.distributed and not all(given):
+        from gmm_quant.scale import distributed
+
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:  # no cluster to detect: JAX says which value it lacks
+            raise cfgm.ConfigError(
+                f"--distributed: no cluster job found in the environment (JAX: {err})"
+            ) from None
+        return
     if not any(given):
         return
     if not all(given):

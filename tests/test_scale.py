@@ -157,20 +157,94 @@ def test_data_parallel_and_fsdp_run_gives_the_one_device_result(tmp_path, one_de
     assert _results(tmp_path / "w") == one_device
 
 
-def test_two_processes_on_localhost_give_the_one_process_result(tmp_path, one_device):
+def test_a_checksum_is_the_same_for_every_sharding():
+    """What lets a checkpoint written by several processes verify in one: ``tree_checksum`` of a tree
+    is the same on the host, replicated, and split over one or two mesh axes."""
+    out = run_python("""
+        import json, jax, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from gmm_quant.checksums import tree_checksum
+        from gmm_quant.scale.mesh import make_mesh
+        mesh, rng = make_mesh({"data": 2, "model": 4}), np.random.default_rng(0)
+        tree = {"w": rng.normal(size=(64, 96)).astype(np.float32), "i": rng.integers(0, 9, (8, 40), np.uint8)}
+        sums = [tree_checksum(tree)[0]]
+        for spec in (P(), P("model"), P(None, "model"), P("data", "model"), P("model", "data")):
+            placed = {k: jax.device_put(v, NamedSharding(mesh, spec)) for k, v in tree.items()}
+            sums.append(tree_checksum(placed)[0])
+        print(json.dumps({"sums": sums}))
+    """)
+    assert len(set(out["sums"])) == 1
+
+
+def _two_processes(workdir, *extra, workdirs=None, slurm=False):
+    """``python -m gmm_quant.train`` of the tiny config as 2 processes on localhost (one CPU device
+    each, so a mesh spans both); returns [(returncode, stdout, stderr)] of process 0 and 1. ``slurm``:
+    the processes find each other with ``--distributed`` in the environment of a 2-task Slurm job."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # one CPU device per process: the mesh spans both
-    cmd = [sys.executable, "-m", "gmm_quant.train", "--config", "tiny", "--workdir", str(tmp_path / "w"),
-           "--no-progress", "--no-onnx", "--mesh", "data=2", "--coordinator", f"localhost:{port}",
-           "--num-processes", "2", "--process-id"]  # fmt: skip
-    procs = [subprocess.Popen([*cmd, str(i)], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for i in (0, 1)]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    dirs = workdirs or (workdir, workdir)
+    cmd = [sys.executable, "-m", "gmm_quant.train", "--config", "tiny", "--no-progress", "--no-onnx", *extra]
+    procs = []
+    for i in (0, 1):
+        if slurm:  # what srun sets (one task per node; both nodes are this host)
+            job = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+                   "SLURM_PROCID": str(i), "SLURM_LOCALID": "0"}  # fmt: skip
+            job["JAX_COORDINATOR_PORT"] = str(port)
+            launch = ["--distributed"]
+        else:
+            job = {}
+            launch = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        argv = [*cmd, "--workdir", str(dirs[i]), *launch]
+        procs.append(subprocess.Popen(argv, env={**env, **job}, cwd=ROOT, **pipes))
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert "process 0 wrote the results" in outs[1][0]
-    assert _results(tmp_path / "w") == one_device
+    return [(p.returncode, *out) for p, out in zip(procs, outs, strict=True)]
+
+
+def _flip_a_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_two_processes_checkpoint_their_own_shards_and_resume_in_two_or_one(tmp_path, one_device):
+    """Two processes with every kernel split between them: each writes its own shards of each
+    checkpoint (orbax's multi-process layout), the result is the one-device result; a shard of the last
+    retraining step damaged, both processes agree to fall back to the step before and finish with the
+    same result; and the same checkpoints resume in one process (their checksums do not depend on the
+    layout)."""
+    workdir, sharded = tmp_path / "w", ["--mesh", "model=2", "--shard-params", "kernel"]
+    runs = _two_processes(workdir, *sharded)
+    assert [r[0] for r in runs] == [0, 0], runs
+    assert "process 0 wrote the results" in runs[1][1]
+    assert _results(workdir) == one_device
+    step = max((workdir / "checkpoints" / "retrain").glob("[0-9]*"), key=lambda p: int(p.name))
+    for me in (0, 1):  # each process wrote array data of its own
+        assert any(p.is_file() for p in (step / "default" / f"ocdbt.process_{me}" / "d").iterdir())
+
+    _flip_a_byte(max((step / "default" / "ocdbt.process_1" / "d").iterdir(), key=lambda p: p.stat().st_size))
+    for name in ("metrics.json", "model.gqz"):
+        (workdir / name).unlink()
+    runs = _two_processes(workdir, *sharded)
+    assert [r[0] for r in runs] == [0, 0], runs
+    assert f"retrain checkpoint {step.name} is damaged" in runs[0][2] and "damaged" not in runs[1][2]
+    assert _results(workdir) == one_device
+
+    (workdir / "metrics.json").unlink()
+    proc = train_cli(workdir)  # one process, one device, from the two processes' checkpoints
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr  # nothing refused as damaged
+    assert _results(workdir) == one_device
+
+
+def test_processes_that_do_not_share_the_work_directory_are_refused(tmp_path):
+    """Two processes of a (simulated) Slurm job started with ``--distributed`` join one run, find that
+    they do not see the same work directory, and stop in one line before training."""
+    runs = _two_processes(None, workdirs=(tmp_path / "a", tmp_path / "b"), slurm=True)
+    for code, _, err in runs:
+        assert code == 1 and "is not shared by the 2 processes" in one_line(err)
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ def member_counts(weights, centres) -> np.ndarray:
 
     spec = weights.sharding.spec
     run = jax.shard_map(local, mesh=weights.sharding.mesh, in_specs=(spec,), out_specs=PartitionSpec())
-    return np.asarray(jax.jit(run)(weights), np.int64)
+    return _host(jax.jit(run)(weights)).astype(np.int64)
 
 
 def snap(weights, centres):
@@ -129,12 +129,16 @@ def _local_stats(indices, perm, axis, pre, seg_len, k, max_diff):
         has = nz.any(axis=1)
         first = jnp.where(has, jnp.argmax(nz, axis=1), -1)
         last = jnp.where(has, seg_len - 1 - jnp.argmax(nz[:, ::-1], axis=1), -1)
-        summed = jax.lax.psum((codes, diffs, jnp.sum(fill)), axis)
-        return (*summed, first[None], last[None])
+        me, devices = jax.lax.axis_index(axis), jax.lax.axis_size(axis)
+        rows = jnp.zeros((2, devices, pre), jnp.int32).at[:, me].set(jnp.stack([first, last]) + 1)
+        return jax.lax.psum((codes, diffs, jnp.sum(fill), rows), axis)  # rows: a few integers per device
 
     spec = indices.sharding.spec
-    out = (PartitionSpec(), PartitionSpec(), PartitionSpec(), PartitionSpec(axis), PartitionSpec(axis))
-    run = jax.shard_map(local, mesh=indices.sharding.mesh, in_specs=(spec,), out_specs=out)
-    codes, diffs, fill, first, last = jax.jit(run)(indices)
-    return (np.asarray(codes, np.int64), np.asarray(diffs, np.int64), int(fill),
-            np.asarray(first, np.int64), np.asarray(last, np.int64))  # fmt: skip
+    run = jax.shard_map(local, mesh=indices.sharding.mesh, in_specs=(spec,), out_specs=PartitionSpec())
+    codes, diffs, fill, rows = (_host(a).astype(np.int64) for a in jax.jit(run)(indices))
+    return codes, diffs, int(fill), rows[0] - 1, rows[1] - 1
+
+
+def _host(replicated) -> np.ndarray:
+    """A replicated result on this process (with several processes it is not fully addressable)."""
+    return np.asarray(replicated.addressable_data(0))

@@ -1,13 +1,13 @@
-"""Several processes (hosts) on one run: ``jax.distributed``, one writer, state gathered after training.
+"""Several processes (hosts) on one run: ``jax.distributed``, a shared work directory, one writer.
 
 ``initialize(coordinator, num_processes, process_id)`` starts JAX's distributed runtime (on CPU with
 gloo collectives) before any computation; afterwards ``jax.devices()`` lists every process's devices
-and a mesh spans them. During training every process feeds the same batches and XLA's collectives
-reduce the gradients. Between stages, ``to_local`` gives each process the whole state as local
-arrays (replicated leaves: its own copy; sharded ones: gathered), so compression, evaluation and
-export run on every process alike, and only process 0 (``is_writer``) writes checkpoints, the report
-and the files. On resume process 0 reads the checkpoint and ``broadcast`` hands it to the others: no
-shared filesystem is needed.
+and a mesh spans them. Every process runs the same program on global arrays: it feeds the same
+batches, XLA's collectives reduce the gradients, orbax writes each process's shards of a checkpoint
+into the shared work directory (``checkpoint.py``), and compression runs where the shards live
+(``scale.compression``). Only process 0 (``is_writer``) writes the report and the files, from the
+gathered codebook indices (``to_local``). The helpers below are collective: every process calls them
+in the same order.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ import jax
 import numpy as np
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
-    if num_processes < 1 or not 0 <= process_id < num_processes:
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Start ``jax.distributed``; a value left None is what JAX finds in the environment (a Slurm, Open
+    MPI or Kubernetes job, ``JAX_COORDINATOR_ADDRESS``)."""
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num-processes {num_processes} is not a positive number")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices (others ignore it)
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
@@ -29,6 +33,81 @@ def is_writer() -> bool:
 
 def multi_process() -> bool:
     return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (a no-op in one process)."""
+    if multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process."""
+    if not multi_process():
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([bool(flag)]))))
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+    """``[P, *rows.shape]``: every process's ``rows`` (same shape and dtype everywhere)."""
+    if not multi_process():
+        return rows[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(rows))
+
+
+def default_mesh(mesh: str) -> str:
+    """The mesh a run uses: the one given, else (several processes) data-parallel over every device."""
+    return mesh or (f"data={jax.device_count()}" if multi_process() else "")
+
+
+def sees_shared(directory) -> bool:
+    """Whether every process sees the same ``directory`` (a file process 0 writes there with a random
+    token is read back by all). Checkpoints need it: each process writes its own shards into it."""
+    import pathlib
+    import secrets
+
+    if not multi_process():
+        return True
+    from jax.experimental import multihost_utils
+
+    token = np.frombuffer(secrets.token_bytes(16), np.uint8) if is_writer() else np.zeros(16, np.uint8)
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token)).tobytes().hex()
+    path = pathlib.Path(directory) / ".gmm_quant-shared"
+    if is_writer():
+        path.write_text(token)
+    barrier("gmm_quant-shared-written")
+    try:
+        seen = path.read_text() == token
+    except OSError:
+        seen = False
+    shared = all_true(seen)
+    if is_writer():
+        path.unlink(missing_ok=True)
+    return shared
+
+
+SAMPLE = 1 << 20
+
+
+def sample(leaf, limit: int = SAMPLE) -> np.ndarray:
+    """A flat host copy of ``leaf``; one spread over several processes comes back as every k-th value
+    along its largest dimensions (at most about ``limit`` values), taken where it lives."""
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable or leaf.is_fully_replicated:
+        return np.asarray(to_local(leaf)).ravel()
+    strides, size = [1] * leaf.ndim, leaf.size
+    for d in sorted(range(leaf.ndim), key=lambda d: -leaf.shape[d]):
+        step = min(leaf.shape[d], -(-size // limit))
+        strides[d], size = step, size // step
+    cut = tuple(slice(None, None, s) for s in strides)
+    replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+    small = jax.jit(lambda a: a[cut], out_shardings=replicated)(leaf)
+    return np.asarray(small.addressable_data(0)).ravel()
 
 
 def to_local(tree):
@@ -45,12 +124,3 @@ def to_local(tree):
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
     return jax.tree.map(one, tree)
-
-
-def broadcast(tree):
-    """Process 0's value of ``tree`` on every process (same structure everywhere)."""
-    if not multi_process():
-        return tree
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.broadcast_one_to_all(tree)
