@@ -15,6 +15,7 @@ import numpy as np
 
 from gmm_quant import mixture as mx
 from gmm_quant.rules import Plan, flatten, replace_leaves
+from gmm_quant.scale import distributed
 
 ASSIGNMENTS = ("nearest", "responsibility")
 
@@ -147,8 +148,13 @@ def tightness(plan: Plan, mixtures: dict, params) -> dict:
     """
     flat, out = flatten(params), {}
     for path in plan.quantised():
-        w = np.asarray(flat[path], np.float32).ravel()
         means = np.asarray(mx.component_means(mixtures[plan.group_of(path)]), np.float32)
+        if _sharded(flat[path]):
+            from gmm_quant.scale import compression
+
+            out[path] = compression.tightness(flat[path], means)
+            continue
+        w = np.asarray(flat[path], np.float32).ravel()
         gap = w - means[snap(w, means)]
         out[path] = float(np.sqrt(np.mean(gap**2)) / (np.std(w) + 1e-12))
     return out
@@ -209,7 +215,7 @@ def compress(plan: Plan, mixtures: dict, params, *, assignment: str = "nearest")
         group = plan.group_of(path)
         weights = flat[path]
         if not (_sharded(weights) and assignment == "nearest"):  # responsibilities: on the host
-            weights = np.asarray(weights, np.float32)
+            weights = np.asarray(distributed.to_local(weights), np.float32)
         centres = _layer_centres(plan.mixtures[group], mixtures[group], weights, plan.rules[path], assignment)
         codebooks[path] = make_codebook(weights, centres)
     return codebooks, dequantize(codebooks, params)

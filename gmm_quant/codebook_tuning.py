@@ -25,6 +25,7 @@ import numpy as np
 from gmm_quant import float_codes
 from gmm_quant import grid as grid_lib
 from gmm_quant.codebook import Codebook, make_codebook
+from gmm_quant.loop import carrying
 from gmm_quant.rules import flatten
 
 
@@ -90,12 +91,13 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
         leaves = {**fixed, **floats, **snapped}
         return jax.tree.unflatten(treedef, [leaves[p] for p in paths])
 
-    def loss_fn(indices, fixed, tr, x, y, step):
+    def loss_fn(task_loss, indices, fixed, tr, x, y, step):
         del step
         return task_loss(assemble(indices, fixed, tr), x, y)
 
     # the indices (and leaves held fixed) travel as arguments: a sharded layer's may span processes
-    return trainable, jax.tree_util.Partial(loss_fn, indices, fixed), lambda tr: assemble(indices, fixed, tr)
+    loss = carrying(loss_fn, task_loss, indices, fixed)
+    return trainable, loss, lambda tr: assemble(indices, fixed, tr)
 
 
 def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> dict:

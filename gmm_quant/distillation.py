@@ -66,7 +66,7 @@ def distillation_loss(
     use_features = features is not None and beta > 0
     teacher_fn, teacher_features = teacher_model or (apply_fn, features)
 
-    def loss(params, x, y):
+    def loss(teacher_params, params, x, y):
         if use_features:
             logits, maps = features(params, x)
             teacher_logits, teacher_maps = teacher_features(teacher_params, x)
@@ -87,4 +87,4 @@ def distillation_loss(
             task = task + beta * aux["distill_features"]
         return task, aux
 
-    return loss
+    return jax.tree_util.Partial(loss, teacher_params)  # the teacher reaches jit as an argument

@@ -98,6 +98,14 @@ def arguments(loss_fn):
     return (loss_fn.args, loss_fn.keywords) if isinstance(loss_fn, jax.tree_util.Partial) else ()
 
 
+def carrying(fn, *inner):
+    """``fn`` with ``inner`` (a loss it wraps, arrays) bound as its leading arguments, as a
+    ``jax.tree_util.Partial``: whatever arrays they carry reach jit as arguments (``arguments``)."""
+    wrapped = (i if isinstance(i, jax.tree_util.Partial) or not callable(i) else jax.tree_util.Partial(i)
+               for i in inner)  # fmt: skip
+    return jax.tree_util.Partial(fn, *wrapped)
+
+
 def bound(loss_fn, arrays):
     """``loss_fn`` with its ``arguments`` replaced by ``arrays`` (traced values inside a jit)."""
     if not arrays:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from gmm_quant import mixture as mx
+from gmm_quant.loop import carrying
 from gmm_quant.rules import Plan
 
 
@@ -74,7 +75,8 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
         ``joint_optimizer(mixture_every=k)`` updates it then): the other steps skip the histogram of
         the weights that carries it, the largest part of the prior's cost on large layers.
 
-    Returns ``(trainable, x, y, step) -> (loss, aux)`` with ``aux["complexity"]`` added.
+    Returns ``(trainable, x, y, step) -> (loss, aux)`` with ``aux["complexity"]`` added (a
+    ``jax.tree_util.Partial`` over ``task_loss``, see ``loop.carrying``).
     """
     schedule = tau if callable(tau) else optax.constant_schedule(tau)
 
@@ -84,7 +86,7 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
     def frozen(params, mixtures):  # no cotangent for the mixture: its histogram is never built
         return prior(params, jax.lax.stop_gradient(mixtures))
 
-    def loss(trainable, x, y, step):
+    def loss(task_loss, trainable, x, y, step):
         task, aux = task_loss(trainable["params"], x, y)
         args = trainable["params"], trainable["mixtures"]
         if mixture_every > 1:
@@ -93,7 +95,7 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
             comp = prior(*args)
         return task + schedule(step) / num_train * comp, {**aux, "complexity": comp}
 
-    return loss
+    return carrying(loss, task_loss)  # a distillation teacher's arrays travel as arguments
 
 
 def _label(path, _leaf) -> str:

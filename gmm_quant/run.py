@@ -159,6 +159,8 @@ def train_and_evaluate(
         stage = Stages(cfg, apply_fn, train, val, runner, test=test, graphdef=graphdef)
         stage.place(params)
         pretrained_params = stage.pretrain(params)
+        if cfg.head_threshold or cfg.head_ratio or cfg.reuse or cfg.reuse_budget:
+            pretrained_params = distributed.to_local(pretrained_params)  # model surgery: on a whole copy
         if cfg.head_threshold or cfg.head_ratio:
             graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
             plan = build_plan(cfg, pretrained_params)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -35,6 +37,11 @@ def points(model, pattern: str = ".*") -> dict:
     return found
 
 
+def _scalar(x) -> float:
+    """A reduced value on the host (several processes: each holds a replicated copy)."""
+    return float(np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x)
+
+
 def _quantising(cls):
     base = next(c for c in cls.__mro__ if c in LAYERS)
     if base not in _SUBCLASSES:
@@ -42,9 +49,9 @@ def _quantising(cls):
         def __call__(self, inputs, *args, **kwargs):
             mode = self.act_quant
             if mode[0] == "record":
-                x = np.asarray(inputs)
+                low, high = jnp.min(inputs), jnp.max(inputs)  # where the activations live: two scalars
                 lo, hi = _RANGES.setdefault(mode[1], [np.inf, -np.inf])
-                _RANGES[mode[1]] = [min(lo, float(x.min())), max(hi, float(x.max()))]
+                _RANGES[mode[1]] = [min(lo, _scalar(low)), max(hi, _scalar(high))]
             else:
                 inputs = fake_quant(inputs, *mode)
             return base.__call__(self, inputs, *args, **kwargs)

@@ -69,6 +69,17 @@ def member_counts(weights, centres) -> np.ndarray:
     return _host(jax.jit(run)(weights)).astype(np.int64)
 
 
+def tightness(weights, means) -> float:
+    """``codebook.tightness`` of one sharded layer: RMS distance to the nearest mean / std, reduced
+    across devices (two scalars cross them)."""
+
+    def measure(w):
+        gap = w - jnp.asarray(np.asarray(means, np.float32))[_nearest(w, means)]
+        return jnp.sqrt(jnp.mean(gap**2)) / (jnp.std(w) + 1e-12)
+
+    return float(_host(jax.jit(measure)(weights)))
+
+
 def snap(weights, centres):
     """Indices of the nearest centres, sharded like ``weights`` (never gathered)."""
     return snapper(weights.sharding, centres)(weights)
