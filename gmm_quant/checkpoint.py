@@ -178,6 +178,8 @@ class StageCheckpoints:
     def save(self, epoch: int, state) -> None:
         """Save ``state`` as step ``epoch``; the step counts only once its ``gmm_quant.json`` exists."""
         with deferred_interrupt():
+            if self.collective:
+                self._check_space(state)
             try:
                 self.manager.save(epoch, args=ocp.args.StandardSave(state))
                 self.manager.wait_until_finished()
@@ -190,6 +192,18 @@ class StageCheckpoints:
             if self.writer:
                 write_atomic(step / META, json.dumps(meta, indent=1).encode())
             distributed.barrier(f"gmm_quant-meta-{self.stage}-{epoch}")
+
+    def _check_space(self, state) -> None:
+        """Several processes: refuse a step the shared directory has no room for, on every process
+        alike. (A process whose write fails would leave the others waiting in orbax's barriers for its
+        timeout, 20 minutes; one process alone gets the write's own error at once.)"""
+        need = 1.1 * sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)) + (1 << 20)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = 0
+        if not distributed.all_true(free >= need):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))
 
     def _parent(self, form: str):
         return None if self.parent is None else self.parent[form]

@@ -87,7 +87,10 @@ def describe(err: BaseException) -> str:
         return f"{err.strerror.lower()}{where}{hint}"
     if isinstance(err, KeyError):
         return f"missing key {err}"
-    return str(err) or type(err).__name__
+    text = str(err) or type(err).__name__
+    if "Gloo" in text and "Connection closed by peer" in text:  # a collective lost its partner
+        return "another process of this run stopped (see its output); run the same command on each host again"
+    return text
 
 
 def exit_now(code: int) -> None:
@@ -95,9 +98,20 @@ def exit_now(code: int) -> None:
     are still compiling (seen: SIGSEGV instead of exit code 130)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if code == 130:
+    if code == 130 or (code and _several_processes()):  # (see below)
         os._exit(code)
     sys.exit(code)
+
+
+def _several_processes() -> bool:
+    """Part of a ``jax.distributed`` run: a failed process must not wait at its shutdown barrier for
+    the others (5 minutes, then a fatal error): it leaves at once, and they learn from the missing
+    heartbeat (``scale.distributed.HEARTBEAT``) that it died."""
+    jax = sys.modules.get("jax")
+    try:
+        return jax is not None and jax.process_count() > 1
+    except Exception:  # JAX's backends are not up: no distributed run either
+        return False
 
 
 def run(body, argv, *, user_errors=(Exception,)) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import pathlib
 import time
 
@@ -63,6 +64,19 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
     finally:
         bar.close()
         store.close()
+
+
+def _check_processes_agree(cfg: cfgm.Config, ds: data.Dataset) -> None:
+    """Several processes must run one program on one dataset: compare the config and the labels."""
+    if not distributed.multi_process():
+        return
+    labels = hashlib.sha256(np.ascontiguousarray(ds.y_train).tobytes() + np.asarray(ds.y_test).tobytes())
+    shapes = f"{ds.x_train.shape} {ds.x_test.shape}"
+    if not distributed.same_everywhere(f"{cfg.fingerprint()} {shapes} {labels.hexdigest()}"):
+        raise cfgm.ConfigError(
+            f"the {jax.process_count()} processes were not given the same config and data: run the same "
+            "command (config, flags, --data-dir contents) on each"
+        )
 
 
 def _load_pretrained(path, like):
@@ -124,7 +138,7 @@ def train_and_evaluate(
     cfgm.validate(cfg)
     cfg = dataclasses.replace(cfg, mesh=distributed.default_mesh(cfg.mesh))  # several processes: data=N
     workdir = pathlib.Path(workdir)
-    wd.check_usable(workdir, overwrite=overwrite)
+    distributed.agree(lambda: wd.check_usable(workdir, overwrite=overwrite))
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
     check_model(cfg, graphdef, params)
     plan = build_plan(cfg, params)
@@ -136,15 +150,21 @@ def train_and_evaluate(
     if pretrained is not None:
         params = _load_pretrained(pretrained, params)
 
+    _check_processes_agree(cfg, ds)
+
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    writer = distributed.is_writer()  # several processes: process 0 alone touches the work directory
-    with wd.Lock(workdir) if writer else contextlib.nullcontext():
-        if overwrite and writer:
-            wd.clear(workdir)
-        if writer:
+    writer = distributed.is_writer()  # several processes: process 0 alone holds the lock and the files
+    with contextlib.ExitStack() as stack:
+
+        def enter():
+            stack.enter_context(wd.Lock(workdir))
+            if overwrite:
+                wd.clear(workdir)
             wd.claim(workdir, cfg)
+
+        distributed.agree(enter)  # several processes: all stop if process 0 may not use the directory
         if not distributed.sees_shared(workdir):
             raise wd.WorkdirError(
                 f"work directory {workdir} is not shared by the {jax.process_count()} processes: each writes "

@@ -176,7 +176,7 @@ def test_a_checksum_is_the_same_for_every_sharding():
     assert len(set(out["sums"])) == 1
 
 
-def _two_processes(workdir, *extra, workdirs=None, slurm=False):
+def _two_processes(workdir, *extra, workdirs=None, slurm=False, timeout=300):
     """``python -m gmm_quant.train`` of the tiny config as 2 processes on localhost (one CPU device
     each, so a mesh spans both); returns [(returncode, stdout, stderr)] of process 0 and 1. ``slurm``:
     the processes find each other with ``--distributed`` in the environment of a 2-task Slurm job."""
@@ -199,7 +199,7 @@ def _two_processes(workdir, *extra, workdirs=None, slurm=False):
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         argv = [*cmd, "--workdir", str(dirs[i]), *launch]
         procs.append(subprocess.Popen(argv, env={**env, **job}, cwd=ROOT, **pipes))
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, *out) for p, out in zip(procs, outs, strict=True)]
 
 
@@ -258,6 +258,23 @@ def test_processes_that_do_not_share_the_work_directory_are_refused(tmp_path):
     for code, _, err in runs:
         assert code == 1 and "is not shared by the 2 processes" in one_line(err)
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_work_directory_in_use_stops_every_process_at_once(tmp_path):
+    """Process 0 alone takes the lock; when it may not, the others stop too (no process waits at a
+    barrier for one that left: that took 5 minutes and ended in a crash)."""
+    import fcntl
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    with open(workdir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 1 on host elsewhere")
+        held.flush()
+        runs = _two_processes(workdir, timeout=60)
+    for code, _, err in runs:
+        assert code == 1 and "is in use by pid 1 on host elsewhere" in one_line(err)
+    assert one_line(runs[1][2]).startswith("error: process 0: work directory")
 
 
 @pytest.mark.parametrize(

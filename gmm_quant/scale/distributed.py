@@ -15,6 +15,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+HEARTBEAT = 30  # seconds without news from a process before the others stop (JAX's default: 100)
+SHUTDOWN = 3600  # seconds the processes wait for each other at exit: process 0 writes the files meanwhile
+
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
     """Start ``jax.distributed``; a value left None is what JAX finds in the environment (a Slurm, Open
@@ -24,7 +27,10 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices (others ignore it)
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator, num_processes=num_processes, process_id=process_id,
+        heartbeat_timeout_seconds=HEARTBEAT, shutdown_timeout_seconds=SHUTDOWN,
+    )  # fmt: skip
 
 
 def is_writer() -> bool:
@@ -90,6 +96,43 @@ def sees_shared(directory) -> bool:
     if is_writer():
         path.unlink(missing_ok=True)
     return shared
+
+
+def agree(fn) -> None:
+    """Run ``fn()`` on process 0 alone; if it raises, every process raises (the others a
+    ``RuntimeError`` with its one-line message), so that no process waits for one that stopped."""
+    error = None
+    if is_writer():
+        try:
+            fn()
+        except Exception as err:
+            error = err
+    if not multi_process():
+        if error is not None:
+            raise error
+        return
+    from jax.experimental import multihost_utils
+
+    from gmm_quant.cli import describe
+
+    text = "" if error is None else describe(error)
+    raw = np.zeros(1024, np.uint8)
+    data = text.encode()[:1024]
+    raw[: len(data)] = np.frombuffer(data, np.uint8)
+    told = np.asarray(multihost_utils.broadcast_one_to_all(raw)).tobytes().rstrip(b"\0")
+    told = told.decode(errors="replace")
+    if error is not None:
+        raise error
+    if told:
+        raise RuntimeError(f"process 0: {told}")
+
+
+def same_everywhere(text: str) -> bool:
+    """Whether every process passed the same ``text`` (compared by sha256)."""
+    import hashlib
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    return bool(np.all(gather_rows(digest) == digest))
 
 
 SAMPLE = 1 << 20
