@@ -90,8 +90,10 @@ def code_float_leaves(codebooks: dict, params, bits: int):
     ``params`` with those leaves replaced by the codes' values; pass ``codes`` on as
     ``save_compressed(..., float_codes=codes)`` and ``summarize(..., float_codes=codes)``."""
     from gmm_quant.rules import flatten
+    from gmm_quant.scale.distributed import to_local
 
-    codes = code_leaves({p: v for p, v in flatten(params).items() if p not in codebooks}, bits)
+    floats = {p: v for p, v in flatten(params).items() if p not in codebooks}
+    codes = code_leaves(to_local(floats), bits)  # several processes: a sharded float leaf gathered
     return codes, _with_codes(params, codes)
 
 
@@ -99,8 +101,9 @@ def recode(codes: dict, params):
     """``(codes, params)`` with the leaves of ``params`` that ``codes`` names put back on the same
     grids (after fine-tuning moved them)."""
     from gmm_quant.rules import flatten
+    from gmm_quant.scale.distributed import to_local
 
-    leaves = flatten(params)
+    leaves = to_local({p: v for p, v in flatten(params).items() if p in codes})
     codes = {p: encode(np.asarray(leaves[p]), *g) for p, g in grids(codes).items()}
     return codes, _with_codes(params, codes)
 
