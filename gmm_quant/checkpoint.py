@@ -10,7 +10,7 @@ A checkpoint holds the stage's whole ``TrainState`` (params, mixture, optimiser 
 order is a function of (seed, epoch), so the RNG state is the epoch number itself; a run killed at any
 moment and started again resumes after the last completed epoch and ends with the same numbers.
 
-Invariants (tests/test_reliability.py):
+Invariants (tests/test_checkpoints.py; several processes: tests/test_scale.py):
 
 * :meth:`StageCheckpoints.restore_latest` returns only a state whose files are byte-identical to those
   written (checked before orbax reads them), whose checksum (``checksums.tree_checksum``: the same

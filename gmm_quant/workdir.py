@@ -1,6 +1,6 @@
 """The work directory of a command-line run: whose it is, who is using it, what may be deleted.
 
-Invariants (tests/test_reliability.py checks each):
+Invariants (tests/test_workdir.py checks each):
 
 * A directory is *ours* when it holds a ``config.json`` written by :func:`claim` (a JSON object with
   ``"format": "gmm_quant workdir"``, or the ``fingerprint`` + ``config`` keys of earlier versions).
