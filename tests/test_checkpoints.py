@@ -1,6 +1,7 @@
 """Checkpoints are verified on restore: damage falls back, a changed start is not resumed, Ctrl-C
 saves whole steps (issue 9)."""
 
+import json
 import pathlib
 import shutil
 import signal
@@ -84,6 +85,27 @@ def test_non_finite_state_is_not_restored(tmp_path):
     store.save(2, {"w": np.full((64, 8), np.nan, np.float32), "step": np.array(2, np.int32)})
     assert store.restore_latest(_state(0))[0] == 1
     store.close()
+
+
+def _as_written_before_checksums(step: pathlib.Path, digest: str) -> None:
+    meta = json.loads((step / ckpt.META).read_text())
+    legacy = {"digest": digest, "parent": meta["parent"], "files": meta["files"]}
+    (step / ckpt.META).write_text(json.dumps(legacy))
+
+
+def test_steps_written_before_checksums_are_verified_by_their_sha256(tmp_path, capsys):
+    """Work directories of earlier versions resume: a step whose metadata holds the sha256 ``digest``
+    (and a sha256 parent) is checked against it, and refused when it does not match."""
+    directory = _saved(tmp_path)
+    _as_written_before_checksums(directory / "2", ckpt.tree_digest(_state(2)))
+    _as_written_before_checksums(directory / "1", ckpt.tree_digest(_state(0)))  # not what step 1 holds
+    store = ckpt.StageCheckpoints(tmp_path, "retrain", "p0")
+    epoch, state = store.restore_latest(_state(0))
+    assert epoch == 2 and np.array_equal(state["w"], _state(2)["w"])
+    store._discard(2)
+    assert store.restore_latest(_state(0)) == (0, None)
+    store.close()
+    assert "retrain checkpoint 1 is damaged: it fails its checksum" in capsys.readouterr().err
 
 
 def test_bit_flipped_newest_retrain_checkpoint_resumes_to_the_same_result(reference, tmp_path):
