@@ -241,12 +241,14 @@ def test_two_processes_checkpoint_their_own_shards_and_resume_in_two_or_one(tmp_
 def test_two_processes_distil_code_and_quantise_activations_like_one(tmp_path):
     """The stages that hold arrays besides the weights (the distillation teacher, the fine-tuning's
     indices, activation ranges, float codes, the tightness check) run on global arrays in two
-    processes and give the one-process result."""
+    processes, starting from the one-process run's pretraining, and give the one-process result."""
     extra = ["--distill-alpha", "0.5", "--activation-mode", "w8a8", "--float-bits", "6",
              "--retrain-tightness", "0.3"]  # fmt: skip
     proc = train_cli(tmp_path / "one", *extra)
     assert proc.returncode == 0, proc.stderr
-    runs = _two_processes(tmp_path / "two", "--mesh", "model=2", "--shard-params", "kernel", *extra)
+    sharded = ["--mesh", "model=2", "--shard-params", "kernel"]
+    reuse = ["--pretrained", str(tmp_path / "one"), "--pretrain-epochs", "0"]  # each process reads it
+    runs = _two_processes(tmp_path / "two", *sharded, *reuse, *extra)
     assert [r[0] for r in runs] == [0, 0], runs
     assert _results(tmp_path / "two") == _results(tmp_path / "one")
 

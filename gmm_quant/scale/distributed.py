@@ -12,6 +12,10 @@ in the same order.
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
+import secrets
+
 import jax
 import numpy as np
 
@@ -75,9 +79,6 @@ def default_mesh(mesh: str) -> str:
 def sees_shared(directory) -> bool:
     """Whether every process sees the same ``directory`` (a file process 0 writes there with a random
     token is read back by all). Checkpoints need it: each process writes its own shards into it."""
-    import pathlib
-    import secrets
-
     if not multi_process():
         return True
     from jax.experimental import multihost_utils
@@ -129,8 +130,6 @@ def agree(fn) -> None:
 
 def same_everywhere(text: str) -> bool:
     """Whether every process passed the same ``text`` (compared by sha256)."""
-    import hashlib
-
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
     return bool(np.all(gather_rows(digest) == digest))
 

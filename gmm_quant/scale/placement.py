@@ -13,6 +13,7 @@ import warnings
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gmm_quant.rules import flatten, path_str
@@ -47,6 +48,8 @@ class Placement(NamedTuple):
         return jax.tree_util.tree_map_with_path(one, tree)
 
     def place(self, tree):
+        if jax.process_count() > 1:  # this process's own arrays (read from a file) join via the host
+            tree = jax.tree.map(_host_if_local, tree)
         return jax.device_put(tree, self.shardings(tree))
 
     def replicated(self):
@@ -57,6 +60,10 @@ class Placement(NamedTuple):
         return NamedSharding(
             self.mesh, PartitionSpec("data") if "data" in self.mesh.shape else PartitionSpec()
         )
+
+
+def _host_if_local(leaf):
+    return np.asarray(leaf) if isinstance(leaf, jax.Array) and leaf.is_fully_addressable else leaf
 
 
 def plan_placement(params, mesh, shard_params=()) -> Placement:
