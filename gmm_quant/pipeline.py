@@ -70,6 +70,8 @@ def run_epochs(
         batch_sharding, context = placement.batch(), jax.set_mesh(placement.mesh)
         _check_batch(batch_size, placement)
     state = loop.init_state(trainable, optimizer) if state is None else state
+    if placement is not None and isinstance(loss_fn, jax.tree_util.Partial):  # its arrays (a teacher,
+        loss_fn = placement.place(loss_fn)  # the indices) on the mesh too, laid out like the params
     state_sharding = None if placement is None else placement.shardings(state)
     state = state if placement is None else jax.device_put(state, state_sharding)
     epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size, batch_sharding=batch_sharding,

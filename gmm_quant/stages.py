@@ -271,6 +271,8 @@ class Stages:
                 grid=bool(cfg.weight_bits), task_loss=self._task_loss(),
                 float_grids=float_codes.grids(self.float_codes),
             )  # fmt: skip
+            if self.placement is not None:  # the teacher and the indices on the mesh, for every use
+                loss = self.placement.place(loss)
             parent = ckpt.identity((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self.runner("finetune", (loss, opt, trainable), epochs, parent).trainable
             selection = self.val if len(self.val[1]) else self.train  # never the test set
