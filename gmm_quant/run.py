@@ -66,6 +66,24 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
         store.close()
 
 
+def _hold_workdir(stack: contextlib.ExitStack, workdir: pathlib.Path, cfg: cfgm.Config, overwrite: bool):
+    """Lock, clear (``overwrite``) and claim ``workdir`` until ``stack`` closes. Several processes:
+    process 0 does it and all stop if it may not; then every process must see the same directory."""
+
+    def enter():
+        stack.enter_context(wd.Lock(workdir))
+        if overwrite:
+            wd.clear(workdir)
+        wd.claim(workdir, cfg)
+
+    distributed.agree(enter)
+    if not distributed.sees_shared(workdir):
+        raise wd.WorkdirError(
+            f"work directory {workdir} is not shared by the {jax.process_count()} processes: each writes "
+            "its shards of every checkpoint there; put it on a filesystem every host mounts (e.g. NFS)"
+        )
+
+
 def _check_processes_agree(cfg: cfgm.Config, ds: data.Dataset) -> None:
     """Several processes must run one program on one dataset: compare the config and the labels."""
     if not distributed.multi_process():
@@ -157,19 +175,7 @@ def train_and_evaluate(
 
     writer = distributed.is_writer()  # several processes: process 0 alone holds the lock and the files
     with contextlib.ExitStack() as stack:
-
-        def enter():
-            stack.enter_context(wd.Lock(workdir))
-            if overwrite:
-                wd.clear(workdir)
-            wd.claim(workdir, cfg)
-
-        distributed.agree(enter)  # several processes: all stop if process 0 may not use the directory
-        if not distributed.sees_shared(workdir):
-            raise wd.WorkdirError(
-                f"work directory {workdir} is not shared by the {jax.process_count()} processes: each writes "
-                "its shards of every checkpoint there; put it on a filesystem every host mounts (e.g. NFS)"
-            )
+        _hold_workdir(stack, workdir, cfg, overwrite)
 
         def runner(name, setup, epochs, parent, stop=None):
             where = stage.placement
