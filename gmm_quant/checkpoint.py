@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -126,12 +127,18 @@ def _file_digests(step: pathlib.Path, collective: bool = False) -> dict:
     return {name: every[i % count, i].tobytes().hex() for i, name in enumerate(names)}
 
 
-def identity(tree) -> dict:
-    """What a stage starts from, as a checkpoint's ``parent``: the tree's checksum (any layout, any
-    process count) and, when this process holds every leaf, its sha256 digest (which checkpoints
-    written before the checksum existed recorded)."""
-    addressable = all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree))
-    return {"checksum": tree_checksum(tree)[0], "digest": tree_digest(tree) if addressable else None}
+class Identity:
+    """What a stage starts from, as a checkpoint's ``parent``: the tree's ``checksum`` (any layout, any
+    process count) and, computed only when a step written before checksums asks for it, its sha256
+    ``digest`` (None when this process does not hold every leaf)."""
+
+    def __init__(self, tree):
+        self.tree, self.checksum = tree, tree_checksum(tree)[0]
+
+    @functools.cached_property
+    def digest(self) -> str | None:
+        held = all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(self.tree))
+        return tree_digest(self.tree) if held else None
 
 
 def _warn(message: str) -> None:
@@ -141,7 +148,7 @@ def _warn(message: str) -> None:
 class StageCheckpoints:
     """Per-epoch checkpoints of one stage (keeps the latest two), verified on restore.
 
-    ``parent`` identifies the state the stage starts from (``identity(tree)``, or a string standing for
+    ``parent`` identifies the state the stage starts from (``Identity(tree)``, or a string standing for
     both its forms); None skips that check (reading the pretraining of another work directory).
     ``read_only`` never creates or deletes anything.
 
@@ -154,7 +161,7 @@ class StageCheckpoints:
     def __init__(self, workdir, stage: str, parent=None, *, read_only: bool = False):
         self.directory = (pathlib.Path(workdir) / "checkpoints" / stage).absolute()
         self.stage, self.read_only = stage, read_only
-        self.parent = {"checksum": parent, "digest": parent} if isinstance(parent, str) else parent
+        self.parent = parent
         self.collective = distributed.multi_process() and not read_only
         self.writer = distributed.is_writer() or not self.collective
         self.manager = self._open()
@@ -206,7 +213,10 @@ class StageCheckpoints:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))
 
     def _parent(self, form: str):
-        return None if self.parent is None else self.parent[form]
+        """The parent's ``checksum`` or (older steps) ``digest``; a string parent stands for both."""
+        if self.parent is None or isinstance(self.parent, str):
+            return self.parent
+        return getattr(self.parent, form)
 
     def _load(self, epoch: int, like):
         """The verified state of ``epoch``; raises ValueError saying what is wrong with it (every

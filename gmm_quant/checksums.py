@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gmm_quant.scale.distributed import to_local
+
 LANES = (0x9E3779B9, 0x27D4EB2F)  # two 32-bit sums: 64 bits against accidental damage
 PREFIX = "c1:"  # the checksum's version, so a META file says which function verifies it
 
@@ -79,11 +81,6 @@ def _sums(leaf):
     return _leaf_sums(host.astype(jax.dtypes.canonicalize_dtype(host.dtype)), np)  # as jit would see it
 
 
-def _host(x) -> np.ndarray:
-    """A replicated result as numpy on any process (each holds the whole value)."""
-    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
-
-
 def tree_checksum(tree) -> tuple[str, bool]:
     """``(checksum, finite)`` of ``tree``: a layout-independent digest and whether it is all finite.
 
@@ -93,6 +90,6 @@ def tree_checksum(tree) -> tuple[str, bool]:
     digest, finite = hashlib.sha256(), True
     for (path, leaf), (lanes, ok) in zip(flat, sums, strict=True):
         digest.update(f"{jax.tree_util.keystr(path)}|{jnp.dtype(leaf.dtype)}|{tuple(leaf.shape)}|".encode())
-        digest.update(_host(lanes).astype("<u4").tobytes())
-        finite = finite and bool(_host(ok))
+        digest.update(np.asarray(to_local(lanes)).astype("<u4").tobytes())
+        finite = finite and bool(to_local(ok))
     return PREFIX + digest.hexdigest(), finite

@@ -89,13 +89,14 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
 
 
 def arguments(loss_fn):
-    """The arrays a ``jax.tree_util.Partial`` loss carries (``()`` for a plain function).
+    """What the loops pass to ``jax.jit`` for ``loss_fn``: the loss itself when it is a
+    ``jax.tree_util.Partial`` (a pytree: its arrays become arguments), else None (closed over).
 
-    A loss that needs arrays besides the trainable state (fine-tuning's codebook indices) is a
-    ``Partial`` over them: the loops pass them to ``jax.jit`` as arguments. Closed over, they would be
-    baked into the program as constants, which JAX refuses for arrays spread over several processes.
+    A loss that needs arrays besides the trainable state (fine-tuning's codebook indices, a teacher)
+    is a ``Partial`` over them. Closed over, they would be baked into the program as constants, which
+    JAX refuses for arrays spread over several processes.
     """
-    return (loss_fn.args, loss_fn.keywords) if isinstance(loss_fn, jax.tree_util.Partial) else ()
+    return loss_fn if isinstance(loss_fn, jax.tree_util.Partial) else None
 
 
 def carrying(fn, *inner):
@@ -106,12 +107,9 @@ def carrying(fn, *inner):
     return jax.tree_util.Partial(fn, *wrapped)
 
 
-def bound(loss_fn, arrays):
-    """``loss_fn`` with its ``arguments`` replaced by ``arrays`` (traced values inside a jit)."""
-    if not arrays:
-        return loss_fn
-    args, keywords = arrays
-    return lambda *rest: loss_fn.func(*args, *rest, **keywords)
+def bound(loss_fn, passed):
+    """The loss to call inside a jit given its ``arguments`` value ``passed``."""
+    return loss_fn if passed is None else passed
 
 
 def epoch_key(seed: int, epoch: int) -> jax.Array:

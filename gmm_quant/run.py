@@ -41,7 +41,7 @@ def _run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None
     state = loop.init_state(trainable, optimizer)
     if placement is not None:  # restored straight into place (several processes: into global arrays)
         state = placement.place(state)
-    parent = parent or ckpt.identity(state.trainable)
+    parent = parent or ckpt.Identity(state.trainable)
     writer = distributed.is_writer()
     store = ckpt.StageCheckpoints(workdir, name, parent)
     done, restored = store.restore_latest(state)

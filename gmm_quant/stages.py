@@ -273,7 +273,7 @@ class Stages:
             )  # fmt: skip
             if self.placement is not None:  # the teacher and the indices on the mesh, for every use
                 loss = self.placement.place(loss)
-            parent = ckpt.identity((trainable, snapped))  # the indices live in snapped, not trainable
+            parent = ckpt.Identity((trainable, snapped))  # the indices live in snapped, not trainable
             tuned = self.runner("finetune", (loss, opt, trainable), epochs, parent).trainable
             selection = self.val if len(self.val[1]) else self.train  # never the test set
             tuned, improved = pipeline.keep_better(loss, trainable, tuned, selection)

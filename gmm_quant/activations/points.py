@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gmm_quant.activations.fake_quant import fake_quant, range_params
 from gmm_quant.rules import path_str
+from gmm_quant.scale.distributed import to_local
 
 LAYERS = (nnx.Linear, nnx.LinearGeneral)
 _SUBCLASSES: dict = {}
@@ -37,11 +37,6 @@ def points(model, pattern: str = ".*") -> dict:
     return found
 
 
-def _scalar(x) -> float:
-    """A reduced value on the host (several processes: each holds a replicated copy)."""
-    return float(np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x)
-
-
 def _quantising(cls):
     base = next(c for c in cls.__mro__ if c in LAYERS)
     if base not in _SUBCLASSES:
@@ -51,7 +46,7 @@ def _quantising(cls):
             if mode[0] == "record":
                 low, high = jnp.min(inputs), jnp.max(inputs)  # where the activations live: two scalars
                 lo, hi = _RANGES.setdefault(mode[1], [np.inf, -np.inf])
-                _RANGES[mode[1]] = [min(lo, _scalar(low)), max(hi, _scalar(high))]
+                _RANGES[mode[1]] = [min(lo, float(to_local(low))), max(hi, float(to_local(high)))]
             else:
                 inputs = fake_quant(inputs, *mode)
             return base.__call__(self, inputs, *args, **kwargs)

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gmm_quant import accounting
 from gmm_quant.codebook import index_dtype
+from gmm_quant.scale.distributed import to_local
 
 
 def sharded_axis(array) -> tuple[int, str] | None:
@@ -151,5 +152,4 @@ def _local_stats(indices, perm, axis, pre, seg_len, k, max_diff):
 
 
 def _host(replicated) -> np.ndarray:
-    """A replicated result on this process (with several processes it is not fully addressable)."""
-    return np.asarray(replicated.addressable_data(0))
+    return np.asarray(to_local(replicated))

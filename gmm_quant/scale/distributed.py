@@ -55,11 +55,7 @@ def barrier(name: str) -> None:
 
 def all_true(flag: bool) -> bool:
     """Whether ``flag`` holds on every process."""
-    if not multi_process():
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array([bool(flag)]))))
+    return bool(np.all(gather_rows(np.array([bool(flag)]))))
 
 
 def gather_rows(rows: np.ndarray) -> np.ndarray:
@@ -81,10 +77,7 @@ def sees_shared(directory) -> bool:
     token is read back by all). Checkpoints need it: each process writes its own shards into it."""
     if not multi_process():
         return True
-    from jax.experimental import multihost_utils
-
-    token = np.frombuffer(secrets.token_bytes(16), np.uint8) if is_writer() else np.zeros(16, np.uint8)
-    token = np.asarray(multihost_utils.broadcast_one_to_all(token)).tobytes().hex()
+    token = _from_writer(secrets.token_bytes(16) if is_writer() else b"", 16).hex()
     path = pathlib.Path(directory) / ".gmm_quant-shared"
     if is_writer():
         path.write_text(token)
@@ -112,20 +105,23 @@ def agree(fn) -> None:
         if error is not None:
             raise error
         return
-    from jax.experimental import multihost_utils
-
     from gmm_quant.cli import describe
 
     text = "" if error is None else describe(error)
-    raw = np.zeros(1024, np.uint8)
-    data = text.encode()[:1024]
-    raw[: len(data)] = np.frombuffer(data, np.uint8)
-    told = np.asarray(multihost_utils.broadcast_one_to_all(raw)).tobytes().rstrip(b"\0")
-    told = told.decode(errors="replace")
+    told = _from_writer(text.encode(), 1024).rstrip(b"\0").decode(errors="replace")
     if error is not None:
         raise error
     if told:
         raise RuntimeError(f"process 0: {told}")
+
+
+def _from_writer(data: bytes, size: int) -> bytes:
+    """Process 0's ``data`` (at most ``size`` bytes, zero-padded) on every process."""
+    from jax.experimental import multihost_utils
+
+    raw = np.zeros(size, np.uint8)
+    raw[: len(data[:size])] = np.frombuffer(data[:size], np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(raw)).tobytes()
 
 
 def same_everywhere(text: str) -> bool:
@@ -148,8 +144,7 @@ def sample(leaf, limit: int = SAMPLE) -> np.ndarray:
         strides[d], size = step, size // step
     cut = tuple(slice(None, None, s) for s in strides)
     replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
-    small = jax.jit(lambda a: a[cut], out_shardings=replicated)(leaf)
-    return np.asarray(small.addressable_data(0)).ravel()
+    return np.asarray(to_local(jax.jit(lambda a: a[cut], out_shardings=replicated)(leaf))).ravel()
 
 
 def to_local(tree):
