@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import gmm_quant as gq
-from gmm_quant.codebook import Codebook, index_dtype, kmeans_1d
+from gmm_quant.core.codebook import Codebook, index_dtype, kmeans_1d
 
 
 def kmeans_codebook(weights: np.ndarray, k: int, keep_fraction: float | None = None) -> Codebook:
@@ -35,7 +35,7 @@ def kmeans_codebook(weights: np.ndarray, k: int, keep_fraction: float | None = N
 
 def magnitude_masks(params, keep: dict) -> dict:
     """{path: 0/1 mask} keeping the ``keep[path]`` fraction of largest-magnitude weights per layer."""
-    flat = gq.rules.flatten(params)
+    flat = gq.core.rules.flatten(params)
     masks = {}
     for path, fraction in keep.items():
         w = np.abs(np.asarray(flat[path]))
@@ -50,8 +50,8 @@ def retrain_pruned(apply_fn, params, masks: dict, data, *, epochs, batch_size, l
     import jax.numpy as jnp
 
     def masked(p):
-        return gq.rules.replace_leaves(
-            p, {k: gq.rules.flatten(p)[k] * jnp.asarray(m) for k, m in masks.items()}
+        return gq.core.rules.replace_leaves(
+            p, {k: gq.core.rules.flatten(p)[k] * jnp.asarray(m) for k, m in masks.items()}
         )
 
     task = gq.cross_entropy(apply_fn)

@@ -39,8 +39,8 @@ def child(log2: int, repeats: int, workdir: str, port: int, processes: int, me: 
         from gmm_quant.scale import distributed
 
         distributed.initialize(f"localhost:{port}", processes, me)
-    from gmm_quant import checkpoint as ckpt
-    from gmm_quant.checksums import tree_checksum
+    from gmm_quant.run import checkpoint as ckpt
+    from gmm_quant.run.checksums import tree_checksum
     from gmm_quant.scale.mesh import make_mesh
 
     shape = (2 ** (log2 - 12), 4096)

@@ -26,8 +26,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gmm_quant as gq
 import models
-from gmm_quant import accounting, codebook, data, loop
-from gmm_quant.rules import flatten, replace_leaves
+from gmm_quant.core import accounting, codebook
+from gmm_quant.core.rules import flatten, replace_leaves
+from gmm_quant.training import data, loop
 
 VAL = 5000
 

@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
-from gmm_quant import accounting, export, grid, storage
-from gmm_quant.rules import flatten
+from gmm_quant.core import accounting, grid
+from gmm_quant.core.rules import flatten
+from gmm_quant.formats import export, storage
 
 
 def _latency(sessions: dict, x, repeats: int) -> dict:
@@ -40,7 +41,7 @@ def bench_file(path: pathlib.Path, repeats: int):
     shape = (8, 8, 1) if (compressed.config or {}).get("dataset") == "digits" else (28, 28, 1)
     x = np.random.default_rng(0).normal(size=(256, *shape)).astype(np.float32)
     grid_codebooks = {p: grid.to_grid(cb, bits=4) for p, cb in codebooks.items()}
-    from gmm_quant.codebook import dequantize
+    from gmm_quant.core.codebook import dequantize
 
     grid_params = dequantize(grid_codebooks, params)
     models = {

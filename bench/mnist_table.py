@@ -4,7 +4,7 @@
         python bench/mnist_table.py --data-dir ../shared/data --workdir runs/table [--quick] [--models ...]
 
 Methods, all from the same pretrained weights (the shipped config's pretraining):
-  sws-default   the shipped config (gmm_quant/configs/<model>.py) through ``train_and_evaluate``
+  sws-default   the shipped config (gmm_quant/run/configs/<model>.py) through ``train_and_evaluate``
   sws-best      the best settings found (BEST below), same pretrained weights
   kmeans        per-layer k-means (linear init, as many clusters as sws-best keeps) + centroid fine-tuning
   kmeans+prune  magnitude pruning to sws-best's per-layer sparsity, then the same
@@ -30,7 +30,11 @@ import baselines
 
 import gmm_quant as gq
 import models
-from gmm_quant import accounting, config, data, loop, run
+from gmm_quant.core import accounting
+from gmm_quant.run import config, configs
+from gmm_quant.run import job as run
+from gmm_quant.run.pretrained import load_pretrained
+from gmm_quant.training import data, loop
 
 WEAK = {"zero_gamma": "500,0.1", "gamma": "50,0.01"}  # weaker Gamma hyper-priors than the tutorial's
 BEST = {
@@ -72,7 +76,7 @@ def _sws(cfg, workdir, data_dir, pretrained=None):
 
 def _baseline(name, make_codebook, params, apply_fn, ds, cfg, finetune):
     t0 = time.perf_counter()
-    flat = gq.rules.flatten(params)
+    flat = gq.core.rules.flatten(params)
     codebooks = {p: make_codebook(p, np.asarray(w)) for p, w in flat.items() if p.endswith("kernel")}
     snapped = gq.dequantize(codebooks, params)
     if finetune:
@@ -85,7 +89,7 @@ def _baseline(name, make_codebook, params, apply_fn, ds, cfg, finetune):
 
 def table_for(model, args):
     wd = pathlib.Path(args.workdir) / model
-    base = config.load(model)
+    base = configs.load(model)
     overrides = QUICK if args.quick else {}
     cfg_default = config.override(base, overrides)
     m0, cb0, s0 = _sws(cfg_default, wd / "sws-default", args.data_dir)
@@ -96,7 +100,7 @@ def table_for(model, args):
     rows.append(_row("sws-best", (m1["error_pretrained"], m1["error_finetuned"]), m1, s1, cb1))
 
     graphdef, like = nnx.split(models.create(model), nnx.Param)
-    params = run._load_pretrained(wd / "sws-default", like)
+    params = load_pretrained(wd / "sws-default", like)
     ds = data.load("mnist", args.data_dir, cfg_default.train_subset or None)
 
     def apply_fn(p, x):

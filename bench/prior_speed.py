@@ -26,8 +26,8 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant import loop
-from gmm_quant import mixture as mx
+from gmm_quant.core import mixture as mx
+from gmm_quant.training import loop
 
 
 def _setup(model_name, batch, steps, with_prior):

@@ -28,11 +28,14 @@ from flax import nnx
 from vit import _pretrained  # bench/vit.py: the pretrained model, kept in WORKDIR
 
 import models
-from gmm_quant import accounting, data, export, storage
-from gmm_quant import config as cfgm
-from gmm_quant.rules import flatten
+from gmm_quant.core import accounting
+from gmm_quant.core.rules import flatten
+from gmm_quant.formats import export, storage
+from gmm_quant.run import config as cfgm
+from gmm_quant.run import configs
+from gmm_quant.run.stages import Stages, build_plan
 from gmm_quant.search.trial import memory_runner
-from gmm_quant.stages import Stages, build_plan
+from gmm_quant.training import data
 
 MLPS = r"blocks/[1-9]/(mlp_in|mlp_out)$=blocks/0/\1"  # every later block's MLPs reuse block 0's
 LAYERS = r"(attn/(query|key|value|out)|mlp_in|mlp_out)$"
@@ -88,7 +91,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS")
     args = ap.parse_args()
     given = {"retrain_epochs": args.retrain_epochs, "train_subset": args.train_subset}
-    cfg = cfgm.override(cfgm.load(args.config), {k: v for k, v in given.items() if v is not None})
+    cfg = cfgm.override(configs.load(args.config), {k: v for k, v in given.items() if v is not None})
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ds, val = data.split_validation(data.load(cfg.dataset, args.data_dir, cfg.train_subset or None),

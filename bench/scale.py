@@ -44,7 +44,7 @@ def prior_child(n_log2: int, devices: int) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gmm_quant import mixture as mx
+    from gmm_quant.core import mixture as mx
     from gmm_quant.scale.mesh import make_mesh
 
     shape = (2 ** (n_log2 - 12), 4096)
@@ -92,7 +92,7 @@ def step_child(repeats: int, batch: int) -> dict:
     import optax
 
     import gmm_quant as gq
-    from gmm_quant import loop
+    from gmm_quant.training import loop
 
     sizes = (1024, 8192, 8192, 2048, 10)
     rng = np.random.default_rng(0)

@@ -32,11 +32,14 @@ from export import _latency as timed_runs  # bench/export.py: interleaved median
 from flax import nnx
 
 import models
-from gmm_quant import accounting, data, export, storage
-from gmm_quant import config as cfgm
-from gmm_quant.rules import flatten
+from gmm_quant.core import accounting
+from gmm_quant.core.rules import flatten
+from gmm_quant.formats import export, storage
+from gmm_quant.run import config as cfgm
+from gmm_quant.run import configs
+from gmm_quant.run.stages import Stages, build_plan
 from gmm_quant.search.trial import memory_runner
-from gmm_quant.stages import Stages, build_plan
+from gmm_quant.training import data
 
 MODES = {"codebooks": "", "W8A8": "w8a8", "W4A8": "w4a8", "W4A16": "w4a16"}
 
@@ -85,7 +88,7 @@ def _latency(rows, x, repeats):
 def run(args) -> list[dict]:
     fields = ("pretrain_epochs", "retrain_epochs", "finetune_epochs", "train_subset")
     given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    cfg = cfgm.override(cfgm.load(args.config), given)
+    cfg = cfgm.override(configs.load(args.config), given)
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     full = data.load(cfg.dataset, args.data_dir, cfg.train_subset or None)

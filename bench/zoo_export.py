@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 import gmm_quant as gq
-from gmm_quant import export, grid
+from gmm_quant.core import grid
+from gmm_quant.formats import export
 from models.zoo import ZOO
 
 

@@ -1,99 +1,10 @@
-"""Command line: compress to an accuracy budget.
+"""``python -m gmm_quant.tune``: compress to an accuracy budget (an Optuna search).
 
-    python -m gmm_quant.tune --config lenet5_caffe --data-dir ../shared/data \\
-        --max-error-increase 0.10 --trials 40 --workdir runs/tune-lenet5
-
-Pretrains (or takes ``--pretrained``), then runs an Optuna study in ``WORKDIR/study.db`` whose trials
-each retrain -> compress -> fine-tune from the pretrained model and are judged on the validation split;
-the objective is the compression ratio (Han) with the validation error at most the pretrained model's
-plus the budget. Writes ``best_config.json`` (reproduce with ``python -m gmm_quant.train --config-file
-WORKDIR/best_config.json --pretrained WORKDIR``), ``trials.csv``, ``pareto.png``, ``search.json`` and
-the final model trained with the best settings in ``WORKDIR/final`` (model.gqz, model.onnx,
-metrics.json, where the test error is reported for the first time). Running the command again resumes
-the study; ``--storage URL`` shares one study between machines (every worker runs the same command
-with the same URL and its own work directory).
+The command itself is ``gmm_quant.cli.tune``.
 """
 
-from __future__ import annotations
-
-import sys
-
-from gmm_quant import cli
-from gmm_quant import config as cfgm
-from gmm_quant.train import add_config_flags, add_override_flags, config_from_args, value_flags
-
-
-def parser():
-    ap = cli.Parser(prog="python -m gmm_quant.tune", description=__doc__.splitlines()[0])
-    add_config_flags(ap)
-    budget = ap.add_mutually_exclusive_group(required=True)
-    budget.add_argument(
-        "--max-error-increase",
-        type=float,
-        metavar="POINTS",
-        help="budget: the validation error may rise by at most this many percentage points",
-    )
-    budget.add_argument("--max-perplexity-increase", type=float, metavar="PERCENT",
-                        help="budget of a language model: the validation perplexity may rise by at most "
-                        "this many percent")  # fmt: skip
-    ap.add_argument("--trials", type=int, default=20, help="finished trials to reach (default 20)")
-    ap.add_argument("--workdir", default=None, help="default runs/tune-CONFIG")
-    ap.add_argument("--pretrained", default=None, help="start from this workdir's pretraining or a .gqz file")
-    ap.add_argument(
-        "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
-    )
-    ap.add_argument("--storage", default=None, help="database URL of the study (default WORKDIR/study.db)")
-    ap.add_argument("--study-name", default="gmm_quant", help="study name in the storage")
-    ap.add_argument(
-        "--timeout", type=float, default=None, help="stop starting trials after this many seconds"
-    )
-    ap.add_argument("--patience", type=int, default=None, help="stop when the best is this many trials old")
-    ap.add_argument("--dimensions", default=None, help="what trials vary, comma-separated (see search.space)")
-    ap.add_argument("--heartbeat", type=int, default=60, help="seconds between a trial's liveness signals")
-    ap.add_argument("--no-final", action="store_true", help="do not train the final model")
-    ap.add_argument("--overwrite", action="store_true", help="delete an earlier search in this workdir first")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    cli.add_debug_flag(ap)
-    add_override_flags(ap)
-    return ap
-
-
-def check_args(args) -> None:
-    from gmm_quant.search import Space
-    from gmm_quant.search.budget import check_inputs
-    from gmm_quant.search.command import budget_of
-
-    check_inputs(budget_of(args)[0], args.trials, val=None)
-    for name in ("timeout", "patience", "heartbeat"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name} must be > 0, got {value}")
-    if args.dimensions is not None:
-        Space(tuple(d for d in args.dimensions.split(",") if d))
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = parser()
-    args = ap.parse_args(cli.quote_negative_values(argv, value_flags(ap)))
-    try:
-        cfg, name = config_from_args(args)
-        check_args(args)
-    except (cfgm.ConfigError, OSError, ValueError) as err:
-        print(f"error: {cli.describe(err)}", file=sys.stderr)
-        return 2
-    workdir = args.workdir or f"runs/tune-{name}"
-
-    def body() -> int:
-        cli.quiet_libraries(argv)
-        from gmm_quant.search.command import tune_and_train
-
-        summary = tune_and_train(cfg, workdir, args)
-        print(summary)
-        return 0
-
-    return cli.run(body, argv)
-
+from gmm_quant.cli.common import exit_now
+from gmm_quant.cli.tune import main
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

@@ -1,22 +1,22 @@
 import numpy as np
 import pytest
 
-from gmm_quant import accounting
-from gmm_quant.codebook import Codebook
+from gmm_quant.core import accounting, han
+from gmm_quant.core.codebook import Codebook
 
 
 def test_huffman_lengths_of_a_textbook_example():
     # counts 5, 9, 12, 13, 16, 45 -> lengths 4, 4, 3, 3, 3, 1 (CLRS figure 16.5)
-    lengths = accounting.huffman_lengths(dict(zip("abcdef", [45, 13, 12, 16, 9, 5], strict=True)))
+    lengths = han.huffman_lengths(dict(zip("abcdef", [45, 13, 12, 16, 9, 5], strict=True)))
     assert lengths == {"a": 1, "b": 3, "c": 3, "d": 3, "e": 4, "f": 4}
-    assert accounting.huffman_lengths({"x": 7}) == {"x": 1}
+    assert han.huffman_lengths({"x": 7}) == {"x": 1}
 
 
 def test_sparse_entries_insert_fillers_for_long_gaps():
     # 2-bit differences: largest difference 4. Non-zeros at positions 1, 2, 12.
     idx = np.zeros(14, np.uint8)
     idx[[1, 2, 12]] = [3, 1, 3]
-    codes, diffs = accounting.sparse_entries(idx, diff_bits=2)
+    codes, diffs = han.sparse_entries(idx, diff_bits=2)
     # gap to 1 is 2; to 2 is 1; to 12 is 10 = 4 + 4 + 2 -> two fillers
     assert sorted(zip(codes.tolist(), diffs.tolist(), strict=True)) == sorted(
         [(3, 2), (1, 1), (3, 2), (0, 4), (0, 4)]
@@ -73,7 +73,7 @@ def test_gzip_ratio_rewards_repeated_values():
 
 def test_a_layer_pruned_to_zero_costs_nothing_and_reports_without_a_ratio():
     """Every weight zero: no entry, no codebook (Han: 0 bits); the report says so instead of dividing by 0."""
-    from gmm_quant import report
+    from gmm_quant.run import report
 
     zero = Codebook(np.zeros(1, np.float32), np.zeros((6, 4), np.uint8))
     cost = accounting.layer_cost("z", zero)

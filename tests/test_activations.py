@@ -15,10 +15,12 @@ from flax import nnx
 from onnx import TensorProto, helper
 
 import gmm_quant as gq
-from gmm_quant import data, export, grid, storage
-from gmm_quant.activations import points
-from gmm_quant.activations.fake_quant import fake_quant, range_params
-from gmm_quant.stages import build_plan
+from gmm_quant.core import grid
+from gmm_quant.core.fake_quant import fake_quant, range_params
+from gmm_quant.formats import export, storage
+from gmm_quant.run.stages import build_plan
+from gmm_quant.surgery import activations as points
+from gmm_quant.training import data
 from models.vit import vit_mnist
 from tests.cli_runs import ROOT, one_line
 

@@ -15,8 +15,10 @@ from flax import nnx
 import gmm_quant
 import gmm_quant as gq
 import models
-from gmm_quant import codebook_tuning, data, export, grid, loop, pipeline
-from gmm_quant.onnx_export import encodings
+from gmm_quant.core import codebook_tuning, grid
+from gmm_quant.formats import export
+from gmm_quant.formats.onnx_export import encodings
+from gmm_quant.training import data, loop, pipeline
 
 
 def test_no_public_name_shadows_a_module():
@@ -55,7 +57,7 @@ def test_finetune_with_grid_bits_keeps_a_grid_and_the_indices(digits_grid_model)
         assert fitted is not None, path
         assert fitted[1] + fitted[2].max() <= 15  # still 4-bit codes
         np.testing.assert_array_equal(cb.indices, grid.to_grid(codebooks[path], 4).indices)
-        np.testing.assert_array_equal(np.asarray(gq.rules.flatten(params)[path]), cb.dequantize())
+        np.testing.assert_array_equal(np.asarray(gq.core.rules.flatten(params)[path]), cb.dequantize())
 
 
 def test_grid_finetuning_does_not_raise_the_training_loss_of_a_converged_model(digits_grid_model):
@@ -70,7 +72,7 @@ def test_grid_finetuning_does_not_raise_the_training_loss_of_a_converged_model(d
     tuned, tuned_params = gq.finetune(apply_fn, converged, params, train, epochs=2, **run)
     assert train_loss(tuned_params) <= train_loss(params)
     for path, cb in tuned.items():  # the model returned is the codebooks returned, on a 4-bit grid
-        np.testing.assert_array_equal(np.asarray(gq.rules.flatten(tuned_params)[path]), cb.dequantize())
+        np.testing.assert_array_equal(np.asarray(gq.core.rules.flatten(tuned_params)[path]), cb.dequantize())
         assert grid.fit(cb.centres) is not None
 
 
@@ -112,7 +114,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def _save_user_model(path, spec):
-    from gmm_quant.model_spec import make_model
+    from gmm_quant.surgery.model_spec import make_model
 
     graphdef, params = nnx.split(make_model("user_nets:make_net"), nnx.Param)
     plan = gq.make_plan(params)
@@ -125,8 +127,8 @@ def test_a_file_rebuilds_its_own_model_without_a_template(user_module):
     path = user_module / "net.gqz"
     graphdef, snapped = _save_user_model(path, "user_nets:make_net")
     loaded = gq.load_compressed(path).params()
-    for key, leaf in gq.rules.flatten(snapped).items():
-        np.testing.assert_array_equal(np.asarray(gq.rules.flatten(loaded)[key]), np.asarray(leaf))
+    for key, leaf in gq.core.rules.flatten(snapped).items():
+        np.testing.assert_array_equal(np.asarray(gq.core.rules.flatten(loaded)[key]), np.asarray(leaf))
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
     np.testing.assert_array_equal(
         np.asarray(gq.load_model(path)(x)), np.asarray(nnx.merge(graphdef, snapped)(x))
@@ -149,7 +151,7 @@ def test_export_command_takes_a_model_from_the_users_module(user_module):
 
 
 def _user_model():
-    from gmm_quant.model_spec import make_model
+    from gmm_quant.surgery.model_spec import make_model
 
     return make_model("user_nets:make_net")
 

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from gmm_quant import augment, pipeline
+from gmm_quant.training import augment, pipeline
 
 
 def test_each_image_moves_by_its_own_offset_with_zero_fill():

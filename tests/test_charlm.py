@@ -10,7 +10,9 @@ from scipy.special import logsumexp
 
 import gmm_quant as gq
 import models
-from gmm_quant import data, export, loop, train
+from gmm_quant.cli import train
+from gmm_quant.formats import export
+from gmm_quant.training import data, loop
 
 
 def _decode(codes) -> str:
@@ -125,7 +127,7 @@ def test_codebook_language_model_export_matches_jax_at_batch_1_and_7(tiny_run, t
 
 
 def test_a_perplexity_budget_search_records_the_rise_its_final_model_reproduces(tmp_path, capsys):
-    from gmm_quant import tune
+    from gmm_quant.cli import tune
 
     workdir = tmp_path / "t"
     argv = ["--config", "charlm_tiny", "--max-perplexity-increase", "5", "--trials", "1", "--workdir",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cli_runs import metrics_of, one_line, popen, run_cli
 
-from gmm_quant import checkpoint as ckpt
+from gmm_quant.run import checkpoint as ckpt
 
 
 def _state(value):
@@ -151,8 +151,8 @@ def test_a_layer_pruned_to_zero_entirely_fine_tunes_and_checkpoints(tmp_path):
     trainable state (orbax cannot store zero-size arrays), keeps its weights exactly 0 and its codebook."""
     import jax.numpy as jnp
 
-    from gmm_quant import codebook_tuning
-    from gmm_quant.codebook import Codebook
+    from gmm_quant.core import codebook_tuning
+    from gmm_quant.core.codebook import Codebook
 
     params = {"a": {"kernel": jnp.zeros((4, 3))}, "b": {"kernel": jnp.ones((4, 3))}}
     codebooks = {

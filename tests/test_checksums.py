@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmm_quant.checksums import tree_checksum
+from gmm_quant.run.checksums import tree_checksum
 
 
 def _tree():
@@ -69,7 +69,7 @@ def test_finite_is_whether_every_floating_element_is_finite(bad):
 def test_leaves_summed_by_numpy_match_the_compiled_sum(monkeypatch):
     """Small local leaves are summed by numpy (nothing to compile), others by a jitted program where
     they live: both give the same checksum, so any leaf verifies on any process."""
-    from gmm_quant import checksums
+    from gmm_quant.run import checksums
 
     on_host = tree_checksum(_tree())
     monkeypatch.setattr(checksums, "SMALL", -1)  # every leaf through the compiled sum

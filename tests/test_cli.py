@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from cli_runs import popen, run_cli
 
-from gmm_quant import config as cfgm
-from gmm_quant import data, train
-from gmm_quant.workdir import CheckpointMismatch
-from gmm_quant.workdir import claim as claim_workdir
+from gmm_quant.cli import train
+from gmm_quant.run import config as cfgm
+from gmm_quant.run import configs
+from gmm_quant.run.workdir import CheckpointMismatch
+from gmm_quant.run.workdir import claim as claim_workdir
+from gmm_quant.training import data
 
 
 def test_unknown_config_name_is_rejected(capsys):
@@ -22,9 +24,9 @@ def test_unknown_config_name_is_rejected(capsys):
 
 
 def test_every_config_is_valid_and_documented():
-    for name in cfgm.available():
-        cfgm.validate(cfgm.load(name))
-        doc = __import__(f"gmm_quant.configs.{name}", fromlist=["x"]).__doc__
+    for name in configs.available():
+        cfgm.validate(configs.load(name))
+        doc = __import__(f"gmm_quant.run.configs.{name}", fromlist=["x"]).__doc__
         assert "Command:" in doc and "Runtime:" in doc and "Expected:" in doc, name
 
 
@@ -56,8 +58,8 @@ def test_mnist_loads_from_the_environment_variable(monkeypatch, mnist_dir):
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
-    claim_workdir(tmp_path, cfgm.load("tiny"))
-    other = cfgm.override(cfgm.load("tiny"), {"tau": "0.5"})
+    claim_workdir(tmp_path, configs.load("tiny"))
+    other = cfgm.override(configs.load("tiny"), {"tau": "0.5"})
     with pytest.raises(CheckpointMismatch, match=r"different config.*tau"):
         claim_workdir(tmp_path, other)
 
@@ -111,7 +113,8 @@ def test_tiny_job_end_to_end_report_matches_metrics(tmp_path):
 
 
 def test_grid_bits_keeps_centres_on_a_grid_and_exports_dequantize_linear(tmp_path, capsys):
-    from gmm_quant import grid, storage
+    from gmm_quant.core import grid
+    from gmm_quant.formats import storage
 
     workdir = tmp_path / "g"
     assert (

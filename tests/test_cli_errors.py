@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from cli_runs import CLI, ROOT, one_line, snapshot
 
-from gmm_quant import checkpoint as ckpt
-from gmm_quant import config as cfgm
-from gmm_quant import data, train
-from gmm_quant import workdir as wd
+from gmm_quant.cli import train
+from gmm_quant.run import checkpoint as ckpt
+from gmm_quant.run import config as cfgm
+from gmm_quant.run import configs
+from gmm_quant.run import workdir as wd
+from gmm_quant.training import data
 
 
 @pytest.mark.parametrize(
@@ -122,7 +124,7 @@ def test_mnist_files_beside_an_empty_mnist_folder_are_found(tmp_path, mnist_dir)
 
 def test_selection_sees_the_validation_split_never_the_test_set(tmp_path, monkeypatch):
     """keep_better (the one selection the run makes) gets the held-out part of the training data."""
-    from gmm_quant import pipeline
+    from gmm_quant.training import pipeline
 
     seen = []
     real = pipeline.keep_better
@@ -154,7 +156,7 @@ def _predict(workdir, x):
 
 
 def test_a_run_made_before_the_validation_split_still_resumes(tmp_path):
-    cfg = cfgm.load("tiny")
+    cfg = configs.load("tiny")
     wd.claim(tmp_path, cfg)
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["config"]["val_fraction"]  # as written by an earlier version

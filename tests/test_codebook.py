@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import gmm_quant as gq
-from gmm_quant import codebook as cbm
-from gmm_quant import mixture as mx
+from gmm_quant.core import codebook as cbm
+from gmm_quant.core import mixture as mx
 
 CFG = mx.MixtureConfig(num_components=5, pi_zero=0.5)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gmm_quant as gq
-from gmm_quant import train
+from gmm_quant.cli import train
 
 
 def _linear():

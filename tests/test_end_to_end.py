@@ -8,7 +8,7 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant import data, loop
+from gmm_quant.training import data, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,6 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     loaded = gq.load_compressed(tmp_path / "net.gqz")
     restored = loaded.params(namespace["params"])
-    for name, leaf in gq.rules.flatten(namespace["params"]).items():
-        np.testing.assert_array_equal(np.asarray(gq.rules.flatten(restored)[name]), np.asarray(leaf))
+    for name, leaf in gq.core.rules.flatten(namespace["params"]).items():
+        np.testing.assert_array_equal(np.asarray(gq.core.rules.flatten(restored)[name]), np.asarray(leaf))
     assert set(loaded.codebooks) == {"hidden/kernel", "out/kernel"}

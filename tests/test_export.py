@@ -7,7 +7,10 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant import data, export, grid, storage
+from gmm_quant.cli import export as export_cli
+from gmm_quant.core import grid
+from gmm_quant.formats import export, storage
+from gmm_quant.training import data
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +19,7 @@ def mnist_test(mnist_dir):
 
 
 def _kernels(params):
-    return [p for p in gq.rules.flatten(params) if p.endswith("kernel")]
+    return [p for p in gq.core.rules.flatten(params) if p.endswith("kernel")]
 
 
 def _compressed(name, on_grid):
@@ -63,7 +66,7 @@ def test_onnx_matches_jax_on_mnist(name, encoding, mnist_test):
                 assert diff <= 1e-5, (batch, diff)
     # the file is at most 1.1x the plain packed size of its weights plus float leaves
     packed = sum(storage.bits_for(len(cb.centres)) * cb.indices.size / 8 for cb in codebooks.values())
-    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(params).items() if k not in codebooks)
+    floats = 4 * sum(np.size(v) for k, v in gq.core.rules.flatten(params).items() if k not in codebooks)
     assert len(model.SerializeToString()) <= 1.1 * (packed + floats)
 
 
@@ -87,7 +90,7 @@ def test_grid_encoding_refuses_off_grid_centres(mnist_test):
 def test_export_command_from_a_compressed_file(tmp_path, mnist_test):
     apply_fn, params, codebooks = _compressed("lenet5_caffe", on_grid=False)
     storage.save_compressed(tmp_path / "model.gqz", codebooks, params, model="lenet5_caffe")
-    assert export.main([str(tmp_path), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert export_cli.main([str(tmp_path), "-o", str(tmp_path / "m.onnx")]) == 0
     model = onnx.load(tmp_path / "m.onnx")
     np.testing.assert_allclose(
         export.run_onnx(model, mnist_test[:32]), np.asarray(apply_fn(params, mnist_test[:32])), atol=1e-5
@@ -131,7 +134,7 @@ def test_sparse_onnx_matches_jax_on_mnist_and_stores_only_the_non_zeros(name, mn
                 assert diff <= 1e-5, (batch, diff)
     # per non-zero at most a byte of gap (fillers included) and a byte of index, plus float leaves
     nnz = sum(int(np.count_nonzero(cb.indices)) for cb in codebooks.values())
-    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(params).items() if k not in codebooks)
+    floats = 4 * sum(np.size(v) for k, v in gq.core.rules.flatten(params).items() if k not in codebooks)
     dense = export.to_onnx(apply_fn, params, codebooks, mnist_test[:8], encoding="codebook")
     size = len(model.SerializeToString())
     assert size <= 1.6 * nnz + floats + 4096 and size < 0.5 * len(dense.SerializeToString())
@@ -147,7 +150,7 @@ def test_sparse_encoding_exports_very_sparse_and_dense_layers(density, mnist_tes
 
 
 def test_fillers_bridge_long_gaps_and_point_at_zero():
-    from gmm_quant.onnx_export.encodings import _gaps_with_fillers
+    from gmm_quant.formats.onnx_export.encodings import _gaps_with_fillers
 
     flat = np.zeros(1000, np.uint8)
     flat[[3, 40, 999]] = [2, 1, 5]

@@ -13,7 +13,9 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant import accounting, data, export, float_codes, storage
+from gmm_quant.core import accounting, float_codes
+from gmm_quant.formats import export, storage
+from gmm_quant.training import data
 from tests.cli_runs import ROOT, one_line, run_cli
 from tests.test_storage import _rewrite_header
 
@@ -57,8 +59,8 @@ def coded_file(tmp_path_factory):
     _graphdef, params = nnx.split(models.create("lenet5_caffe"), nnx.Param)
     rng = np.random.default_rng(3)  # biases as trained ones are: not all zero
     biases = {p: rng.normal(0, 0.1, np.shape(v)).astype(np.float32)
-              for p, v in gq.rules.flatten(params).items() if p.endswith("bias")}  # fmt: skip
-    params = gq.rules.replace_leaves(params, biases)
+              for p, v in gq.core.rules.flatten(params).items() if p.endswith("bias")}  # fmt: skip
+    params = gq.core.rules.replace_leaves(params, biases)
     plan = gq.make_plan(params)
     codebooks, snapped = gq.compress(plan, gq.init_mixtures(plan, params), params)
     codes, snapped = gq.code_float_leaves(codebooks, snapped, 6)
@@ -77,8 +79,8 @@ def test_coded_leaves_round_trip_bit_exactly_and_cost_their_bits(coded_file):
         np.testing.assert_array_equal(got.codes, code.codes)
         assert (got.scale, got.zero_point, got.bits) == (code.scale, code.zero_point, 6)
     like = nnx.split(models.create("lenet5_caffe", seed=1), nnx.Param)[1]
-    restored = gq.rules.flatten(loaded.params(like))
-    for path, leaf in gq.rules.flatten(snapped).items():
+    restored = gq.core.rules.flatten(loaded.params(like))
+    for path, leaf in gq.core.rules.flatten(snapped).items():
         np.testing.assert_array_equal(restored[path], np.asarray(leaf))
     values = sum(c.codes.size for c in codes.values())
     saved = (folder / "plain.gqz").stat().st_size - (folder / "coded.gqz").stat().st_size
@@ -158,7 +160,7 @@ def test_an_impossible_code_width_is_refused_before_training(tmp_path, bits):
 def test_folding_decodes_exactly_the_constants_no_integer_kernel_takes():
     from onnx import TensorProto, helper, numpy_helper
 
-    from gmm_quant.onnx_export.runtime import fold_constant_dequantize
+    from gmm_quant.formats.onnx_export.runtime import fold_constant_dequantize
 
     rng = np.random.default_rng(5)
     bias, weight = float_codes.fit(rng.normal(size=4), 6), float_codes.fit(rng.normal(size=(4, 3)), 8)

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmm_quant import grid
-from gmm_quant.codebook import Codebook
+from gmm_quant.core import grid
+from gmm_quant.core.codebook import Codebook
 
 
 def test_to_grid_puts_centres_on_an_evenly_spaced_grid_that_fit_recovers():
@@ -30,8 +30,8 @@ def test_project_rounds_with_a_straight_through_gradient():
 
 @pytest.mark.parametrize("bits, top", [(4, 7), (8, 127)])
 def test_fine_tuned_centres_never_leave_the_grids_bit_width(bits, top):
-    from gmm_quant import codebook_tuning
-    from gmm_quant.codebook import make_codebook
+    from gmm_quant.core import codebook_tuning
+    from gmm_quant.core.codebook import make_codebook
 
     centres = np.array([0.0, -0.3, 0.1, 0.5], np.float32)
     cb = grid.to_grid(make_codebook(centres[np.array([0, 1, 2, 3, 3])], centres), bits)

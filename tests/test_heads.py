@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 import gmm_quant as gq
-from gmm_quant import heads
-from gmm_quant.rules import flatten
+from gmm_quant.core.rules import flatten
+from gmm_quant.surgery import heads
 from models.vit import vit_digits
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from gmm_quant import interrupts, pipeline
+from gmm_quant._util import interrupts
+from gmm_quant.training import pipeline
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gmm_quant import mixture as mx
+from gmm_quant.core import mixture as mx
 
 CFG = mx.MixtureConfig(num_components=17, pi_zero=0.9)
 
@@ -144,7 +144,7 @@ def test_invalid_config_values_are_rejected():
 
 def test_sample_params_draws_each_layer_from_the_scaled_mixture():
     import gmm_quant as gq
-    from gmm_quant import init
+    from gmm_quant.core import init
 
     params = {
         "a": {"kernel": jnp.zeros((300, 40))},
@@ -152,7 +152,7 @@ def test_sample_params_draws_each_layer_from_the_scaled_mixture():
     }
     plan = gq.make_plan(params, mixture=CFG)
     mixtures = {"shared": _random_state(np.random.default_rng(5))}
-    sampled = gq.rules.flatten(gq.sample_params(plan, mixtures, params, jax.random.key(1)))
+    sampled = gq.core.rules.flatten(gq.sample_params(plan, mixtures, params, jax.random.key(1)))
     state = mixtures["shared"]
     pi = np.exp(np.asarray(mx.log_mixing_proportions(CFG, state), np.float64))
     mu = np.asarray(mx.component_means(state), np.float64)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 import gmm_quant as gq
-from gmm_quant import loop
+from gmm_quant.training import loop
 
 
 def setup(k):
@@ -52,15 +52,16 @@ def test_retraining_goes_on_until_tight_and_stops_at_the_first_tight_epoch():
     from flax import nnx
 
     import models
-    from gmm_quant import codebook, data
-    from gmm_quant import config as cfgm
+    from gmm_quant.core import codebook
+    from gmm_quant.run import configs
+    from gmm_quant.run.stages import Stages, build_plan
     from gmm_quant.search.trial import memory_runner
-    from gmm_quant.stages import Stages, build_plan
+    from gmm_quant.training import data
 
     ds = data.load("digits")
     train = (ds.x_train[:512], ds.y_train[:512])
     graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
-    base = dataclasses.replace(cfgm.load("tiny"), retrain_epochs=2, tau=0.5)
+    base = dataclasses.replace(configs.load("tiny"), retrain_epochs=2, tau=0.5)
     for target in (1e9, 0.15):
         cfg = dataclasses.replace(base, retrain_tightness=target)
         plan, seen = build_plan(cfg, params), []

@@ -5,8 +5,10 @@ import pytest
 from flax import nnx
 
 import models
-from gmm_quant import data, loop, reuse
-from gmm_quant.rules import flatten, replace_leaves
+from gmm_quant.cli import reuse as reuse_cli
+from gmm_quant.core.rules import flatten, replace_leaves
+from gmm_quant.surgery import reuse
+from gmm_quant.training import data, loop
 
 
 def test_a_channel_scaled_copy_is_fully_similar_and_its_scales_are_recovered():
@@ -51,7 +53,7 @@ def test_the_table_covers_every_same_shaped_pair_and_its_errors_are_the_replaced
 
 
 def test_the_command_refuses_a_directory_that_is_not_a_run_in_one_line(tmp_path, capsys):
-    assert reuse.main([str(tmp_path)]) != 0
+    assert reuse_cli.main([str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a gmm_quant work directory" in err[0]
     assert list(tmp_path.iterdir()) == []

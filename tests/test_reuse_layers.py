@@ -14,11 +14,13 @@ from cli_runs import ROOT, one_line
 from flax import nnx
 
 import gmm_quant as gq
-from gmm_quant import accounting, export, storage, train
-from gmm_quant.reuse import layers
-from gmm_quant.reuse.choose import choose
-from gmm_quant.reuse.links import Link, links_from_rules
-from gmm_quant.rules import flatten
+from gmm_quant.cli import train
+from gmm_quant.core import accounting
+from gmm_quant.core.rules import flatten
+from gmm_quant.formats import export, storage
+from gmm_quant.surgery.reuse import layers
+from gmm_quant.surgery.reuse.choose import choose
+from gmm_quant.surgery.reuse.links import Link, links_from_rules
 
 WIDTH = 64
 
@@ -113,11 +115,11 @@ def compressed(depth, reusing, rank=0):
     layers.attach(model, [Link(f"hidden/{i}", "hidden/0", rank) for i in range(1, reusing + 1)])
     graphdef, params = nnx.split(model, nnx.Param)
     codebooks = {
-        p: gq.codebook.make_codebook(v, gq.codebook.kmeans_1d(v, 8))
+        p: gq.core.codebook.make_codebook(v, gq.core.codebook.kmeans_1d(v, 8))
         for p, v in flatten(params).items()
         if p.endswith("kernel")
     }
-    return (lambda p, x: nnx.merge(graphdef, p)(x)), gq.codebook.dequantize(codebooks, params), codebooks
+    return (lambda p, x: nnx.merge(graphdef, p)(x)), gq.core.codebook.dequantize(codebooks, params), codebooks
 
 
 def test_the_gqz_and_onnx_store_a_reused_matrix_once_and_reload_the_same_model(tmp_path):

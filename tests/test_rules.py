@@ -58,7 +58,7 @@ def test_per_layer_rule_gives_each_matching_layer_a_mixture_over_its_own_range()
         "shared",
     ]
     mixtures = gq.init_mixtures(plan, params)
-    flat = gq.rules.flatten(params)
+    flat = gq.core.rules.flatten(params)
     for path in ("conv1/kernel", "conv2/kernel"):  # free means span exactly that layer's weights
         means = mixtures[path].means
         assert float(means.min()) == pytest.approx(float(flat[path].min()), rel=1e-6)

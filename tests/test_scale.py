@@ -33,7 +33,7 @@ def test_sharded_prior_equals_the_unsharded_one_value_and_gradients():
     out = run_python("""
         import json, jax, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from gmm_quant import mixture as mx
+        from gmm_quant.core import mixture as mx
         from gmm_quant.scale.mesh import make_mesh
         cfg = mx.MixtureConfig(num_components=9)
         rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def test_training_state_lives_where_the_placement_says_and_gradients_are_reduced
         import gmm_quant as gq
         from flax import nnx
         import models
-        from gmm_quant import data, pipeline
+        from gmm_quant.training import data, pipeline
         from gmm_quant.scale.mesh import make_mesh
         from gmm_quant.scale.placement import plan_placement
         graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
@@ -101,9 +101,9 @@ def test_a_sharded_layer_is_compressed_and_counted_where_its_shards_live():
         import json, jax, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         import gmm_quant as gq
-        from gmm_quant import accounting, codebook
-        from gmm_quant.rules import Rule
-        from gmm_quant.scale import compression
+        from gmm_quant.core import accounting, codebook
+        from gmm_quant.core.rules import Rule
+        from gmm_quant.core import sharded as compression
         from gmm_quant.scale.mesh import make_mesh
         mesh, rng, rows = make_mesh({"data": 2, "model": 4}), np.random.default_rng(0), []
         conv = (3, 3, 16, 32)
@@ -163,7 +163,7 @@ def test_a_checksum_is_the_same_for_every_sharding():
     out = run_python("""
         import json, jax, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from gmm_quant.checksums import tree_checksum
+        from gmm_quant.run.checksums import tree_checksum
         from gmm_quant.scale.mesh import make_mesh
         mesh, rng = make_mesh({"data": 2, "model": 4}), np.random.default_rng(0)
         tree = {"w": rng.normal(size=(64, 96)).astype(np.float32), "i": rng.integers(0, 9, (8, 40), np.uint8)}

@@ -15,14 +15,14 @@ import pytest
 from flax import nnx
 
 import models
-from gmm_quant import config as cfgm
-from gmm_quant import data, pipeline
-from gmm_quant.config import Config
+from gmm_quant.run import config as cfgm
+from gmm_quant.run.config import Config
+from gmm_quant.run.stages import build_plan
 from gmm_quant.search import Space, compress_to_budget
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import Outcome
-from gmm_quant.stages import build_plan
+from gmm_quant.training import data, pipeline
 from tests.cli_runs import ROOT, default_sigint, one_line
 
 TUNE = [sys.executable, "-m", "gmm_quant.tune", "--config", "tiny", "--no-progress", "--retrain-epochs", "8",
@@ -123,7 +123,7 @@ def row_hashes(x):
 
 
 def test_the_search_sees_the_training_data_and_never_the_test_set(monkeypatch, tmp_path):
-    from gmm_quant import tune
+    from gmm_quant.cli import tune
     from gmm_quant.search import trial as trial_lib
 
     seen, real = [], trial_lib.run_trial

@@ -10,8 +10,9 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant import data, sensitivity
-from gmm_quant.codebook import kmeans_1d
+from gmm_quant.analysis import sensitivity
+from gmm_quant.core.codebook import kmeans_1d
+from gmm_quant.training import data
 
 
 def test_kmeans_recovers_a_layer_with_k_distinct_values_and_fits_a_hand_case():

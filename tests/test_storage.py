@@ -4,7 +4,7 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant import storage
+from gmm_quant.formats import storage
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["v1", "v2"])
@@ -24,8 +24,8 @@ def test_round_trip_is_bit_identical(compressed_model):
     loaded = gq.load_compressed(path)
     assert loaded.model == "lenet5_caffe" and loaded.config == {"seed": 0}
     like = nnx.split(models.create("lenet5_caffe", seed=1), nnx.Param)[1]
-    restored = gq.rules.flatten(loaded.params(like))
-    for name, leaf in gq.rules.flatten(snapped).items():
+    restored = gq.core.rules.flatten(loaded.params(like))
+    for name, leaf in gq.core.rules.flatten(snapped).items():
         np.testing.assert_array_equal(restored[name], np.asarray(leaf))
         assert restored[name].dtype == np.float32
     for name, cb in codebooks.items():
@@ -37,7 +37,7 @@ def test_indices_are_bit_packed(compressed_model):
     if _version(path) == 2:
         pytest.skip("version 2 entropy-codes the indices (tests/test_storage.py::test_v2_*)")
     packed = sum(storage.bits_for(len(cb.centres)) * cb.indices.size for cb in codebooks.values()) / 8
-    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(snapped).items() if k not in codebooks)
+    floats = 4 * sum(np.size(v) for k, v in gq.core.rules.flatten(snapped).items() if k not in codebooks)
     assert path.stat().st_size < 1.05 * (packed + floats) + 4096
 
 
@@ -122,7 +122,7 @@ def _rewrite_header(path, tmp_path, edit, name="edited.gqz"):
     import hashlib
     import json
 
-    from gmm_quant import sparse_streams
+    from gmm_quant.formats import sparse_streams
 
     raw = path.read_bytes()
     _magic, version, length, _digest = storage._PREFIX.unpack_from(raw)
@@ -237,7 +237,7 @@ def sparse_model():
     """LeNet-300-100 with ~4% non-zeros in a few clusters, as after retraining with the prior."""
     _graphdef, params = nnx.split(models.create("lenet300_100"), nnx.Param)
     rng = np.random.default_rng(0)
-    flat = gq.rules.flatten(params)
+    flat = gq.core.rules.flatten(params)
     centres = np.array([0.0, -0.2, -0.1, 0.08, 0.15], np.float32)
     codebooks = {}
     for path, leaf in flat.items():
@@ -256,8 +256,8 @@ def test_v2_round_trip_is_bit_identical_and_v1_files_still_load(sparse_model, tm
         for name, cb in codebooks.items():
             np.testing.assert_array_equal(loaded.codebooks[name].indices, cb.indices)
             np.testing.assert_array_equal(loaded.codebooks[name].centres, cb.centres)
-        restored = gq.rules.flatten(loaded.params())
-        for name, leaf in gq.rules.flatten(params).items():
+        restored = gq.core.rules.flatten(loaded.params())
+        for name, leaf in gq.core.rules.flatten(params).items():
             np.testing.assert_array_equal(restored[name], np.asarray(leaf))
     assert (tmp_path / "v2.gqz").stat().st_size < 0.25 * (tmp_path / "v1.gqz").stat().st_size
 
@@ -274,7 +274,7 @@ def test_v2_stays_near_the_entropy_of_its_streams(sparse_model, tmp_path):
         for symbols in (flat[nz], np.minimum(np.diff(nz, prepend=-1), 128)):
             p = np.bincount(symbols) / symbols.size
             bits += -symbols.size * np.sum(p[p > 0] * np.log2(p[p > 0]))
-    floats = 4 * sum(np.size(v) for k, v in gq.rules.flatten(params).items() if k not in codebooks)
+    floats = 4 * sum(np.size(v) for k, v in gq.core.rules.flatten(params).items() if k not in codebooks)
     assert path.stat().st_size <= 1.08 * (bits / 8 + floats) + 1024
 
 
@@ -282,7 +282,7 @@ def test_v2_stays_near_the_entropy_of_its_streams(sparse_model, tmp_path):
     "shape, density", [((7,), 1.0), ((300, 100), 0.0), ((5, 5, 20, 50), 0.3), ((1, 1), 1.0)]
 )
 def test_sparse_streams_invert_exactly(shape, density):
-    from gmm_quant import sparse_streams
+    from gmm_quant.formats import sparse_streams
 
     rng = np.random.default_rng(1)
     idx = np.where(rng.random(shape) < density, rng.integers(1, 200, shape), 0).astype(np.uint8)
@@ -300,6 +300,6 @@ def test_v2_round_trip_for_every_model(name, tmp_path):
     codebooks, snapped = gq.compress(plan, gq.init_mixtures(plan, params), params)
     path = tmp_path / "m.gqz"
     storage.save_compressed(path, codebooks, snapped, model=name, version=2)
-    restored = gq.rules.flatten(gq.load_compressed(path).params())
-    for key, leaf in gq.rules.flatten(snapped).items():
+    restored = gq.core.rules.flatten(gq.load_compressed(path).params())
+    for key, leaf in gq.core.rules.flatten(snapped).items():
         np.testing.assert_array_equal(restored[key], np.asarray(leaf))

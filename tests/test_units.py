@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 import gmm_quant as gq
-from gmm_quant import export
+from gmm_quant.formats import export
 
 CENTRES = np.array([0.0, -0.5, 0.25, 0.75], np.float32)
 

@@ -9,9 +9,10 @@ import time
 import pytest
 from cli_runs import metrics_of, one_line, popen, run_cli, snapshot
 
-from gmm_quant import config as cfgm
-from gmm_quant import export, train
-from gmm_quant import workdir as wd
+from gmm_quant.cli import export as export_cli
+from gmm_quant.cli import train
+from gmm_quant.run import configs
+from gmm_quant.run import workdir as wd
 
 
 @pytest.mark.parametrize("overwrite", [True, False])
@@ -30,7 +31,7 @@ def test_a_directory_that_is_not_ours_is_refused_and_untouched(tmp_path, capsys,
 
 def test_overwrite_deletes_only_what_the_pipeline_wrote(tmp_path):
     workdir = tmp_path / "w"
-    wd.claim(workdir, cfgm.load("tiny"))
+    wd.claim(workdir, configs.load("tiny"))
     for name in ("metrics.json", "model.gqz", "model.onnx", "weights.png", "scatter.png"):
         (workdir / name).write_bytes(b"output")
     for name in ("study.db", "best_config.json", "trials.csv", "pareto.png", "search.json"):  # tune's
@@ -78,7 +79,7 @@ def test_export_refuses_to_write_over_its_input(gqz, tmp_path, capsys):
     shutil.copy(gqz, work / "model.gqz")
     before = snapshot(work)
     for source in (work, work / "model.gqz"):
-        assert export.main([str(source), "-o", str(work / "model.gqz")]) == 1
+        assert export_cli.main([str(source), "-o", str(work / "model.gqz")]) == 1
         assert "over its input" in one_line(capsys.readouterr().err)
     assert snapshot(work) == before
 
@@ -86,13 +87,13 @@ def test_export_refuses_to_write_over_its_input(gqz, tmp_path, capsys):
 def test_export_overwrites_only_its_own_onnx_files_unless_forced(gqz, tmp_path, capsys):
     other = tmp_path / "report.docx"
     other.write_bytes(b"PK\x03\x04 a document")
-    assert export.main([str(gqz), "-o", str(other)]) == 1
+    assert export_cli.main([str(gqz), "-o", str(other)]) == 1
     assert "not an ONNX file written by gmm_quant" in one_line(capsys.readouterr().err)
     assert other.read_bytes() == b"PK\x03\x04 a document"
     ours = tmp_path / "m.onnx"
-    assert export.main([str(gqz), "-o", str(ours)]) == 0
-    assert export.main([str(gqz), "-o", str(ours), "--encoding", "codebook"]) == 0  # ours: replaced
-    assert export.main([str(gqz), "-o", str(other), "--force"]) == 0
+    assert export_cli.main([str(gqz), "-o", str(ours)]) == 0
+    assert export_cli.main([str(gqz), "-o", str(ours), "--encoding", "codebook"]) == 0  # ours: replaced
+    assert export_cli.main([str(gqz), "-o", str(other), "--force"]) == 0
     assert other.read_bytes() == ours.read_bytes()
 
 
@@ -103,7 +104,7 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path):
     (tmp_path / wd.LOCK).write_text("pid 999999 on host gone (since yesterday)\n")  # a dead process's
     with wd.Lock(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / wd.LOCK).read_text()
-        code = "import sys; from gmm_quant import workdir as wd; wd.Lock(sys.argv[1]).__enter__()"
+        code = "import sys; from gmm_quant.run import workdir as wd; wd.Lock(sys.argv[1]).__enter__()"
         other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
         assert other.returncode != 0 and f"in use by pid {os.getpid()}" in other.stderr
     with wd.Lock(tmp_path):  # released on exit

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import gmm_quant as gq
-from gmm_quant import export, grid, onnx_export
+from gmm_quant.core import grid
+from gmm_quant.formats import export, onnx_export
 from models.zoo import ZOO
 
 

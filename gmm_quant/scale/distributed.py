@@ -19,6 +19,8 @@ import secrets
 import jax
 import numpy as np
 
+from gmm_quant._util.hosts import gather_rows, multi_process, to_local
+
 HEARTBEAT = 30  # seconds without news from a process before the others stop (JAX's default: 100)
 SHUTDOWN = 3600  # seconds the processes wait for each other at exit: process 0 writes the files meanwhile
 
@@ -41,10 +43,6 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def multi_process() -> bool:
-    return jax.process_count() > 1
-
-
 def barrier(name: str) -> None:
     """Wait until every process got here (a no-op in one process)."""
     if multi_process():
@@ -56,15 +54,6 @@ def barrier(name: str) -> None:
 def all_true(flag: bool) -> bool:
     """Whether ``flag`` holds on every process."""
     return bool(np.all(gather_rows(np.array([bool(flag)]))))
-
-
-def gather_rows(rows: np.ndarray) -> np.ndarray:
-    """``[P, *rows.shape]``: every process's ``rows`` (same shape and dtype everywhere)."""
-    if not multi_process():
-        return rows[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(rows))
 
 
 def default_mesh(mesh: str) -> str:
@@ -105,7 +94,7 @@ def agree(fn) -> None:
         if error is not None:
             raise error
         return
-    from gmm_quant.cli import describe
+    from gmm_quant._util.errors import describe
 
     text = "" if error is None else describe(error)
     told = _from_writer(text.encode(), 1024).rstrip(b"\0").decode(errors="replace")
@@ -145,19 +134,3 @@ def sample(leaf, limit: int = SAMPLE) -> np.ndarray:
     cut = tuple(slice(None, None, s) for s in strides)
     replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
     return np.asarray(to_local(jax.jit(lambda a: a[cut], out_shardings=replicated)(leaf))).ravel()
-
-
-def to_local(tree):
-    """``tree`` with every global array replaced by a full local copy (a no-op in one process)."""
-    if not multi_process():
-        return tree
-    from jax.experimental import multihost_utils
-
-    def one(leaf):
-        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
-            return leaf
-        if leaf.is_fully_replicated:
-            return np.asarray(leaf.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-
-    return jax.tree.map(one, tree)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gmm_quant.rules import flatten, path_str
+from gmm_quant.core.rules import flatten, path_str
 
 
 class Placement(NamedTuple):

@@ -2,10 +2,18 @@
 
 ``space`` (what a trial may change), ``trial`` (one retrain -> compress -> fine-tune, in memory),
 ``study`` (storage, sampler, pruner, stopping), ``budget`` (``compress_to_budget``, the library
-call), ``outputs`` (best config file, trials table, Pareto plot). ``python -m gmm_quant.tune`` wraps it.
+call), ``outputs`` (best config file, trials table, Pareto plot). ``python -m gmm_quant.tune`` wraps it
+(``gmm_quant.cli.tune``). Names load on first use: importing this package imports no optuna.
 """
 
-from gmm_quant.search.budget import SearchResult, compress_to_budget
-from gmm_quant.search.space import DEFAULT_DIMENSIONS, DIMENSIONS, Space
+from gmm_quant._util.lazy import exports
 
-__all__ = ["DEFAULT_DIMENSIONS", "DIMENSIONS", "SearchResult", "Space", "compress_to_budget"]
+_NAMES = {
+    "SearchResult": "gmm_quant.search.budget",
+    "compress_to_budget": "gmm_quant.search.budget",
+    "DEFAULT_DIMENSIONS": "gmm_quant.search.space",
+    "DIMENSIONS": "gmm_quant.search.space",
+    "Space": "gmm_quant.search.space",
+}
+__getattr__, __dir__ = exports(globals(), _NAMES)
+__all__ = sorted(_NAMES)

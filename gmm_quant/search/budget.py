@@ -18,13 +18,13 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from gmm_quant import loop
-from gmm_quant.config import Config
-from gmm_quant.rules import flatten
+from gmm_quant.core.rules import flatten
+from gmm_quant.run.config import Config
+from gmm_quant.run.stages import build_plan
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import run_trial
-from gmm_quant.stages import build_plan
+from gmm_quant.training import loop
 
 
 class SearchResult(NamedTuple):
@@ -77,7 +77,7 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
     judge, baseline = make_judge(metric, apply_fn, params, val)
     sensitive = []
     if "keep_float" in space:
-        from gmm_quant import sensitivity  # a command module: imported only when used
+        from gmm_quant.analysis import sensitivity  # a command module: imported only when used
 
         table = sensitivity.layer_sensitivity(apply_fn, params, layers, val, ks=(3,), fractions=())
         sizes = {p: int(np.size(v)) for p, v in flatten(params).items() if p in layers}

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 
-from gmm_quant.checkpoint import write_atomic
+from gmm_quant._util.files import write_atomic
 from gmm_quant.search import study as study_lib
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 
-from gmm_quant.config import Config
+from gmm_quant.run.config import Config
 
 DIMENSIONS = (
     "tau",  # prior strength: base tau x [1/5, 5], log-uniform

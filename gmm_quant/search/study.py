@@ -20,7 +20,7 @@ import sys
 import warnings
 from typing import NamedTuple
 
-from gmm_quant.config import Config
+from gmm_quant.run.config import Config
 from gmm_quant.search import space as space_lib
 from gmm_quant.search.trial import run_trial
 

@@ -16,10 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gmm_quant import accounting, codebook, float_codes, loop, pipeline
-from gmm_quant.config import Config
-from gmm_quant.rules import flatten
-from gmm_quant.stages import Stages, build_plan
+from gmm_quant.core import accounting, codebook, float_codes
+from gmm_quant.core.rules import flatten
+from gmm_quant.run.config import Config
+from gmm_quant.run.stages import Stages, build_plan
+from gmm_quant.training import loop, pipeline
 
 RUNGS = (0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned (before
 # the middle, while tau is still warming up, the score says little about the end: measured on digits)

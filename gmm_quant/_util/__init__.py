@@ -1,0 +1,1 @@
+"""Helpers below every layer: atomic writes, host transfers, error text, signals, partial losses."""

@@ -1,0 +1,1 @@
+"""Analyses of a trained model that train nothing: per-layer sensitivity."""

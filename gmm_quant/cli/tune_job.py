@@ -1,0 +1,146 @@
+"""What ``python -m gmm_quant.tune`` does, importable: ``tune_and_train(config, workdir, args)``.
+
+Everything the user gave is checked before the work directory is touched (config, data, pretrained
+model, storage URL, the directory itself); then pretraining (checkpointed, resumable), the study,
+its outputs, and the final model trained with the best settings in ``WORKDIR/final``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+from flax import nnx
+
+import models
+from gmm_quant._util.files import write_atomic
+from gmm_quant.run import config as cfgm
+from gmm_quant.run import job as run
+from gmm_quant.run import workdir as wd
+from gmm_quant.run.preflight import check_model
+from gmm_quant.run.pretrained import load_pretrained
+from gmm_quant.run.stages import Stages
+from gmm_quant.search import budget as budget_lib
+from gmm_quant.search import outputs
+from gmm_quant.search import space as space_lib
+from gmm_quant.search import study as study_lib
+from gmm_quant.training import data
+
+
+def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
+    cfgm.validate(cfg)
+    for name in ("head_threshold", "head_ratio", "reuse", "reuse_budget"):
+        if getattr(cfg, name):  # trials run retrain -> compress -> fine-tune only
+            raise cfgm.ConfigError(f"config field {name!r}: the search does not prune heads or reuse layers")
+    workdir = pathlib.Path(workdir)
+    wd.check_usable(workdir, overwrite=args.overwrite)
+    space = space_lib.Space(
+        tuple(d for d in (args.dimensions or "").split(",") if d) or space_lib.DEFAULT_DIMENSIONS
+    )
+    graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
+    check_model(cfg, graphdef, params)
+    ds, val = data.split_validation(data.load(cfg.dataset, args.data_dir, cfg.train_subset or None),
+                                    cfg.val_fraction, cfg.seed)  # fmt: skip
+    run.check_data(cfg, ds, len(val[1]))
+    budget, metric = budget_of(args)
+    budget_lib.check_inputs(budget, args.trials, val)
+    if args.pretrained is not None:
+        params = load_pretrained(args.pretrained, params)
+    if args.storage is not None:  # a URL that cannot be opened fails here, before any training
+        study_lib.open_study(args.storage, args.study_name, heartbeat=args.heartbeat)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    train, start = (ds.x_train, ds.y_train), time.perf_counter()
+    with wd.Lock(workdir):
+        if args.overwrite:
+            wd.clear(workdir)
+        wd.claim(workdir, cfg)
+        if args.pretrained is None:
+            params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
+        base = dataclasses.replace(cfg, pretrain_epochs=0)
+        search = budget_lib.prepare(apply_fn, params, train, val, budget=budget, base=base, space=space,
+                                    graphdef=graphdef, metric=metric)  # fmt: skip
+        storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
+        seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
+        study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat)
+        if args.storage is None:  # ours alone (the work directory is locked): running = killed
+            study_lib.retry_orphans(study)
+        budget_lib.optimize(search, study, trials=args.trials, timeout=args.timeout, patience=args.patience,
+                            progress=not args.no_progress)  # fmt: skip
+        return _finish(workdir, search, study, args, time.perf_counter() - start)
+
+
+def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
+    def runner(name, setup, epochs, parent, stop=None):
+        return run.run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, stop=stop)
+
+    return Stages(cfg, apply_fn, train, val, runner).pretrain(params)
+
+
+WHAT = {
+    "error": ("validation error", "val err %"),
+    "perplexity": ("validation perplexity rise", "ppl rise %"),
+}
+
+
+def budget_of(args) -> tuple[float, str]:
+    """(budget, metric) from --max-error-increase or --max-perplexity-increase."""
+    if args.max_perplexity_increase is not None:
+        return args.max_perplexity_increase, "perplexity"
+    return args.max_error_increase, "error"
+
+
+def _finish(workdir, search, study, args, seconds) -> str:
+    limit, baseline = 100 * search.limit, 100 * (search.limit - search.budget)
+    what, column = WHAT[search.metric]
+    rows = outputs.trial_rows(study)
+    outputs.write_table(rows, workdir / "trials.csv")
+    outputs.plot_pareto(rows, limit, baseline, workdir / "pareto.png", label=f"{what} (%)")
+    lines = [outputs.format_table(rows, limit, column)]
+    best = study_lib.feasible(study)
+    summary = {
+        "metric": search.metric, "budget_points": budget_of(args)[0], "pretrained_val_error": baseline / 100,
+        "limit_val_error": search.limit, "trials": len(rows), "seconds_this_run": seconds,
+    }  # fmt: skip
+    if best:
+        lines += _best(workdir, best[0], baseline, args, summary, what)
+    else:
+        lines.append(f"no trial met the budget ({what} <= {limit:.2f}%): more trials, or a larger budget")
+    write_atomic(workdir / "search.json", json.dumps(summary, indent=1).encode())
+    return "\n".join(lines)
+
+
+FINAL_KEYS = ("error_pretrained", "error_finetuned", "val_error_finetuned", "compression_ratio",
+              "perplexity_pretrained", "perplexity_finetuned", "val_perplexity_finetuned")  # fmt: skip
+
+
+def _best(workdir, best, baseline, args, summary, what) -> list[str]:
+    """Write the best config, train the final model with it; lines for the summary."""
+    values, err = best.user_attrs["config"], best.user_attrs["val_error"]
+    outputs.write_config(values, workdir / "best_config.json")
+    source = args.pretrained or str(workdir)
+    command = f"python -m gmm_quant.train --config-file {workdir}/best_config.json --pretrained {source}"
+    summary.update(best_trial=best.number, best_compression_ratio=best.value, best_val_error=err)
+    summary["reproduce"] = command
+    lines = [f"best: trial {best.number}, {best.value:.1f}x at {what} {100 * err:.2f}% "
+             f"(pretrained {baseline:.2f}%)"]  # fmt: skip
+    if not args.no_final:
+        metrics = run.train_and_evaluate(
+            study_lib.config_from_json(values), workdir / "final", data_dir=args.data_dir,
+            pretrained=source, progress=not args.no_progress, overwrite=True,
+        )  # fmt: skip
+        summary["final"] = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
+        before, after = 100 * metrics["error_pretrained"], 100 * metrics["error_finetuned"]
+        ratio = metrics["compression_ratio"]
+        lines.append(
+            f"final model in {workdir}/final: test error {before:.2f}% -> {after:.2f}% at {ratio:.1f}x"
+        )
+        if "perplexity_finetuned" in metrics:
+            ppl = f"{metrics['perplexity_pretrained']:.3f} -> {metrics['perplexity_finetuned']:.3f}"
+            lines.append(f"test perplexity {ppl}")
+    lines.append(f"reproduce: {command} --workdir NEW_DIR")
+    return lines

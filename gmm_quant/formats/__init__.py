@@ -1,0 +1,1 @@
+"""File formats: the ``.gqz`` file (``storage``) and the ONNX converter and export."""

@@ -1,0 +1,285 @@
+"""The compressed model file (``.gqz``): one file, versioned, checksummed, no pickle.
+
+Layout (little-endian)::
+
+    b"GMMQ"  u16 version  u32 header_length  32-byte sha256(header)  header (UTF-8 JSON)  payload
+
+The header lists every leaf: quantised leaves as ``centres`` (float32 [k]) and ``indices`` bit-packed
+at ceil(log2 k) bits per weight; float leaves as raw float32, or (``coded``) as codes of 2-8 bits
+bit-packed with their ``scale`` and ``zero_point`` (``float_codes``). It also records the model name, the
+config and the payload's sha256, and which layers reuse another's weights (``reuse``: each shared
+matrix is stored once, at its source's path; a reusing layer stores only its transform). Loading
+checks the magic, the version, both checksums, every offset and every shape, and raises
+``CorruptFile`` naming the problem; it never returns silently wrong weights. Files are written
+atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+from gmm_quant._util.files import write_atomic
+from gmm_quant.core.codebook import Codebook, index_dtype
+from gmm_quant.core.float_codes import FloatCode
+from gmm_quant.core.rules import flatten, replace_leaves
+from gmm_quant.formats import sparse_streams
+from gmm_quant.formats.header_checks import CorruptFile, bits_for, check_header, require
+
+MAGIC = b"GMMQ"
+VERSION = 2  # written; 1 and 2 are read
+VERSIONS = (1, 2)
+_MAX_HEADER = 1 << 24
+_PREFIX = struct.Struct("<4sHI32s")
+
+
+def pack_bits(indices: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned integers < 2**bits into a little-endian bit stream."""
+    flat = np.asarray(indices, np.uint32).ravel()
+    planes = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.ravel(), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little", count=count * bits)
+    weights = (1 << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
+    return planes.reshape(count, bits).astype(np.uint32) @ weights
+
+
+class Compressed(NamedTuple):
+    """What a ``.gqz`` file holds."""
+
+    codebooks: dict  # {path: Codebook}
+    float_leaves: dict  # {path: float32 array}
+    model: str | None
+    config: dict | None
+    activations: dict | None = None  # {layer: (scale, zero_point, bits)} of activation quantisation
+    reuse: tuple = ()  # reuse.layers.Link of every layer computing another's output transformed
+    float_codes: dict | None = None  # {path: FloatCode} of the float leaves stored as codes
+
+    def params(self, like=None):
+        """The file's weights as a params pytree shaped like ``like``; by default the ``nnx.Param``
+        state of the model the file names (see ``model_spec``)."""
+        if like is None:
+            like = self._template()
+        flat = flatten(like)
+        stored = {**{p: cb.dequantize() for p, cb in self.codebooks.items()}, **self.float_leaves}
+        missing = sorted(set(flat) - set(stored))
+        extra = sorted(set(stored) - set(flat))
+        if missing or extra:
+            raise CorruptFile(f"file does not fit the model: missing {missing}, unexpected {extra}")
+        for path, leaf in flat.items():
+            if tuple(np.shape(leaf)) != stored[path].shape:
+                raise CorruptFile(
+                    f"shape mismatch for {path}: file has {stored[path].shape}, model has {np.shape(leaf)}"
+                )
+        return replace_leaves(like, stored)
+
+    def _template(self):
+        from flax import nnx
+
+        if self.model is None:
+            raise ValueError("the file does not name its model; pass a params pytree of the right structure")
+        return nnx.split(self.build_model(), nnx.Param, ...)[1]
+
+    def shapes(self) -> dict:
+        """{path: shape} of every stored leaf."""
+        return {**{p: tuple(cb.indices.shape) for p, cb in self.codebooks.items()},
+                **{p: tuple(np.shape(v)) for p, v in self.float_leaves.items()}}  # fmt: skip
+
+    def build_model(self, spec: str | None = None):
+        """A fresh module of the model the file names (or ``spec``), its attention layers cut to the
+        heads the file stores (a model whose heads were pruned), its reusing layers re-linked."""
+        from gmm_quant.surgery import heads
+        from gmm_quant.surgery.model_spec import make_model
+
+        module = make_model(spec or self.model)
+        heads.fit_heads(module, self.shapes())
+        if self.reuse:
+            from gmm_quant.surgery.reuse.layers import attach
+
+            attach(module, self.reuse, fitted=False)
+        if self.activations:
+            from gmm_quant.surgery import activations as points
+
+            points.attach(module, self.activations)
+        return module
+
+    def load_model(self, model=None):
+        """The Flax NNX module (``model``, or the one the file names) with the file's weights."""
+        from flax import nnx
+
+        module = model if model is not None else self.build_model() if self.model else None
+        if module is None:
+            raise ValueError("the file does not name its model; pass model=<an nnx.Module of that model>")
+        graphdef, like, rest = nnx.split(module, nnx.Param, ...)
+        return nnx.merge(graphdef, self.params(like), rest)
+
+
+def load_model(path, model=None):
+    """The Flax NNX module stored in a ``.gqz`` file, rebuilt from the model name it records."""
+    return load_compressed(path).load_model(model)
+
+
+def _codebook_entry(cb, add, version: int) -> dict:
+    k = len(cb.centres)
+    centres = add(np.asarray(cb.centres, "<f4").tobytes())
+    if version == 1:
+        bits = bits_for(k)
+        return {
+            "kind": "codebook",
+            "k": k,
+            "bits": bits,
+            "centres": centres,
+            "indices": add(pack_bits(cb.indices, bits)),
+        }
+    gaps, values, nnz = sparse_streams.split(cb.indices)
+    return {
+        "kind": "sparse", "k": k, "nnz": nnz, "gaps_raw": len(gaps), "centres": centres,
+        "gaps": add(sparse_streams.pack(gaps)), "values": add(sparse_streams.pack(values)),
+    }  # fmt: skip
+
+
+def save_compressed(
+    path,
+    codebooks: dict,
+    params,
+    *,
+    model: str | None = None,
+    config: dict | None = None,
+    activations: dict | None = None,
+    reuse=(),
+    float_codes: dict | None = None,
+    version: int = VERSION,
+):
+    """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
+
+    ``model`` names the model so the file can be loaded without a template: a project model name or
+    ``"package.module:factory"`` (see ``model_spec``). ``version`` 2 (the default) stores each layer's
+    non-zero positions and centre indices entropy-coded (``sparse_streams``); version 1 stores every
+    index bit-packed. ``activations`` ({layer: (scale, zero_point, bits)}) records activation
+    quantisation, re-attached when the file's model is rebuilt; ``reuse`` (``reuse.layers.Link``s)
+    the layers that reuse another's weights, re-linked likewise; ``float_codes`` ({path: FloatCode})
+    the float leaves stored as codes (their values in ``params`` must be the codes' values).
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version}")
+    chunks, leaves, offset = [], [], 0
+
+    def add(data: bytes) -> dict:
+        nonlocal offset
+        chunks.append(data)
+        entry = {"offset": offset, "nbytes": len(data)}
+        offset += len(data)
+        return entry
+
+    for name, leaf in flatten(params).items():
+        if name in codebooks:
+            entry = _codebook_entry(codebooks[name], add, version)
+        elif float_codes and name in float_codes:
+            c = float_codes[name]
+            entry = {"kind": "coded", "bits": c.bits, "scale": float(c.scale), "zero_point": c.zero_point,
+                     "data": add(pack_bits(c.codes, c.bits))}  # fmt: skip
+        else:
+            entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
+        leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
+    payload = b"".join(chunks)
+    header = json.dumps(
+        {
+            "format": "gmm_quant",
+            "version": version,
+            "model": model,
+            "config": config,
+            **({"activations": {k: list(v) for k, v in activations.items()}} if activations else {}),
+            **({"reuse": [[r.target, r.source, r.rank] for r in reuse]} if reuse else {}),
+            "leaves": leaves,
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        },
+        separators=(",", ":") if version > 1 else None,
+    ).encode()
+    if version > 1:
+        header = sparse_streams.pack(header)
+    prefix = _PREFIX.pack(MAGIC, version, len(header), hashlib.sha256(header).digest())
+    write_atomic(path, prefix + header + payload)
+
+
+def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
+    if len(raw) < _PREFIX.size:
+        raise CorruptFile(f"{path}: truncated ({len(raw)} bytes), not a gmm_quant compressed file")
+    magic, version, length, digest = _PREFIX.unpack_from(raw)
+    if magic != MAGIC:
+        raise CorruptFile(f"{path}: not a gmm_quant compressed file (magic {magic!r})")
+    if version not in VERSIONS:
+        raise CorruptFile(f"{path}: format version {version}, this gmm_quant reads versions {VERSIONS}")
+    header = raw[_PREFIX.size : _PREFIX.size + length]
+    if len(header) != length or hashlib.sha256(header).digest() != digest:
+        raise CorruptFile(f"{path}: header checksum mismatch (file truncated or corrupt)")
+    payload = raw[_PREFIX.size + length :]
+    try:
+        text = sparse_streams.unpack(header, _MAX_HEADER) if version > 1 else header
+        meta = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise CorruptFile(f"{path}: header is not valid JSON ({err})") from None
+    check_header(meta, path)
+    require(meta.get("version") == version, path, f"header says version {meta.get('version')!r}")
+    if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
+        raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
+    return meta, payload
+
+
+def _slice(payload: bytes, entry: dict, path, name) -> bytes:
+    start, size = entry["offset"], entry["nbytes"]
+    if start + size > len(payload):
+        raise CorruptFile(f"{path}: leaf {name} points outside the payload")
+    return payload[start : start + size]
+
+
+def _indices(leaf, payload, path, count) -> np.ndarray:
+    name, shape = leaf["path"], tuple(leaf["shape"])
+    if leaf["kind"] == "codebook":
+        return unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
+    try:
+        gaps = sparse_streams.unpack(_slice(payload, leaf["gaps"], path, name), leaf["gaps_raw"])
+        values = sparse_streams.unpack(_slice(payload, leaf["values"], path, name), leaf["nnz"])
+        return sparse_streams.join(gaps, values, leaf["nnz"], shape, np.uint32).ravel()
+    except MemoryError:
+        raise CorruptFile(f"{path}: {name}: {math.prod(shape)} weights do not fit in memory") from None
+    except ValueError as err:
+        raise CorruptFile(f"{path}: {name}: {err}") from None
+
+
+def load_compressed(path) -> Compressed:
+    """Read a ``.gqz`` file; raises ``CorruptFile`` with the reason if anything is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    meta, payload = _read_header(raw, path)
+    codebooks, floats, coded = {}, {}, {}
+    for leaf in meta["leaves"]:
+        name, shape = leaf["path"], tuple(leaf["shape"])
+        count = math.prod(shape)
+        if leaf["kind"] in ("codebook", "sparse"):
+            centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
+            indices = _indices(leaf, payload, path, count)
+            if indices.size and indices.max() >= centres.size:
+                raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
+            codebooks[name] = Codebook(centres, indices.astype(index_dtype(centres.size)).reshape(shape))
+        elif leaf["kind"] == "coded":
+            codes = unpack_bits(_slice(payload, leaf["data"], path, name), leaf["bits"], count)
+            coded[name] = FloatCode(codes.astype(np.uint8).reshape(shape), np.float32(leaf["scale"]),
+                                    leaf["zero_point"], leaf["bits"])  # fmt: skip
+            floats[name] = coded[name].dequantize()
+        else:
+            data = np.frombuffer(_slice(payload, leaf["data"], path, name), "<f4")
+            if data.size != count:
+                raise CorruptFile(f"{path}: {name} holds {data.size} values, shape {shape} needs {count}")
+            floats[name] = data.astype(np.float32).reshape(shape)
+    acts = {k: tuple(v) for k, v in meta.get("activations", {}).items()}
+    from gmm_quant.surgery.reuse.links import Link
+
+    links = tuple(Link(*v) for v in meta.get("reuse", []))
+    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links, coded)

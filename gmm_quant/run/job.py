@@ -1,0 +1,265 @@
+"""``train_and_evaluate(config, workdir)``: the whole pipeline with checkpoints, report and files.
+
+Stages: pretrain -> retrain with the prior -> compress -> fine-tune the codebooks -> evaluate -> save
+``model.gqz``, ``metrics.json``, figures (and ``model.onnx`` when onnx is installed). Every epoch of
+every training stage is checkpointed; running the same command again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import pathlib
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+import models
+from gmm_quant.core import accounting, codebook
+from gmm_quant.core.rules import flatten, replace_leaves
+from gmm_quant.formats import storage
+from gmm_quant.run import checkpoint as ckpt
+from gmm_quant.run import config as cfgm
+from gmm_quant.run import report
+from gmm_quant.run import workdir as wd
+from gmm_quant.run.preflight import check_model
+from gmm_quant.run.pretrained import load_pretrained
+from gmm_quant.run.stages import Stages, build_plan
+from gmm_quant.scale import distributed
+from gmm_quant.training import data, loop, pipeline
+
+
+def run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None, stop=None):
+    """Train one stage with verified per-epoch checkpoints; resumes from the newest good one.
+
+    ``parent`` keys the checkpoints to what the stage started from (default: the identity of its
+    initial trainable state), so a changed earlier stage never resumes a later one's old steps.
+    Several processes: all of them save and restore together, each its own shards of the global state
+    (``checkpoint.StageCheckpoints``); the trained state comes back as global arrays.
+    """
+    loss, optimizer, trainable = setup
+    state = loop.init_state(trainable, optimizer)
+    if placement is not None:  # restored straight into place (several processes: into global arrays)
+        state = placement.place(state)
+    parent = parent or ckpt.Identity(state.trainable)
+    writer = distributed.is_writer()
+    store = ckpt.StageCheckpoints(workdir, name, parent)
+    done, restored = store.restore_latest(state)
+    state = restored if restored is not None else state
+    if stop is not None and done and stop(done - 1, state):  # resumed where the stage had stopped
+        store.close()
+        return state
+    bar = tqdm(total=epochs, initial=done, desc=name, disable=not (progress and writer), unit="epoch")
+
+    def on_epoch(epoch, st, metrics):
+        store.save(epoch + 1, st)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.4f}")
+        bar.update()
+
+    try:
+        return pipeline.run_epochs(
+            loss, optimizer, trainable, data_xy, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+            name=name, state=state, start_epoch=done, on_epoch=on_epoch, placement=placement, stop=stop,
+        )  # fmt: skip
+    finally:
+        bar.close()
+        store.close()
+
+
+def _hold_workdir(stack: contextlib.ExitStack, workdir: pathlib.Path, cfg: cfgm.Config, overwrite: bool):
+    """Lock, clear (``overwrite``) and claim ``workdir`` until ``stack`` closes. Several processes:
+    process 0 does it and all stop if it may not; then every process must see the same directory."""
+
+    def enter():
+        stack.enter_context(wd.Lock(workdir))
+        if overwrite:
+            wd.clear(workdir)
+        wd.claim(workdir, cfg)
+
+    distributed.agree(enter)
+    if not distributed.sees_shared(workdir):
+        raise wd.WorkdirError(
+            f"work directory {workdir} is not shared by the {jax.process_count()} processes: each writes "
+            "its shards of every checkpoint there; put it on a filesystem every host mounts (e.g. NFS)"
+        )
+
+
+def _check_processes_agree(cfg: cfgm.Config, ds: data.Dataset) -> None:
+    """Several processes must run one program on one dataset: compare the config and the labels."""
+    if not distributed.multi_process():
+        return
+    labels = hashlib.sha256(np.ascontiguousarray(ds.y_train).tobytes() + np.asarray(ds.y_test).tobytes())
+    shapes = f"{ds.x_train.shape} {ds.x_test.shape}"
+    if not distributed.same_everywhere(f"{cfg.fingerprint()} {shapes} {labels.hexdigest()}"):
+        raise cfgm.ConfigError(
+            f"the {jax.process_count()} processes were not given the same config and data: run the same "
+            "command (config, flags, --data-dir contents) on each"
+        )
+
+
+def check_data(cfg: cfgm.Config, ds: data.Dataset, n_val: int) -> None:
+    n = ds.x_train.shape[0]
+    if cfg.batch_size > n:
+        raise cfgm.ConfigError(
+            f"invalid config field 'batch_size' = {cfg.batch_size}: exceeds the {n} training examples"
+            + (" of the train_subset" if cfg.train_subset else "")
+            + (f" left after {n_val} held out for validation" if n_val else "")
+        )
+    for name in ("x_train", "x_test"):
+        if not np.all(np.isfinite(getattr(ds, name))):
+            raise data.DataError(f"the {cfg.dataset} data hold non-finite values in {name}")
+
+
+def train_and_evaluate(
+    cfg: cfgm.Config,
+    workdir,
+    *,
+    data_dir=None,
+    pretrained=None,
+    progress=True,
+    overwrite=False,
+    export_onnx=True,
+) -> dict:
+    """Run every stage of ``cfg`` in ``workdir``; returns the metrics written to metrics.json.
+
+    Everything is checked before the work directory is touched: the config, the data, ``pretrained``
+    and the directory itself (see ``workdir.py``: a directory that is not ours is never written to,
+    ``overwrite`` deletes only our outputs, and one process at a time holds the directory).
+    """
+    cfgm.validate(cfg)
+    cfg = dataclasses.replace(cfg, mesh=distributed.default_mesh(cfg.mesh))  # several processes: data=N
+    workdir = pathlib.Path(workdir)
+    distributed.agree(lambda: wd.check_usable(workdir, overwrite=overwrite))
+    graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
+    check_model(cfg, graphdef, params)
+    plan = build_plan(cfg, params)
+    flat = flatten(params)
+    cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
+    ds, val = data.split_validation(data.load(cfg.dataset, data_dir, cfg.train_subset or None),
+                                    cfg.val_fraction, cfg.seed)  # fmt: skip
+    check_data(cfg, ds, len(val[1]))
+    if pretrained is not None:
+        params = load_pretrained(pretrained, params)
+
+    _check_processes_agree(cfg, ds)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    writer = distributed.is_writer()  # several processes: process 0 alone holds the lock and the files
+    with contextlib.ExitStack() as stack:
+        _hold_workdir(stack, workdir, cfg, overwrite)
+
+        def runner(name, setup, epochs, parent, stop=None):
+            where = stage.placement
+            return run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, where, stop)
+
+        train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+        stage = Stages(cfg, apply_fn, train, val, runner, test=test, graphdef=graphdef)
+        stage.place(params)
+        pretrained_params = stage.pretrain(params)
+        if cfg.head_threshold or cfg.head_ratio or cfg.reuse or cfg.reuse_budget:
+            pretrained_params = distributed.to_local(pretrained_params)  # model surgery: on a whole copy
+        if cfg.head_threshold or cfg.head_ratio:
+            graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
+            plan = build_plan(cfg, pretrained_params)
+            stage.place(pretrained_params)
+        if cfg.reuse or cfg.reuse_budget:
+            graphdef, pretrained_params = stage.reuse_layers(graphdef, pretrained_params)
+            plan = build_plan(cfg, pretrained_params)
+            stage.place(pretrained_params)
+        mixtures, retrained = stage.retrain(plan, pretrained_params)
+        start = time.perf_counter()
+        codebooks, snapped = stage.compress(plan, mixtures, retrained)
+        graphdef = stage.quantise_activations(graphdef, snapped)
+        codebooks, final = stage.finetune(codebooks, snapped, cfg.finetune_epochs, start)
+        # the Han count where the shards live; then the file writer's copy (several processes: gathered)
+        summary = accounting.summarize(codebooks, final, removed=stage.removed, float_codes=stage.float_codes)
+        codebooks, final = _on_host(codebooks, final)
+        figures = _figure_weights(plan, pretrained_params, retrained)
+        if not writer:
+            return None
+        sample = ds.x_test[:64] if export_onnx else None
+        metrics = _save_results(cfg, workdir, codebooks, final, stage, sample, summary)
+        _figures(workdir, plan, mixtures, *figures)
+    return metrics
+
+
+def _on_host(codebooks, final):
+    """Codebooks and params as host arrays (several processes: the indices and the float leaves
+    gathered, the quantised leaves rebuilt from them rather than gathered as floats)."""
+    if not distributed.multi_process():
+        return codebooks, final
+    codebooks = distributed.to_local(codebooks)
+    floats = distributed.to_local({p: v for p, v in flatten(final).items() if p not in codebooks})
+    return codebooks, codebook.dequantize(codebooks, replace_leaves(final, floats))
+
+
+def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample, summary) -> dict:
+    """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
+    flat = {p: np.asarray(v) for p, v in flatten(final).items()}
+    model_path = workdir / "model.gqz"
+    storage.save_compressed(
+        model_path,
+        codebooks,
+        final,
+        model=cfg.model,
+        config=dataclasses.asdict(cfg),
+        activations=stage.activations,
+        reuse=stage.links,
+        float_codes=stage.float_codes,
+    )
+    extra = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "seconds": stage.times,
+        "file_bytes": model_path.stat().st_size,
+        "gzip_ratio": accounting.gzip_ratio(flat),
+        "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(stage.val[1])},
+        **{f"val_error_{k}": v for k, v in stage.val_errors.items()},
+        **{f"perplexity_{k}": v for k, v in stage.perplexities.items()},
+        **{f"val_perplexity_{k}": v for k, v in stage.val_perplexities.items()},
+    }
+    if stage.heads:
+        extra["heads"] = stage.heads
+    extra["retrain_epochs"] = stage.retrain_epochs_run
+    if stage.links:
+        extra["reuse"] = [dataclasses.asdict(link) for link in stage.links]
+    if stage.reuse_table:
+        extra["reuse_choice"] = stage.reuse_table
+    if onnx_sample is not None:
+        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else "sparse")
+    metrics = report.metrics_dict(stage.errors, summary, extra)
+    report.write_metrics(workdir, metrics)
+    return metrics
+
+
+def _export(model_path, workdir, sample, encoding):
+    try:
+        from gmm_quant.formats import export
+    except ImportError as err:  # onnx is an optional extra
+        return {"skipped": f"onnx not installed ({err})"}
+    out = workdir / "model.onnx"
+    info = export.export_file(model_path, out, sample=sample, encoding=encoding)
+    return {"path": str(out), **info}
+
+
+def _figure_weights(plan, before, after):
+    """The first mixture's weights before and after retraining (several processes: a sample of each
+    layer taken where it lives, at most ``distributed.SAMPLE`` values)."""
+    paths = plan.group_paths(next(iter(plan.mixtures)))
+    fb, fa = flatten(before), flatten(after)
+    w0 = np.concatenate([distributed.sample(fb[p]) for p in paths])
+    w1 = np.concatenate([distributed.sample(fa[p]) for p in paths])
+    return w0, w1
+
+
+def _figures(workdir, plan, mixtures, w0, w1):
+    group = next(iter(plan.mixtures))
+    cfg, state = plan.mixtures[group], distributed.to_local(mixtures[group])
+    comps = codebook.assign(cfg, state, w1)
+    report.plot_figures(workdir, cfg, state, w0, w1, comps)

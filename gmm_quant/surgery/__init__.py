@@ -1,0 +1,1 @@
+"""Model surgery: attention heads removed, activations quantised, layers reused, models named by spec."""

@@ -1,0 +1,144 @@
+"""A small, fast training loop shared by pretraining, retraining and fine-tuning.
+
+One jitted call runs a whole epoch as a ``lax.scan`` over mini-batches (the fastest formulation on
+CPU), with the permutation derived from ``(seed, epoch)`` so that a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gmm_quant._util import interrupts
+from gmm_quant._util.partials import arguments, bound
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    trainable: object
+    opt_state: object
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+
+def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, scan: bool | None = None,
+               batch_sharding=None, state_sharding=None):  # fmt: skip
+    """``epoch(state, x, y, key) -> (state, metrics)``: one pass over (x, y) in shuffled batches.
+
+    ``loss_fn(trainable, x, y, step) -> (loss, aux)``; ``metrics`` averages loss and aux over the
+    epoch's batches. The last incomplete batch is dropped.
+
+    ``scan=True`` runs the epoch as one ``lax.scan`` (fastest for dense models: 0.56 vs 0.70 ms per
+    LeNet-300-100 step); ``False`` loops over a jitted step in Python, which convolutional models need:
+    XLA on CPU runs convolutions inside a scan about 9x slower (807 vs 88 ms per LeNet-5 step).
+    ``None`` picks scan unless the loss contains a convolution.
+    """
+
+    def train_step(state: TrainState, batch, arrays):
+        x, y = batch
+        if batch_sharding is not None:
+            x, y = (jax.lax.with_sharding_constraint(v, batch_sharding) for v in (x, y))
+        grad_fn = jax.value_and_grad(bound(loss_fn, arrays), has_aux=True)
+        (loss, aux), grads = grad_fn(state.trainable, x, y, state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new = TrainState(state.step + 1, trainable, opt_state)
+        if state_sharding is not None:
+            new = jax.lax.with_sharding_constraint(new, state_sharding)
+        return new, {"loss": loss, **aux}
+
+    def batches(x, key):
+        steps = x.shape[0] // batch_size
+        if steps == 0:
+            raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
+        return jax.random.permutation(key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
+
+    @jax.jit
+    def scan_epoch(state: TrainState, x, y, key, arrays):
+        order = batches(x, key)
+        state, metrics = jax.lax.scan(lambda s, idx: train_step(s, (x[idx], y[idx]), arrays), state, order)
+        if state_sharding is not None:
+            state = jax.lax.with_sharding_constraint(state, state_sharding)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    jit_step = jax.jit(lambda state, x, y, idx, arrays: train_step(state, (x[idx], y[idx]), arrays))
+    arrays = arguments(loss_fn)
+
+    def loop_epoch(state: TrainState, x, y, key):
+        history = []
+        for idx in batches(x, key):
+            state, metrics = jit_step(state, x, y, idx, arrays)
+            history.append(metrics)
+            interrupts.check()  # a Ctrl-C dropped inside a garbage-collector callback stops here
+        return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
+
+    def epoch(state: TrainState, x, y, key):
+        nonlocal scan
+        if scan is None:
+            probe = jax.make_jaxpr(lambda a, *v: bound(loss_fn, a)(*v))
+            jaxpr = probe(arrays, state.trainable, x[:batch_size], y[:batch_size], state.step)
+            scan = "conv_general_dilated" not in str(jaxpr)
+        return scan_epoch(state, x, y, key, arrays) if scan else loop_epoch(state, x, y, key)
+
+    return epoch
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+def check_finite(metrics: dict, where: str) -> dict:
+    """Host-side metrics; raises FloatingPointError naming ``where`` if any is NaN or infinite."""
+    out = {k: float(v) for k, v in metrics.items()}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"training diverged in {where}: non-finite {', '.join(bad)}")
+    return out
+
+
+def mean_loss(loss_fn, trainable, x, y, batch_size: int = 1000) -> float:
+    """Example-weighted mean of ``loss_fn(trainable, x_batch, y_batch, 0)[0]`` over all of ``x``."""
+    fn = jax.jit(lambda a, t, xb, yb: bound(loss_fn, a)(t, xb, yb, jnp.zeros((), jnp.int32))[0])
+    arrays, total = arguments(loss_fn), 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        total += float(fn(arrays, trainable, xb, yb)) * xb.shape[0]
+    return total / x.shape[0]
+
+
+def predict(apply_fn, params, x, batch_size: int = 1000):
+    """Concatenated ``apply_fn(params, x_batch)`` over ``x`` in batches."""
+    fn = jax.jit(apply_fn)
+    outs = [fn(params, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return jnp.concatenate(outs)
+
+
+def error_rate(apply_fn, params, x, y, batch_size: int = 1000) -> float:
+    """Fraction of labels (examples, or tokens of sequences) the argmax prediction gets wrong."""
+    return _error(predict(apply_fn, params, x, batch_size), y)
+
+
+def perplexity(apply_fn, params, x, y, batch_size: int = 1000) -> float:
+    """``exp`` of the mean cross-entropy (nats) over every label: for a language model's ``[N, L]``
+    next-token labels, the per-token perplexity."""
+    return _perplexity(predict(apply_fn, params, x, batch_size), y)
+
+
+def error_and_perplexity(apply_fn, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
+    """Both, from one pass over ``x``."""
+    logits = predict(apply_fn, params, x, batch_size)
+    return _error(logits, y), _perplexity(logits, y)
+
+
+def _error(logits, y) -> float:
+    return float(jnp.mean(jnp.argmax(logits, -1) != y))
+
+
+def _perplexity(logits, y) -> float:
+    return math.exp(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()))
