@@ -32,8 +32,8 @@ from gmm_quant.core import accounting
 from gmm_quant.core.rules import flatten
 from gmm_quant.formats import export, storage
 from gmm_quant.run import config as cfgm
-from gmm_quant.run import configs
-from gmm_quant.run.stages import Stages, build_plan
+from gmm_quant.run import configs, model_stages, stages
+from gmm_quant.run.plan import build_plan
 from gmm_quant.search.trial import memory_runner
 from gmm_quant.training import data
 
@@ -57,26 +57,28 @@ VARIANTS = {
 
 
 def variant(cfg, graphdef, pretrained, train, val, test, x_test) -> dict:
-    st = Stages(cfg, lambda p, v: nnx.merge(graphdef, p)(v), train, val, memory_runner(cfg, train), test=test)
-    st._errors("pretrained", pretrained)
-    _, params = st.reuse_layers(graphdef, pretrained)
-    plan = build_plan(cfg, params)
-    mixtures, retrained = st.retrain(plan, params)
-    codebooks, snapped = st.compress(plan, mixtures, retrained)
-    codebooks, final = st.finetune(codebooks, snapped, cfg.finetune_epochs)
+    ctx = stages.Context(cfg, train, val, memory_runner(cfg, train), test)
+    model = stages.Model(lambda p, v: nnx.merge(graphdef, p)(v), pretrained, graphdef)
+    record = stages.Record().scored(ctx, "pretrained", model)
+    model, record = model_stages.reuse_layers(ctx, model, record)
+    plan = build_plan(cfg, model.params)
+    mixtures, model, record = stages.retrain(ctx, plan, model, record)
+    codebooks, model, record = stages.compress(ctx, plan, mixtures, model, record)
+    codebooks, model, record = stages.finetune(ctx, codebooks, model, record, cfg.finetune_epochs)
+    final = model.params
     summary = accounting.summarize(codebooks, {p: np.asarray(v) for p, v in flatten(final).items()},
-                                   removed=st.removed)  # fmt: skip
+                                   removed=model.removed)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "model.gqz"
-        storage.save_compressed(path, codebooks, final, model=cfg.model, reuse=st.links)
+        storage.save_compressed(path, codebooks, final, model=cfg.model, reuse=list(model.links))
         info = export.export_file(
             path, pathlib.Path(tmp) / "model.onnx", sample=x_test[:256], encoding="sparse"
         )
         gqz = path.stat().st_size
     return {
-        "links": [dataclasses.asdict(link) for link in st.links],
-        "test_error": st.errors["finetuned"], "val_error": st.val_errors["finetuned"],
-        "val_error_reused": st.val_errors.get("reused"), "errors": st.errors,
+        "links": [dataclasses.asdict(link) for link in model.links],
+        "test_error": record.errors["finetuned"], "val_error": record.val_errors["finetuned"],
+        "val_error_reused": record.val_errors.get("reused"), "errors": record.errors,
         "compression_ratio": summary["compression_ratio"], "gqz_bytes": gqz, "onnx_bytes": info["bytes"],
     }  # fmt: skip
 
@@ -98,10 +100,8 @@ def main():
                                     cfg.val_fraction, cfg.seed)  # fmt: skip
     train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
-    base = Stages(
-        cfg, lambda p, v: nnx.merge(graphdef, p)(v), train, val, memory_runner(cfg, train), test=test
-    )
-    pretrained = _pretrained(cfg, workdir, base, graphdef, params)
+    ctx = stages.Context(cfg, train, val, memory_runner(cfg, train), test)
+    pretrained = _pretrained(cfg, workdir, ctx, stages.Model(lambda p, v: nnx.merge(graphdef, p)(v), params))
     rows = {}
     print(f"{'variant':<12} {'test err':>8} {'val err':>8} {'CR':>7} {'.gqz B':>8} {'ONNX B':>8}  seconds")
     for name in args.variants.split(","):

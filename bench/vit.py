@@ -36,36 +36,36 @@ from gmm_quant.core import accounting
 from gmm_quant.core.rules import flatten
 from gmm_quant.formats import export, storage
 from gmm_quant.run import config as cfgm
-from gmm_quant.run import configs
-from gmm_quant.run.stages import Stages, build_plan
+from gmm_quant.run import configs, model_stages, stages
+from gmm_quant.run.plan import build_plan
 from gmm_quant.search.trial import memory_runner
 from gmm_quant.training import data
 
 MODES = {"codebooks": "", "W8A8": "w8a8", "W4A8": "w4a8", "W4A16": "w4a16"}
 
 
-def _pretrained(cfg, workdir, stages, graphdef, params):
+def _pretrained(cfg, workdir, ctx, model):
     path = workdir / "pretrained.gqz"
     if path.is_file():
-        return storage.load_compressed(path).params(params)
-    params = stages.pretrain(params)
+        return storage.load_compressed(path).params(model.params)
+    params = stages.pretrain(ctx, model, stages.Record())[0].params
     storage.save_compressed(path, {}, params, model=cfg.model)
     return params
 
 
-def _row(name, st, graphdef, codebooks, final, x, test, encoding):
-    apply_fn = st.apply_fn
+def _row(name, model, record, codebooks, x, encoding):
+    apply_fn, final = model.apply_fn, model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
-    summary = accounting.summarize(codebooks, flat, removed=st.removed)
+    summary = accounting.summarize(codebooks, flat, removed=model.removed)
     onnx_model = export.to_onnx(apply_fn, final, codebooks, x[:8], encoding=encoding)
     export.verify(onnx_model, apply_fn, final, x[:256])
-    heads = st.heads or {}
+    heads = model.heads or {}
     kept = sum(len(h["kept"]) for h in heads.values()) if heads else None
     return {
         "variant": name,
-        "test_error": st.errors.get("finetuned", st.errors.get("pretrained")),
-        "test_perplexity": st.perplexities.get("finetuned", st.perplexities.get("pretrained")),
-        "val_error": st.val_errors.get("finetuned", st.val_errors.get("pretrained")),
+        "test_error": record.errors.get("finetuned", record.errors.get("pretrained")),
+        "test_perplexity": record.perplexities.get("finetuned", record.perplexities.get("pretrained")),
+        "val_error": record.val_errors.get("finetuned", record.val_errors.get("pretrained")),
         "nonzero_percent": 100 * summary["nonzero_fraction"] if codebooks else 100.0,
         "heads_kept": kept,
         "compression_ratio": summary["compression_ratio"] if codebooks else 1.0,
@@ -96,30 +96,31 @@ def run(args) -> list[dict]:
     train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
     graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
 
-    def stages(c):
-        apply_fn = lambda p, v: nnx.merge(graphdef, p)(v)  # noqa: E731
-        return Stages(c, apply_fn, train, val, memory_runner(c, train), test=test)
+    def context(c):
+        return stages.Context(c, train, val, memory_runner(c, train), test)
 
-    base = stages(cfg)
-    pretrained = _pretrained(cfg, workdir, base, graphdef, params)
-    base._errors("pretrained", pretrained)
-    rows = [_row("float32", base, graphdef, {}, pretrained, ds.x_test, test, "codebook")]
-    plan = build_plan(cfg, pretrained)
-    mixtures, retrained = base.retrain(plan, pretrained)
+    apply_fn = lambda p, v: nnx.merge(graphdef, p)(v)  # noqa: E731
+    ctx = context(cfg)
+    pretrained = stages.Model(apply_fn, params, graphdef)
+    pretrained = pretrained._replace(params=_pretrained(cfg, workdir, ctx, pretrained))
+    record = stages.Record().scored(ctx, "pretrained", pretrained)
+    rows = [_row("float32", pretrained, record, {}, ds.x_test, "codebook")]
+    plan = build_plan(cfg, pretrained.params)
+    mixtures, retrained, record = stages.retrain(ctx, plan, pretrained, record)
     for name, mode in MODES.items():
-        st = stages(dataclasses.replace(cfg, activation_mode=mode))
-        codebooks, snapped = st.compress(plan, mixtures, retrained)
-        g = st.quantise_activations(graphdef, snapped)
-        codebooks, final = st.finetune(codebooks, snapped, cfg.finetune_epochs)
-        rows.append(_row(name, st, g, codebooks, final, ds.x_test, test, "grid" if mode else "sparse"))
-    st = stages(dataclasses.replace(cfg, head_ratio=args.head_ratio))
-    g, pruned = st.prune_heads(graphdef, pretrained)
-    plan_h = build_plan(st.cfg, pruned)
-    mix_h, retrained_h = st.retrain(plan_h, pruned)
-    codebooks, snapped = st.compress(plan_h, mix_h, retrained_h)
-    codebooks, final = st.finetune(codebooks, snapped, cfg.finetune_epochs)
-    rows.append(_row(f"codebooks + heads ({args.head_ratio:.0%} pruned)", st, g, codebooks, final,
-                     ds.x_test, test, "sparse"))  # fmt: skip
+        c = context(dataclasses.replace(cfg, activation_mode=mode))
+        codebooks, model, rec = stages.compress(c, plan, mixtures, retrained, record)
+        model, rec = model_stages.quantise_activations(c, model, rec)
+        codebooks, model, rec = stages.finetune(c, codebooks, model, rec, cfg.finetune_epochs)
+        rows.append(_row(name, model, rec, codebooks, ds.x_test, "grid" if mode else "sparse"))
+    c = context(dataclasses.replace(cfg, head_ratio=args.head_ratio))
+    model, rec = model_stages.prune_heads(c, pretrained, record)
+    plan_h = build_plan(c.cfg, model.params)
+    mix_h, model, rec = stages.retrain(c, plan_h, model, rec)
+    codebooks, model, rec = stages.compress(c, plan_h, mix_h, model, rec)
+    codebooks, model, rec = stages.finetune(c, codebooks, model, rec, cfg.finetune_epochs)
+    rows.append(_row(f"codebooks + heads ({args.head_ratio:.0%} pruned)", model, rec, codebooks, ds.x_test,
+                     "sparse"))  # fmt: skip
     latency = _latency(rows, export.model_input(ds.x_test), args.repeats)
     for r in rows:
         r["latency_b1"], r["latency_b64"] = latency[1][r["variant"]], latency[64][r["variant"]]

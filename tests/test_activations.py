@@ -18,7 +18,7 @@ import gmm_quant as gq
 from gmm_quant.core import grid
 from gmm_quant.core.fake_quant import fake_quant, range_params
 from gmm_quant.formats import export, storage
-from gmm_quant.run.stages import build_plan
+from gmm_quant.run.plan import build_plan
 from gmm_quant.surgery import activations as points
 from gmm_quant.training import data
 from models.vit import vit_mnist

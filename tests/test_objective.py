@@ -53,8 +53,8 @@ def test_retraining_goes_on_until_tight_and_stops_at_the_first_tight_epoch():
 
     import models
     from gmm_quant.core import codebook
-    from gmm_quant.run import configs
-    from gmm_quant.run.stages import Stages, build_plan
+    from gmm_quant.run import configs, stages
+    from gmm_quant.run.plan import build_plan
     from gmm_quant.search.trial import memory_runner
     from gmm_quant.training import data
 
@@ -71,9 +71,9 @@ def test_retraining_goes_on_until_tight_and_stops_at_the_first_tight_epoch():
             seen.append(max(codebook.tightness(plan, tr["mixtures"], tr["params"]).values()))
 
         apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
-        stages = Stages(cfg, apply_fn, train, (train[0][:0], train[1][:0]), memory_runner(cfg, train, record))
-        stages.retrain(plan, params)
+        ctx = stages.Context(cfg, train, (train[0][:0], train[1][:0]), memory_runner(cfg, train, record))
+        _, _, result = stages.retrain(ctx, plan, stages.Model(apply_fn, params), stages.Record())
         ok = [e for e, t in enumerate(seen) if e + 1 >= 2 and t <= target]
         expected = ok[0] + 1 if ok else 8
-        assert stages.retrain_epochs_run == len(seen) == expected
+        assert result.retrain_epochs == len(seen) == expected
     assert expected > 2  # the tight target made it go on past the epochs asked for

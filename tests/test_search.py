@@ -17,7 +17,7 @@ from flax import nnx
 import models
 from gmm_quant.run import config as cfgm
 from gmm_quant.run.config import Config
-from gmm_quant.run.stages import build_plan
+from gmm_quant.run.plan import build_plan
 from gmm_quant.search import Space, compress_to_budget
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from gmm_quant.cli import common as cli
-from gmm_quant.formats.export import ENCODINGS, check_output, export_file
+from gmm_quant.formats.export import ENCODING, ENCODINGS, check_output, export_file
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m gmm_quant.export", description=__doc__.splitlines()[0].split(": ", 1)[1])
     ap.add_argument("source", help="a work directory (uses its model.gqz) or a .gqz file")
     ap.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    ap.add_argument("--encoding", choices=ENCODINGS, default="sparse")
+    ap.add_argument(
+        "--encoding", choices=ENCODINGS, default=ENCODING, help=f"weight encoding (default {ENCODING})"
+    )
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed vs JAX")
     ap.add_argument(
         "--force", action="store_true", help="replace an existing file that is not our ONNX output"

@@ -18,10 +18,10 @@ import models
 from gmm_quant._util.files import write_atomic
 from gmm_quant.run import config as cfgm
 from gmm_quant.run import job as run
+from gmm_quant.run import stages
 from gmm_quant.run import workdir as wd
 from gmm_quant.run.preflight import check_model
 from gmm_quant.run.pretrained import load_pretrained
-from gmm_quant.run.stages import Stages
 from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
@@ -75,10 +75,12 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
 
 
 def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
-    def runner(name, setup, epochs, parent, stop=None):
-        return run.run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, stop=stop)
+    def runner(name, setup, epochs, parent, stop=None, placement=None):
+        return run.run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop)
 
-    return Stages(cfg, apply_fn, train, val, runner).pretrain(params)
+    ctx = stages.Context(cfg, train, val, runner)
+    model, _record = stages.pretrain(ctx, stages.Model(apply_fn, params), stages.Record())
+    return model.params
 
 
 WHAT = {

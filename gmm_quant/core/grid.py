@@ -62,7 +62,7 @@ def _near(x: np.ndarray, ulps: int = 3) -> np.ndarray:
 def to_grid(codebook, bits: int = 4):
     """``codebook`` with its centres rounded onto a signed ``bits``-bit grid (equal centres merged);
     a codebook already on such a grid is returned unchanged."""
-    from gmm_quant.core.codebook import Codebook, make_codebook
+    from gmm_quant.core.codebook import Codebook, make_codebook  # codebook imports nothing of this
 
     fitted = fit(codebook.centres)
     if fitted is not None and int(np.abs(fitted[2]).max()) <= 2 ** (bits - 1) - 1:
@@ -71,3 +71,12 @@ def to_grid(codebook, bits: int = 4):
     levels = np.round(np.asarray(codebook.centres) / scale)
     centres = (levels * scale).astype(np.float32)
     return make_codebook(Codebook(centres, codebook.indices).dequantize(), centres)
+
+
+def codebooks_to_grid(codebooks: dict, params, bits: int):
+    """``(codebooks, params)`` with every codebook on a signed ``bits``-bit grid (``to_grid``) and the
+    quantised leaves of ``params`` rebuilt from them: the grid step of compression and fine-tuning."""
+    from gmm_quant.core.codebook import dequantize
+
+    codebooks = {p: to_grid(cb, bits) for p, cb in codebooks.items()}
+    return codebooks, dequantize(codebooks, params)

@@ -1,9 +1,11 @@
 """ONNX export of a compressed model, verified in ONNX Runtime before the file is written.
 
-    python -m gmm_quant.export WORKDIR_OR_FILE -o model.onnx [--encoding codebook|grid]
+    python -m gmm_quant.export WORKDIR_OR_FILE -o model.onnx [--encoding sparse|codebook|grid]
 
-Two weight encodings for quantised layers:
+Three weight encodings for quantised layers (``ENCODING``, the default of every caller, is sparse):
 
+* ``sparse``: only the non-zeros, as position gaps and UINT4/UINT8 indices, rebuilt in the graph by
+  ``CumSum -> ScatterElements`` (folded by ONNX Runtime at load; ``onnx_export.encodings``).
 * ``codebook`` (any centres): indices as UINT4 (k <= 16) or UINT8 initializers, then
   ``Cast(to=INT32) -> Gather(centres)`` feeding the layer's MatMul/Conv. The file holds packed indices.
 * ``grid`` (centres exactly ``scale * (q - zero_point)``, see ``grid.py``): ``DequantizeLinear`` of
@@ -34,6 +36,7 @@ from gmm_quant.training import data
 
 OPSET = 21
 ENCODINGS = tuple(ENCODERS)
+ENCODING = "sparse"  # the default everywhere: the Python API, the export command and a run's model.onnx
 
 
 class ExportMismatch(RuntimeError):
@@ -41,7 +44,7 @@ class ExportMismatch(RuntimeError):
 
 
 def to_onnx(
-    apply_fn, params, codebooks: dict, sample, *, encoding="codebook", remove_dead_units=True,
+    apply_fn, params, codebooks: dict, sample, *, encoding=ENCODING, remove_dead_units=True,
     float_codes=None,
 ) -> onnx.ModelProto:  # fmt: skip
     """ONNX model of ``apply_fn(params, x)`` with the leaves in ``codebooks`` stored compressed; units
@@ -129,7 +132,7 @@ def _verify_quantised(ours, ref, diff, sequences=False) -> float:
 
 
 def export_onnx(
-    apply_fn, params, codebooks, sample, path, *, encoding="codebook", tolerance=1e-4, float_codes=None,
+    apply_fn, params, codebooks, sample, path, *, encoding=ENCODING, tolerance=1e-4, float_codes=None,
     remove_dead_units=None,
 ) -> dict:  # fmt: skip
     """Build, verify on ``sample`` and atomically write the ONNX file; returns size and max diff.
@@ -172,9 +175,7 @@ def load_model_file(path, model: str | None = None):
     return apply_fn, compressed.params(like), compressed.codebooks, compressed
 
 
-def export_file(
-    model_path, out_path, *, sample=None, encoding="codebook", tolerance=1e-4, model=None
-) -> dict:
+def export_file(model_path, out_path, *, sample=None, encoding=ENCODING, tolerance=1e-4, model=None) -> dict:
     """Export a ``.gqz`` file; ``sample`` defaults to random inputs of the dataset's shape."""
     apply_fn, params, codebooks, compressed = load_model_file(model_path, model)
     if sample is None:

@@ -16,6 +16,7 @@ import re
 from gmm_quant.core.codebook import ASSIGNMENTS
 from gmm_quant.scale.mesh import parse_mesh
 from gmm_quant.surgery.reuse.links import parse_rule
+from gmm_quant.training import defaults
 from gmm_quant.training.data import DATASETS
 
 HEAD_SCORES = ("weights", "loss")
@@ -25,16 +26,17 @@ STAGES = ("pretrain", "retrain", "compress", "finetune")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    # Defaults shared with the Python API are defined once, in ``gmm_quant.training.defaults``.
     # --- data and model ---
     model: str = "digits_mlp"  # a name in models.MODELS
     dataset: str = "digits"  # "digits" (bundled with scikit-learn) or "mnist" (IDX files, --data-dir)
     train_subset: int = 0  # use only the first N training examples (0 = all)
     val_fraction: float = 0.1  # held out of the training data (seeded) for every selection decision
-    seed: int = 0  # model init and batch order
-    batch_size: int = 64  # mini-batch size of every stage
+    seed: int = defaults.SEED  # model init and batch order
+    batch_size: int = defaults.BATCH_SIZE  # mini-batch size of every stage
     # --- stage 1: pretraining ---
-    pretrain_epochs: int = 30  # 0 skips pretraining (e.g. with --pretrained)
-    pretrain_lr: float = 1e-3  # Adam learning rate
+    pretrain_epochs: int = defaults.PRETRAIN_EPOCHS  # 0 skips pretraining (e.g. with --pretrained)
+    pretrain_lr: float = defaults.PRETRAIN_LR  # Adam learning rate
     pretrain_cosine: bool = False  # decay the pretraining learning rate along a cosine to 0
     pretrain_shift: int = 0  # shift training images by up to this many pixels while pretraining
     # --- between pretraining and retraining: attention heads (models with nnx.MultiHeadAttention) ---
@@ -46,20 +48,20 @@ class Config:
     reuse_budget: float = 0.0  # > 0 (and no rules): choose links greedily within this many error points
     reuse_rank: int = 0  # rank of each link's low-rank correction (0: per-channel scale and bias only)
     # --- stage 2: retraining with the mixture prior ---
-    retrain_epochs: int = 100  # epochs of joint training of weights and mixture
-    tau: float = 2e-3  # prior strength; loss = mean task loss + tau / N * complexity
-    warmup_epochs: int = 5  # tau rises linearly from 0 over these epochs
-    lr_weights: float = 5e-4  # Adam learning rate of the weights while retraining
-    lr_means: float = 1e-4  # ... of the free component means
-    lr_log_precisions: float = 3e-3  # ... of the log-precisions
-    lr_mixing: float = 3e-3  # ... of the mixing logits
-    retrain_tightness: float = 0.0  # > 0: go on past retrain_epochs (to 4x) until weights are this tight
+    retrain_epochs: int = defaults.RETRAIN_EPOCHS  # epochs of joint training of weights and mixture
+    tau: float = defaults.TAU  # prior strength; loss = mean task loss + tau / N * complexity
+    warmup_epochs: int = defaults.WARMUP_EPOCHS  # tau rises linearly from 0 over these epochs
+    lr_weights: float = defaults.RATES.weights  # Adam learning rate of the weights while retraining
+    lr_means: float = defaults.RATES.means  # ... of the free component means
+    lr_log_precisions: float = defaults.RATES.log_precisions  # ... of the log-precisions
+    lr_mixing: float = defaults.RATES.mixing  # ... of the mixing logits
+    retrain_tightness: float = defaults.TIGHTNESS  # > 0: past retrain_epochs (to 4x) until this tight
     mixture_every: int = 1  # > 1: the mixture learns on every k-th step only (skips the prior's histogram)
-    num_components: int = 17  # J, including the zero component
-    pi_zero: float = 0.999  # mixing proportion of the zero component
-    learn_pi_zero: bool = False  # learn pi_0 under a Beta hyper-prior
-    zero_gamma: tuple[float, float] = (5000.0, 2.0)  # Gamma(alpha, beta) on the zero precision
-    gamma: tuple[float, float] = (250.0, 0.1)  # Gamma(alpha, beta) on the other precisions
+    num_components: int = defaults.MIXTURE.num_components  # J, including the zero component
+    pi_zero: float = defaults.MIXTURE.pi_zero  # mixing proportion of the zero component
+    learn_pi_zero: bool = defaults.MIXTURE.learn_pi_zero  # learn pi_0 under a Beta hyper-prior
+    zero_gamma: tuple[float, float] = defaults.MIXTURE.zero_gamma  # Gamma(alpha, beta) on the zero precision
+    gamma: tuple[float, float] = defaults.MIXTURE.gamma  # Gamma(alpha, beta) on the other precisions
     init_std: float = 0.0  # initial component std (0 = weight range / 5)
     keep_float: tuple[str, ...] = ()  # regexes of weight paths kept float32 (no prior, no codebook)
     own_mixture: tuple[str, ...] = ()  # regexes of layers that each get a mixture of their own
@@ -77,8 +79,8 @@ class Config:
     layer_prune: tuple[str, ...] = ()  # per-layer thresholds "REGEX=VALUE" (first match wins)
     merge_kl: float = 0.0  # merge components closer than this KL (0 = no merging)
     # --- stage 4: codebook fine-tuning ---
-    finetune_epochs: int = 10  # epochs of centre fine-tuning (0 skips)
-    finetune_lr: float = 1e-4  # Adam learning rate of the centres (and biases)
+    finetune_epochs: int = defaults.FINETUNE_EPOCHS  # epochs of centre fine-tuning (0 skips)
+    finetune_lr: float = defaults.FINETUNE_LR  # Adam learning rate of the centres (and biases)
     grid_bits: int = (
         0  # > 0: centres kept on an evenly spaced signed grid of this many bits (ONNX grid export)
     )

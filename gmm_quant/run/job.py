@@ -24,11 +24,11 @@ from gmm_quant.core.rules import flatten, replace_leaves
 from gmm_quant.formats import storage
 from gmm_quant.run import checkpoint as ckpt
 from gmm_quant.run import config as cfgm
-from gmm_quant.run import report
+from gmm_quant.run import model_stages, report, stages
 from gmm_quant.run import workdir as wd
+from gmm_quant.run.plan import build_plan
 from gmm_quant.run.preflight import check_model
 from gmm_quant.run.pretrained import load_pretrained
-from gmm_quant.run.stages import Stages, build_plan
 from gmm_quant.scale import distributed
 from gmm_quant.training import data, loop, pipeline
 
@@ -154,37 +154,36 @@ def train_and_evaluate(
     with contextlib.ExitStack() as stack:
         _hold_workdir(stack, workdir, cfg, overwrite)
 
-        def runner(name, setup, epochs, parent, stop=None):
-            where = stage.placement
-            return run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, where, stop)
+        def runner(name, setup, epochs, parent, stop=None, placement=None):
+            return run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop)
 
         train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
-        stage = Stages(cfg, apply_fn, train, val, runner, test=test, graphdef=graphdef)
-        stage.place(params)
-        pretrained_params = stage.pretrain(params)
+        ctx = stages.Context(cfg, train, val, runner, test)
+        model = stages.place(ctx, stages.Model(apply_fn, params, graphdef))
+        model, record = stages.pretrain(ctx, model, stages.Record())
         if cfg.head_threshold or cfg.head_ratio or cfg.reuse or cfg.reuse_budget:
-            pretrained_params = distributed.to_local(pretrained_params)  # model surgery: on a whole copy
-        if cfg.head_threshold or cfg.head_ratio:
-            graphdef, pretrained_params = stage.prune_heads(graphdef, pretrained_params)
-            plan = build_plan(cfg, pretrained_params)
-            stage.place(pretrained_params)
-        if cfg.reuse or cfg.reuse_budget:
-            graphdef, pretrained_params = stage.reuse_layers(graphdef, pretrained_params)
-            plan = build_plan(cfg, pretrained_params)
-            stage.place(pretrained_params)
-        mixtures, retrained = stage.retrain(plan, pretrained_params)
-        start = time.perf_counter()
-        codebooks, snapped = stage.compress(plan, mixtures, retrained)
-        graphdef = stage.quantise_activations(graphdef, snapped)
-        codebooks, final = stage.finetune(codebooks, snapped, cfg.finetune_epochs, start)
+            model = model._replace(params=distributed.to_local(model.params))  # surgery on a whole copy
+        for structural in (model_stages.prune_heads, model_stages.reuse_layers):
+            changed, record = structural(ctx, model, record)
+            if changed is not model:
+                plan, model = build_plan(cfg, changed.params), stages.place(ctx, changed)
+        pretrained_params = model.params
+        mixtures, model, record = stages.retrain(ctx, plan, model, record)
+        retrained, start = model.params, time.perf_counter()
+        codebooks, model, record = stages.compress(ctx, plan, mixtures, model, record)
+        model, record = model_stages.quantise_activations(ctx, model, record)
+        codebooks, model, record = stages.finetune(ctx, codebooks, model, record, cfg.finetune_epochs, start)
         # the Han count where the shards live; then the file writer's copy (several processes: gathered)
-        summary = accounting.summarize(codebooks, final, removed=stage.removed, float_codes=stage.float_codes)
-        codebooks, final = _on_host(codebooks, final)
+        summary = accounting.summarize(codebooks, model.params, removed=model.removed,
+                                       float_codes=model.float_codes)  # fmt: skip
+        codebooks, final = _on_host(codebooks, model.params)
         figures = _figure_weights(plan, pretrained_params, retrained)
         if not writer:
             return None
         sample = ds.x_test[:64] if export_onnx else None
-        metrics = _save_results(cfg, workdir, codebooks, final, stage, sample, summary)
+        metrics = _save_results(
+            ctx, workdir, codebooks, model._replace(params=final), record, sample, summary
+        )
         _figures(workdir, plan, mixtures, *figures)
     return metrics
 
@@ -199,8 +198,9 @@ def _on_host(codebooks, final):
     return codebooks, codebook.dequantize(codebooks, replace_leaves(final, floats))
 
 
-def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample, summary) -> dict:
+def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) -> dict:
     """model.gqz, model.onnx (when ``onnx_sample`` is given) and metrics.json."""
+    cfg, final = ctx.cfg, model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
     model_path = workdir / "model.gqz"
     storage.save_compressed(
@@ -209,31 +209,31 @@ def _save_results(cfg, workdir, codebooks, final, stage, onnx_sample, summary) -
         final,
         model=cfg.model,
         config=dataclasses.asdict(cfg),
-        activations=stage.activations,
-        reuse=stage.links,
-        float_codes=stage.float_codes,
+        activations=model.activations,
+        reuse=list(model.links),
+        float_codes=model.float_codes,
     )
     extra = {
         "model": cfg.model,
         "dataset": cfg.dataset,
-        "seconds": stage.times,
+        "seconds": record.times,
         "file_bytes": model_path.stat().st_size,
         "gzip_ratio": accounting.gzip_ratio(flat),
-        "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(stage.val[1])},
-        **{f"val_error_{k}": v for k, v in stage.val_errors.items()},
-        **{f"perplexity_{k}": v for k, v in stage.perplexities.items()},
-        **{f"val_perplexity_{k}": v for k, v in stage.val_perplexities.items()},
+        "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(ctx.val[1])},
+        **{f"val_error_{k}": v for k, v in record.val_errors.items()},
+        **{f"perplexity_{k}": v for k, v in record.perplexities.items()},
+        **{f"val_perplexity_{k}": v for k, v in record.val_perplexities.items()},
     }
-    if stage.heads:
-        extra["heads"] = stage.heads
-    extra["retrain_epochs"] = stage.retrain_epochs_run
-    if stage.links:
-        extra["reuse"] = [dataclasses.asdict(link) for link in stage.links]
-    if stage.reuse_table:
-        extra["reuse_choice"] = stage.reuse_table
+    if model.heads:
+        extra["heads"] = model.heads
+    extra["retrain_epochs"] = record.retrain_epochs
+    if model.links:
+        extra["reuse"] = [dataclasses.asdict(link) for link in model.links]
+    if model.reuse_table:
+        extra["reuse_choice"] = model.reuse_table
     if onnx_sample is not None:
-        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else "sparse")
-    metrics = report.metrics_dict(stage.errors, summary, extra)
+        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else None)
+    metrics = report.metrics_dict(record.errors, summary, extra)
     report.write_metrics(workdir, metrics)
     return metrics
 
@@ -244,7 +244,7 @@ def _export(model_path, workdir, sample, encoding):
     except ImportError as err:  # onnx is an optional extra
         return {"skipped": f"onnx not installed ({err})"}
     out = workdir / "model.onnx"
-    info = export.export_file(model_path, out, sample=sample, encoding=encoding)
+    info = export.export_file(model_path, out, sample=sample, encoding=encoding or export.ENCODING)
     return {"path": str(out), **info}
 
 

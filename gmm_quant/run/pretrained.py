@@ -9,8 +9,8 @@ from flax import nnx
 
 from gmm_quant.formats import storage
 from gmm_quant.run import checkpoint as ckpt
-from gmm_quant.run import stages
 from gmm_quant.run import workdir as wd
+from gmm_quant.run.plan import build_plan
 from gmm_quant.surgery.model_spec import make_model
 from gmm_quant.training import data, loop, pipeline
 
@@ -64,4 +64,4 @@ def pretrained_model(workdir: pathlib.Path, data_dir=None, pretrained=None):
     def apply_fn(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    return apply_fn, params, stages.build_plan(cfg, params).quantised(), val
+    return apply_fn, params, build_plan(cfg, params).quantised(), val

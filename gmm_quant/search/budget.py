@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gmm_quant.core.rules import flatten
 from gmm_quant.run.config import Config
-from gmm_quant.run.stages import build_plan
+from gmm_quant.run.plan import build_plan
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import run_trial

@@ -1,6 +1,6 @@
 """One trial of the search: retrain -> compress -> fine-tune from the pretrained model, in memory.
 
-A trial runs exactly the stages of ``python -m gmm_quant.train`` (``stages.Stages``) with the trial's
+A trial runs exactly the stages of ``python -m gmm_quant.train`` (``run.stages``) with the trial's
 config, so its config file reproduces it. It sees the training split and the validation split only.
 During retraining it reports, at a few rungs, what compressing now would give (the penalised score
 below), so Optuna's pruner stops unpromising trials early: those are the short, cheap trials; the
@@ -18,8 +18,9 @@ import numpy as np
 
 from gmm_quant.core import accounting, codebook, float_codes
 from gmm_quant.core.rules import flatten
+from gmm_quant.run import stages
 from gmm_quant.run.config import Config
-from gmm_quant.run.stages import Stages, build_plan
+from gmm_quant.run.plan import build_plan
 from gmm_quant.training import loop, pipeline
 
 RUNGS = (0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned (before
@@ -55,9 +56,10 @@ def compressed_metrics(
 
 
 def memory_runner(cfg: Config, train, on_retrain_epoch=None):
-    """A ``Stages`` runner without checkpoints; ``on_retrain_epoch(epoch, state)`` after each epoch."""
+    """A stages runner without checkpoints (nor placement: one device); ``on_retrain_epoch(epoch,
+    state)`` after each retraining epoch."""
 
-    def runner(name, setup, epochs, parent, stop=None):
+    def runner(name, setup, epochs, parent, stop=None, placement=None):
         loss, optimizer, trainable = setup
 
         def after(epoch, state):
@@ -92,18 +94,23 @@ def run_trial(
                                          cfg.float_bits)  # fmt: skip
             report(score(cr, err, limit, budget), epoch + 1)
 
-    stages = Stages(cfg, apply_fn, train, val, memory_runner(cfg, train, on_epoch), graphdef=graphdef)
-    mixtures, retrained = stages.retrain(plan, pretrained)
-    codebooks, snapped = stages.compress(plan, mixtures, retrained)
-    tuned, final = stages.finetune(codebooks, snapped, cfg.finetune_epochs)
-    error, rescued = judge(stages.apply_fn, final, *val), False
-    if error > limit and cfg.finetune_epochs:
+    ctx = stages.Context(cfg, train, val, memory_runner(cfg, train, on_epoch))
+    record = stages.Record()
+    mixtures, retrained, record = stages.retrain(
+        ctx, plan, stages.Model(apply_fn, pretrained, graphdef), record
+    )
+    codebooks, snapped, record = stages.compress(ctx, plan, mixtures, retrained, record)
+    tuned, model, record = stages.finetune(ctx, codebooks, snapped, record, cfg.finetune_epochs)
+    error, rescued = judge(model.apply_fn, model.params, *val), False
+    if error > limit and cfg.finetune_epochs:  # fine-tuned longer from the same snapped model
         longer = dataclasses.replace(cfg, finetune_epochs=RESCUE * cfg.finetune_epochs)
-        stages.cfg = longer
-        tuned2, final2 = stages.finetune(codebooks, snapped, longer.finetune_epochs)
-        error2 = judge(stages.apply_fn, final2, *val)
+        tuned2, model2, _ = stages.finetune(
+            ctx._replace(cfg=longer), codebooks, snapped, record, longer.finetune_epochs
+        )
+        error2 = judge(model2.apply_fn, model2.params, *val)
         if error2 < error:
-            cfg, tuned, final, error, rescued = longer, tuned2, final2, error2, True
+            cfg, tuned, model, error, rescued = longer, tuned2, model2, error2, True
+    final = model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
-    cr = accounting.summarize(tuned, flat, float_codes=stages.float_codes)  # costs depend on widths only
+    cr = accounting.summarize(tuned, flat, float_codes=model.float_codes)  # costs depend on widths only
     return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final

@@ -31,7 +31,7 @@ from gmm_quant.core import objective as obj
 from gmm_quant.core.codebook import dequantize
 from gmm_quant.core.rules import Plan
 from gmm_quant.scale.mesh import batch_problem
-from gmm_quant.training import augment, loop
+from gmm_quant.training import augment, defaults, loop
 
 
 def cross_entropy(apply_fn):
@@ -101,8 +101,9 @@ def _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, st
 
 
 def pretrain_setup(
-    apply_fn, params, *, learning_rate=1e-3, task_loss=None, total_steps=0, max_shift=0, seed=0
-):
+    apply_fn, params, *, learning_rate=defaults.PRETRAIN_LR, task_loss=None, total_steps=0, max_shift=0,
+    seed=defaults.SEED,
+):  # fmt: skip
     """(loss_fn, optimizer, trainable) of plain training with Adam.
 
     ``total_steps`` > 0: the learning rate decays along a cosine to 0 over that many steps.
@@ -115,8 +116,8 @@ def pretrain_setup(
 
 
 def pretrain(
-    apply_fn, params, data, *, epochs=10, batch_size=128, learning_rate=1e-3, seed=0, task_loss=None,
-    cosine=False, max_shift=0, **kw,
+    apply_fn, params, data, *, epochs=defaults.PRETRAIN_EPOCHS, batch_size=defaults.BATCH_SIZE,
+    learning_rate=defaults.PRETRAIN_LR, seed=defaults.SEED, task_loss=None, cosine=False, max_shift=0, **kw,
 ):  # fmt: skip
     """Plain training with Adam; returns the trained params. ``cosine``: the learning rate decays along
     a cosine to 0 over the run; ``max_shift``: images shifted by up to that many pixels (augmentation)."""
@@ -138,9 +139,9 @@ def retrain_setup(
     *,
     num_train,
     steps_per_epoch,
-    tau=0.05,
-    warmup_epochs=0,
-    rates=obj.LearningRates(),
+    tau=defaults.TAU,
+    warmup_epochs=defaults.WARMUP_EPOCHS,
+    rates=defaults.RATES,
     mixtures=None,
     task_loss=None,
     placement=None,
@@ -156,7 +157,22 @@ def retrain_setup(
     return loss, optimizer, {"params": params, "mixtures": mixtures}
 
 
-PATIENCE = 3  # epochs without a 5% gain in tightness before retraining stops short of the target
+def until_tight(plan: Plan, epochs: int, tightness: float):
+    """``stop(epoch, state)`` of retraining: after ``epochs`` epochs, once every quantised layer's
+    ``codebook.tightness`` (RMS distance to the nearest centre / the layer's std) is at most
+    ``tightness``. It reads only the state it is given, so a resumed run stops where an uninterrupted
+    one would."""
+
+    def stop(epoch, state) -> bool:
+        if epoch + 1 < epochs:
+            return False
+        return _loosest(plan, state.trainable) <= tightness
+
+    return stop
+
+
+def _loosest(plan: Plan, trainable) -> float:
+    return max(codebook.tightness(plan, trainable["mixtures"], trainable["params"]).values())
 
 
 def retrain(
@@ -165,14 +181,14 @@ def retrain(
     data,
     plan: Plan,
     *,
-    tau=0.05,
-    warmup_epochs=0,
-    epochs=10,
-    tightness=0.1,
+    tau=defaults.TAU,
+    warmup_epochs=defaults.WARMUP_EPOCHS,
+    epochs=defaults.RETRAIN_EPOCHS,
+    tightness=defaults.TIGHTNESS,
     max_epochs=None,
-    batch_size=128,
-    rates=obj.LearningRates(),
-    seed=0,
+    batch_size=defaults.BATCH_SIZE,
+    rates=defaults.RATES,
+    seed=defaults.SEED,
     mixtures=None,
     task_loss=None,
     mixture_every=1,
@@ -182,12 +198,11 @@ def retrain(
 
     Returns ``(mixtures, params)``. ``mixtures`` defaults to ``init_mixtures(plan, params)``.
 
-    Convergence check: after ``epochs`` epochs, training goes on (up to ``max_epochs``, default
-    ``4 * epochs``, or until the tightness has not improved by 5% in ``PATIENCE`` epochs, with a
-    warning) until every quantised layer's weights sit tight around their centres —
-    ``codebook.tightness`` (RMS distance to the nearest centre over the layer's std) at most
-    ``tightness`` — because snapping loose weights is what costs accuracy (BENCHMARKS.md, "A 3x3 CNN
-    with average pooling"). ``tightness=None`` trains exactly ``epochs`` epochs.
+    ``tightness`` > 0: after ``epochs`` epochs, training goes on (up to ``max_epochs``, default
+    ``4 * epochs``) until every quantised layer's weights sit tight around their centres
+    (``until_tight``), because snapping loose weights is what costs accuracy (BENCHMARKS.md, "A 3x3
+    CNN with average pooling"); a warning says so when the cap comes first. ``tightness`` 0 or None
+    (the default, as the command line's ``--retrain-tightness``) trains exactly ``epochs`` epochs.
     """
     n = data[0].shape[0]
     loss, opt, trainable = retrain_setup(
@@ -203,25 +218,16 @@ def retrain(
         task_loss=task_loss,
         mixture_every=mixture_every,
     )
-    limit = epochs if tightness is None else max_epochs or 4 * epochs
-
-    history = []
-
-    def tight(epoch, state):
-        if epoch + 1 < epochs:
-            return False
-        loose = codebook.tightness(plan, state.trainable["mixtures"], state.trainable["params"])
-        history.append(max(loose.values()))
-        stalled = len(history) > PATIENCE and min(history[-PATIENCE:]) >= 0.95 * min(history[:-PATIENCE])
-        return history[-1] <= tightness or stalled
-
+    stop = until_tight(plan, epochs, tightness) if tightness else None
+    limit = max_epochs or 4 * epochs if tightness else epochs
     state = run_epochs(
         loss, opt, trainable, data, epochs=limit, batch_size=batch_size, seed=seed, name="retrain",
-        stop=None if tightness is None else tight, **kw,
+        stop=stop, **kw,
     )  # fmt: skip
-    if history and history[-1] > tightness:
+    loosest = _loosest(plan, state.trainable) if tightness else 0.0
+    if loosest > tightness:
         warnings.warn(
-            f"retraining ended with weights {history[-1]:.2f} (RMS distance / std) from their centres, "
+            f"retraining ended with weights {loosest:.2f} (RMS distance / std) from their centres, "
             f"above the {tightness} aimed for: snapping will cost accuracy. codebook.tightness gives "
             "the value per layer; a larger tau pulls the weights harder towards the centres.",
             stacklevel=2,
@@ -234,7 +240,7 @@ def finetune_setup(
     codebooks: dict,
     params,
     *,
-    learning_rate=1e-4,
+    learning_rate=defaults.FINETUNE_LR,
     train_float=True,
     task_loss=None,
     grid=False,
@@ -259,31 +265,43 @@ def keep_better(loss_fn, start, end, data, batch_size=1000):
     return (end, True) if after <= before else (start, False)
 
 
+def tuned_result(loss_fn, start, end, codebooks: dict, build, data, *, grid=False):
+    """``(codebooks, params, improved)`` after fine-tuning from ``start`` to ``end`` (trainables of
+    ``finetune_setup``): the tuned codebooks and params if ``end`` is no worse on ``data`` than
+    ``start`` (``keep_better``), else ``codebooks`` unchanged and params None."""
+    tuned, improved = keep_better(loss_fn, start, end, data)
+    if not improved:
+        return codebooks, None, False
+    codebooks = ct.updated_codebooks(codebooks, tuned, grid=grid)
+    return codebooks, dequantize(codebooks, build(tuned)), True
+
+
 def finetune(
     apply_fn,
     codebooks: dict,
     params,
     data,
     *,
-    epochs=2,
-    batch_size=128,
-    learning_rate=1e-4,
+    epochs=defaults.FINETUNE_EPOCHS,
+    batch_size=defaults.BATCH_SIZE,
+    learning_rate=defaults.FINETUNE_LR,
     train_float=True,
     grid_bits=0,
-    seed=0,
+    seed=defaults.SEED,
     task_loss=None,
+    val=None,
     **kw,
 ):
     """Fine-tune the codebook centres (indices fixed, zero stays 0); returns ``(codebooks, params)``.
 
     ``grid_bits`` (2..8) first rounds every codebook onto an evenly spaced signed grid of that many
     bits (exportable with DequantizeLinear; unchanged if already on one) and trains the centres rounded
-    onto it (straight-through gradient). The
-    result is never worse than the start on the training loss (``keep_better``).
+    onto it (straight-through gradient). The result is never worse than the start on the training loss
+    over ``val`` (a validation split, as the command line uses; default: the training data) —
+    ``keep_better``.
     """
     if grid_bits:
-        codebooks = {p: grid_lib.to_grid(cb, grid_bits) for p, cb in codebooks.items()}
-        params = dequantize(codebooks, params)
+        codebooks, params = grid_lib.codebooks_to_grid(codebooks, params, grid_bits)
     loss, opt, trainable, build = finetune_setup(
         apply_fn, codebooks, params, learning_rate=learning_rate, train_float=train_float,
         task_loss=task_loss, grid=bool(grid_bits),
@@ -291,11 +309,10 @@ def finetune(
     state = run_epochs(
         loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="finetune", **kw
     )
-    tuned, improved = keep_better(loss, trainable, state.trainable, data)
-    if not improved:
-        return codebooks, params
-    codebooks = ct.updated_codebooks(codebooks, tuned, grid=bool(grid_bits))
-    return codebooks, dequantize(codebooks, build(tuned))
+    selection = data if val is None else val
+    tuned, final, improved = tuned_result(loss, trainable, state.trainable, codebooks, build, selection,
+                                          grid=bool(grid_bits))  # fmt: skip
+    return (tuned, final) if improved else (codebooks, params)
 
 
 def _ignore_step(task_loss):
