@@ -90,11 +90,11 @@ def test_tiny_file_is_refused(tmp_path):
 def test_shape_mismatch_is_refused(compressed_model):
     loaded = gq.load_compressed(compressed_model[0])
     other = nnx.split(models.create("lenet300_100"), nnx.Param)[1]
-    with pytest.raises(storage.CorruptFile, match="does not fit the model"):
+    with pytest.raises(storage.ModelMismatch, match="does not fit the model"):
         loaded.params(other)
     like = nnx.split(models.create("lenet5_caffe"), nnx.Param)[1]
     bad = loaded._replace(float_leaves={**loaded.float_leaves, "fc2/bias": np.zeros(11, np.float32)})
-    with pytest.raises(storage.CorruptFile, match="shape mismatch for fc2/bias"):
+    with pytest.raises(storage.ModelMismatch, match="shape mismatch for fc2/bias"):
         bad.params(like)
 
 

@@ -26,7 +26,14 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--force", action="store_true", help="replace an existing file that is not our ONNX output"
     )
-    ap.add_argument("--model", default=None, help="the model if the file names none: package.module:factory")
+    ap.add_argument(
+        "--model", default=None, help="the model (package.module:factory), overriding the one the file names"
+    )
+    ap.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="import and call the package.module:factory the file names (it runs that code; off by default)",
+    )
     ap.add_argument("--input-shape", default=None, help="one example's shape for the check, e.g. 28,28,1")
     cli.add_debug_flag(ap)
     args = ap.parse_args(argv)
@@ -52,6 +59,7 @@ def main(argv=None) -> int:
             encoding=args.encoding,
             tolerance=args.tolerance,
             model=args.model,
+            trust_model=args.trust_model,
             sample=sample,
         )
         print(f"wrote {output}: {info['bytes']} bytes, max |ONNX - JAX| = {info['max_abs_diff']:.2e}")

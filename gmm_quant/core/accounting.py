@@ -32,7 +32,7 @@ from gmm_quant.core.han import (
     diff_field_bits,
     sparse_entries,
 )
-from gmm_quant.core.rules import flatten
+from gmm_quant.core.rules import flatten, is_random_key
 
 
 def layer_cost(name: str, codebook) -> LayerCost:
@@ -55,17 +55,22 @@ def gzip_ratio(params_flat: dict) -> float:
     return len(raw) / len(gzip.compress(raw, 9))
 
 
-def summarize(codebooks: dict, params, removed: int = 0, float_codes: dict | None = None) -> dict:
+def summarize(codebooks: dict, params, removed: int = 0, float_codes: dict | None = None, state=None) -> dict:
     """Per-layer costs and totals: ``compression_ratio`` (Han), ``packed_ratio``, float bits.
 
     ``params``: the model's parameter pytree (or any {path: array}); leaves not in ``codebooks`` count
     as float32, or as their codes when in ``float_codes`` ({path: FloatCode}: ``bits`` per value plus
     a float32 scale and a zero point). ``removed``: parameters removed structurally before compression
     (pruned attention heads, the kernels and biases of layers that reuse another's): they count in the
-    original size and cost nothing.
+    original size and cost nothing. ``state``: the model's other variables as stored with it
+    (BatchNorm statistics, ``save_compressed(state=...)``); each value counts as a float32, like a
+    float leaf, in both the original and the compressed size.
     """
     float_codes = float_codes or {}
     float_leaves = {p: v for p, v in flatten(params).items() if p not in codebooks}
+    if state is not None:
+        keys = {p for p, v in flatten(state).items() if is_random_key(v)}
+        float_leaves.update({f"state:{p}": v for p, v in flatten(state).items() if p not in keys})
     layers = [layer_cost(name, cb) for name, cb in codebooks.items()]
     float_values = sum(int(np.size(v)) for v in float_leaves.values())
     float_bits = sum(cost_bits(float_codes[p]) if p in float_codes else 32 * int(np.size(v))

@@ -147,3 +147,11 @@ def make_plan(params, rules=DEFAULT_RULES, mixture: MixtureConfig | None = None)
     if not groups:
         raise ValueError("the rules put no parameter under the prior (every leaf is keep_float)")
     return Plan(resolved, groups, unused)
+
+
+def is_random_key(value) -> bool:
+    """Whether a leaf is a typed random-number key (``jax.random.key``): model state that is not a
+    value to store or count (``nnx.Rngs`` of a Dropout model)."""
+    import jax
+
+    return hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)

@@ -158,16 +158,19 @@ def restores_units(model) -> bool:
     return any(out.startswith(RESTORED) for node in model.graph.node for out in node.output)
 
 
-def load_model_file(path, model: str | None = None):
-    """(apply_fn, params, codebooks, Compressed) rebuilt from a ``.gqz`` file.
+def load_model_file(path, model: str | None = None, *, trust_model: bool = False):
+    """(apply_fn, params, codebooks, Compressed) rebuilt from a ``.gqz`` file, with its state.
 
-    ``model`` (a project model name or ``package.module:factory``) overrides the model the file names.
+    ``model`` (a project model name or ``package.module:factory``) overrides the model the file names;
+    a factory only the file names is used with ``trust_model`` (``Compressed.build_model``).
     """
     compressed = storage.load_compressed(path)
-    spec = model or compressed.model
-    if spec is None:
+    if model is None and compressed.model is None:
         raise ValueError(f"{path} does not name its model; name it (model='package.module:factory')")
-    graphdef, like, rest = nnx.split(compressed.build_model(spec), nnx.Param, ...)
+    module = compressed.build_model(model, trust_model=trust_model)
+    module.eval()  # exported for inference: stored statistics, no dropout
+    graphdef, like, rest = nnx.split(module, nnx.Param, ...)
+    rest = compressed.restore_state(rest)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p, rest)(x)
@@ -175,9 +178,11 @@ def load_model_file(path, model: str | None = None):
     return apply_fn, compressed.params(like), compressed.codebooks, compressed
 
 
-def export_file(model_path, out_path, *, sample=None, encoding=ENCODING, tolerance=1e-4, model=None) -> dict:
+def export_file(
+    model_path, out_path, *, sample=None, encoding=ENCODING, tolerance=1e-4, model=None, trust_model=False
+) -> dict:
     """Export a ``.gqz`` file; ``sample`` defaults to random inputs of the dataset's shape."""
-    apply_fn, params, codebooks, compressed = load_model_file(model_path, model)
+    apply_fn, params, codebooks, compressed = load_model_file(model_path, model, trust_model=trust_model)
     if sample is None:
         sample = data.random_inputs((compressed.config or {}).get("dataset"))
     try:

@@ -82,6 +82,32 @@ def check_header(meta, path) -> None:
         _check_leaf(leaf, path)
     names = [leaf["path"] for leaf in meta["leaves"]]
     require(len(set(names)) == len(names), path, "a leaf is listed twice")
+    if "state" in meta:
+        require(meta.get("version", 0) >= 3, path, "state in a file of version < 3")
+        _check_state(meta["state"], path)
+
+
+STATE_ITEM_BYTES = {
+    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
+    "int64": 8, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+}  # fmt: skip
+
+
+def _check_state(entries, path) -> None:
+    require(isinstance(entries, list), path, "state is not a list")
+    for entry in entries:
+        require(
+            isinstance(entry, dict) and isinstance(entry.get("path"), str), path, "a state entry has no path"
+        )
+        name, shape = entry["path"], entry.get("shape")
+        require(
+            isinstance(shape, list) and all(_is_count(d) for d in shape), path, f"state {name}: invalid shape"
+        )
+        dtype = entry.get("dtype")
+        require(dtype in STATE_ITEM_BYTES, path, f"state {name}: unknown dtype {dtype!r}")
+        _check_span(entry.get("data"), path, f"state {name}", STATE_ITEM_BYTES[dtype] * math.prod(shape))
+    names = [entry["path"] for entry in entries]
+    require(len(set(names)) == len(names), path, "a state entry is listed twice")
 
 
 def _check_activations(acts, path) -> None:

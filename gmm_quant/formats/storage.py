@@ -8,7 +8,10 @@ The header lists every leaf: quantised leaves as ``centres`` (float32 [k]) and `
 at ceil(log2 k) bits per weight; float leaves as raw float32, or (``coded``) as codes of 2-8 bits
 bit-packed with their ``scale`` and ``zero_point`` (``float_codes``). It also records the model name, the
 config and the payload's sha256, and which layers reuse another's weights (``reuse``: each shared
-matrix is stored once, at its source's path; a reusing layer stores only its transform). Loading
+matrix is stored once, at its source's path; a reusing layer stores only its transform). A model's
+variables other than its parameters (``state``: BatchNorm statistics, any ``nnx.Variable`` type, a
+Linen collection) are stored by path in their own dtype (version 3; a file without state is written as
+version 2, as before); random-number keys are not stored (a rebuilt model keeps its own). Loading
 checks the magic, the version, both checksums, every offset and every shape, and raises
 ``CorruptFile`` naming the problem; it never returns silently wrong weights. Files are written
 atomically (temporary file, then rename).
@@ -20,6 +23,7 @@ import hashlib
 import json
 import math
 import struct
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -27,13 +31,15 @@ import numpy as np
 from gmm_quant._util.files import write_atomic
 from gmm_quant.core.codebook import Codebook, index_dtype
 from gmm_quant.core.float_codes import FloatCode
-from gmm_quant.core.rules import flatten, replace_leaves
+from gmm_quant.core.rules import flatten, is_random_key, replace_leaves
 from gmm_quant.formats import sparse_streams
-from gmm_quant.formats.header_checks import CorruptFile, bits_for, check_header, require
+from gmm_quant.formats.header_checks import STATE_ITEM_BYTES, CorruptFile, bits_for, check_header, require
 
 MAGIC = b"GMMQ"
-VERSION = 2  # written; 1 and 2 are read
-VERSIONS = (1, 2)
+VERSION = 2  # written (3 when the file holds a model's state); 1, 2 and 3 are read
+STATE_VERSION = 3
+VERSIONS = (1, 2, 3)
+STATE_DTYPES = tuple(STATE_ITEM_BYTES)  # what a state leaf may be stored as
 _MAX_HEADER = 1 << 24
 _PREFIX = struct.Struct("<4sHI32s")
 
@@ -61,43 +67,78 @@ class Compressed(NamedTuple):
     activations: dict | None = None  # {layer: (scale, zero_point, bits)} of activation quantisation
     reuse: tuple = ()  # reuse.layers.Link of every layer computing another's output transformed
     float_codes: dict | None = None  # {path: FloatCode} of the float leaves stored as codes
+    state: dict | None = None  # {path: array} of the model's non-parameter variables (None: none stored)
 
-    def params(self, like=None):
+    def params(self, like=None, *, trust_model: bool = False):
         """The file's weights as a params pytree shaped like ``like``; by default the ``nnx.Param``
-        state of the model the file names (see ``model_spec``)."""
+        state of the model the file names (see ``model_spec``; ``trust_model`` as for ``build_model``)."""
         if like is None:
-            like = self._template()
+            like = self._template(trust_model)
         flat = flatten(like)
         stored = {**{p: cb.dequantize() for p, cb in self.codebooks.items()}, **self.float_leaves}
         missing = sorted(set(flat) - set(stored))
         extra = sorted(set(stored) - set(flat))
         if missing or extra:
-            raise CorruptFile(f"file does not fit the model: missing {missing}, unexpected {extra}")
+            raise ModelMismatch(f"file does not fit the model: missing {missing}, unexpected {extra}")
         for path, leaf in flat.items():
             if tuple(np.shape(leaf)) != stored[path].shape:
-                raise CorruptFile(
+                raise ModelMismatch(
                     f"shape mismatch for {path}: file has {stored[path].shape}, model has {np.shape(leaf)}"
                 )
         return replace_leaves(like, stored)
 
-    def _template(self):
+    def _template(self, trust_model: bool):
         from flax import nnx
 
         if self.model is None:
             raise ValueError("the file does not name its model; pass a params pytree of the right structure")
-        return nnx.split(self.build_model(), nnx.Param, ...)[1]
+        return nnx.split(self.build_model(trust_model=trust_model), nnx.Param, ...)[1]
+
+    def restore_state(self, rest):
+        """``rest`` (the model's non-parameter variables, e.g. ``nnx.split(module, nnx.Param, ...)[2]``)
+        with the file's state put in, leaf by leaf; random-number keys stay ``rest``'s own. A file that
+        holds no state (written before gmm_quant stored it, or saved without ``state=``) leaves ``rest``
+        as it is, with a warning when the model has statistics that the file therefore lacks."""
+        wanted = {p: v for p, v in flatten(rest).items() if not is_random_key(v)}
+        if self.state is None:
+            if wanted:
+                named = f"{sorted(wanted)[:3]}{' ...' if len(wanted) > 3 else ''}"
+                warnings.warn(
+                    f"the file holds no model state, so {named} "
+                    "keep the rebuilt model's initial values (BatchNorm statistics: predictions will differ "
+                    "from the saved model's); save with state= to store them",
+                    stacklevel=3,
+                )
+            return rest
+        missing, extra = sorted(set(wanted) - set(self.state)), sorted(set(self.state) - set(wanted))
+        if missing or extra:
+            raise ModelMismatch(
+                f"the file's state does not fit the model: missing {missing}, unexpected {extra}"
+            )
+        for p, v in wanted.items():
+            if tuple(np.shape(v)) != self.state[p].shape:
+                raise ModelMismatch(
+                    f"state {p}: file has shape {self.state[p].shape}, model has {np.shape(v)}"
+                )
+        return replace_leaves(rest, {p: self.state[p] for p in wanted})
 
     def shapes(self) -> dict:
         """{path: shape} of every stored leaf."""
         return {**{p: tuple(cb.indices.shape) for p, cb in self.codebooks.items()},
                 **{p: tuple(np.shape(v)) for p, v in self.float_leaves.items()}}  # fmt: skip
 
-    def build_model(self, spec: str | None = None):
+    def build_model(self, spec: str | None = None, *, trust_model: bool = False):
         """A fresh module of the model the file names (or ``spec``), its attention layers cut to the
-        heads the file stores (a model whose heads were pruned), its reusing layers re-linked."""
-        from gmm_quant.surgery import heads
-        from gmm_quant.surgery.model_spec import make_model
+        heads the file stores (a model whose heads were pruned), its reusing layers re-linked.
 
+        A file never runs code on its own: a factory it names (``package.module:factory``) is imported
+        and called only with ``trust_model=True``; the project's own model names and a ``spec`` the
+        caller passes are trusted (``model_spec.check_trusted``)."""
+        from gmm_quant.surgery import heads
+        from gmm_quant.surgery.model_spec import check_trusted, make_model
+
+        if spec is None:
+            check_trusted(self.model, trust_model)
         module = make_model(spec or self.model)
         heads.fit_heads(module, self.shapes())
         if self.reuse:
@@ -110,20 +151,29 @@ class Compressed(NamedTuple):
             points.attach(module, self.activations)
         return module
 
-    def load_model(self, model=None):
-        """The Flax NNX module (``model``, or the one the file names) with the file's weights."""
+    def load_model(self, model=None, *, trust_model: bool = False):
+        """The Flax NNX module (``model``, or the one the file names) with the file's weights and state,
+        in eval mode (BatchNorm on its stored statistics, Dropout off; ``.train()`` switches back)."""
         from flax import nnx
 
-        module = model if model is not None else self.build_model() if self.model else None
-        if module is None:
+        if model is None and self.model:
+            model = self.build_model(trust_model=trust_model)
+        if model is None:
             raise ValueError("the file does not name its model; pass model=<an nnx.Module of that model>")
-        graphdef, like, rest = nnx.split(module, nnx.Param, ...)
-        return nnx.merge(graphdef, self.params(like), rest)
+        graphdef, like, rest = nnx.split(model, nnx.Param, ...)
+        module = nnx.merge(graphdef, self.params(like), self.restore_state(rest))
+        module.eval()
+        return module
 
 
-def load_model(path, model=None):
-    """The Flax NNX module stored in a ``.gqz`` file, rebuilt from the model name it records."""
-    return load_compressed(path).load_model(model)
+class ModelMismatch(ValueError):
+    """A sound file whose leaves or state do not fit the model it is loaded into."""
+
+
+def load_model(path, model=None, *, trust_model: bool = False):
+    """The Flax NNX module stored in a ``.gqz`` file, rebuilt from the model name it records (a
+    ``package.module:factory`` only with ``trust_model=True``: see ``Compressed.build_model``)."""
+    return load_compressed(path).load_model(model, trust_model=trust_model)
 
 
 def _codebook_entry(cb, add, version: int) -> dict:
@@ -155,7 +205,8 @@ def save_compressed(
     activations: dict | None = None,
     reuse=(),
     float_codes: dict | None = None,
-    version: int = VERSION,
+    state=None,
+    version: int | None = None,
 ):
     """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
 
@@ -165,10 +216,19 @@ def save_compressed(
     index bit-packed. ``activations`` ({layer: (scale, zero_point, bits)}) records activation
     quantisation, re-attached when the file's model is rebuilt; ``reuse`` (``reuse.layers.Link``s)
     the layers that reuse another's weights, re-linked likewise; ``float_codes`` ({path: FloatCode})
-    the float leaves stored as codes (their values in ``params`` must be the codes' values).
+    the float leaves stored as codes (their values in ``params`` must be the codes' values). ``state``
+    (a pytree: ``nnx.split(module, nnx.Param, ...)[2]``, a Linen ``{"batch_stats": ...}``) holds the
+    model's other variables, stored exactly in their own dtypes (random-number keys are skipped); a
+    file with state is version 3.
     """
+    state_leaves = _state_leaves(state)
+    version = version or (STATE_VERSION if state_leaves else VERSION)
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version}")
+    if state_leaves and version < STATE_VERSION:
+        raise ValueError(
+            f"a model's state is stored from version {STATE_VERSION} on, not in version {version}"
+        )
     chunks, leaves, offset = [], [], 0
 
     def add(data: bytes) -> dict:
@@ -188,6 +248,10 @@ def save_compressed(
         else:
             entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
         leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
+    stored_state = [
+        {"path": name, "shape": list(v.shape), "dtype": v.dtype.name, "data": add(_state_bytes(v))}
+        for name, v in state_leaves.items()
+    ]
     payload = b"".join(chunks)
     header = json.dumps(
         {
@@ -198,6 +262,7 @@ def save_compressed(
             **({"activations": {k: list(v) for k, v in activations.items()}} if activations else {}),
             **({"reuse": [[r.target, r.source, r.rank] for r in reuse]} if reuse else {}),
             "leaves": leaves,
+            **({"state": stored_state} if stored_state else {}),
             "payload_sha256": hashlib.sha256(payload).hexdigest(),
         },
         separators=(",", ":") if version > 1 else None,
@@ -206,6 +271,37 @@ def save_compressed(
         header = sparse_streams.pack(header)
     prefix = _PREFIX.pack(MAGIC, version, len(header), hashlib.sha256(header).digest())
     write_atomic(path, prefix + header + payload)
+
+
+def _state_leaves(state) -> dict:
+    """{path: host array} of ``state``'s leaves that are values, not random-number keys."""
+    if state is None:
+        return {}
+    out = {}
+    for name, leaf in flatten(state).items():
+        if is_random_key(leaf):
+            continue
+        value = np.asarray(leaf)
+        if value.dtype.name not in STATE_DTYPES:
+            raise ValueError(f"state {name}: dtype {value.dtype} cannot be stored (one of {STATE_DTYPES})")
+        out[name] = value
+    return out
+
+
+def _state_bytes(value: np.ndarray) -> bytes:
+    if value.dtype.name == "bfloat16":  # ml_dtypes: stored as its 16-bit pattern
+        value = value.view(np.uint16)
+    return np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
+
+
+def _state_value(entry: dict, payload: bytes, path) -> np.ndarray:
+    name, shape, dtype = entry["path"], tuple(entry["shape"]), entry["dtype"]
+    raw = _slice(payload, entry["data"], path, name)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.frombuffer(raw, "<u2").view(ml_dtypes.bfloat16).reshape(shape).copy()
+    return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
 
 
 def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
@@ -282,4 +378,7 @@ def load_compressed(path) -> Compressed:
     from gmm_quant.surgery.reuse.links import Link
 
     links = tuple(Link(*v) for v in meta.get("reuse", []))
-    return Compressed(codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links, coded)
+    state = {e["path"]: _state_value(e, payload, path) for e in meta["state"]} if "state" in meta else None
+    return Compressed(
+        codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links, coded, state
+    )

@@ -18,6 +18,25 @@ class ModelSpecError(ValueError):
     """A model name that names nothing importable, or a factory that does not return an NNX module."""
 
 
+class UntrustedModel(ModelSpecError):
+    """A file asks for a factory to be imported and called, and the caller has not said it trusts it."""
+
+
+def check_trusted(spec: str | None, trust: bool) -> None:
+    """Refuse, before anything is imported, a ``package.module:factory`` that only a file names.
+
+    The project's own model names are looked up in its registry and always allowed; a factory runs
+    arbitrary code (its module's import, then the call), so it is allowed only when the caller says it
+    trusts the file (``trust``), as Keras' ``safe_mode`` and PyTorch's ``weights_only`` do.
+    """
+    if spec is None or ":" not in spec or trust:
+        return
+    raise UntrustedModel(
+        f"the file names its model {spec!r}, which would import and run that code; if you trust the file, "
+        f"pass trust_model=True (--trust-model), or pass the model yourself (model=...)"
+    )
+
+
 def make_model(spec: str, seed: int = 0) -> nnx.Module:
     if ":" not in spec:
         import models
