@@ -124,3 +124,23 @@ def test_grid_bits_keeps_centres_on_a_grid_and_exports_dequantize_linear(tmp_pat
     assert metrics["onnx"]["encoding"] == "grid" and metrics["onnx"]["max_abs_diff"] <= 1e-4
     for cb in storage.load_compressed(workdir / "model.gqz").codebooks.values():
         assert grid.fit(cb.centres) is not None
+
+
+def test_every_config_flag_explains_itself_from_the_config_fields_documentation():
+    """``--help`` of train and tune: one help line per config field, taken from its comment in
+    ``Config`` (the one documented source), grouped by stage, with the library default."""
+    from gmm_quant.cli import train as train_cli
+    from gmm_quant.cli import tune as tune_cli
+
+    docs = cfgm.field_help()
+    assert set(docs) == {f.name for f in cfgm.fields()}  # every field documented where it is defined
+    assert docs["tau"] == ("stage 2: retraining with the mixture prior",
+                           "prior strength; loss = mean task loss + tau / N * complexity")  # fmt: skip
+    for parser in (train_cli.parser(), tune_cli.parser()):
+        flags = {a.dest[4:]: a for a in parser._actions if a.dest.startswith("set_")}
+        assert set(flags) == set(docs)
+        for name, action in flags.items():
+            assert action.help.startswith(docs[name][1]) and "library default" in action.help, name
+        assert not [a.option_strings for a in parser._actions if not a.help]  # every flag has a help line
+        titles = {g.title for g in parser._action_groups}
+        assert "config: stage 4: codebook fine-tuning (values override --config's)" in titles

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     multi = ap.add_argument_group("several processes (hosts): run the same command on each, with its own id")
     multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
-    multi.add_argument("--num-processes", type=int, default=None, metavar="N")
+    multi.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes run")
     multi.add_argument(
         "--process-id", type=int, default=None, metavar="I", help="0 .. N-1; 0 writes the results"
     )
@@ -61,9 +61,20 @@ def add_config_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def add_override_flags(ap: argparse.ArgumentParser) -> None:
-    group = ap.add_argument_group("config overrides (defaults come from --config)")
+    """One flag per config field, grouped by stage, its help line the field's documentation
+    (``Config``'s source); a value given overrides the chosen --config's."""
+    docs, groups, library = cfgm.field_help(), {}, cfgm.Config()
     for field in cfgm.fields():
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"set_{field.name}", metavar="VALUE")
+        section, text = docs.get(field.name, ("other settings", ""))
+        if section not in groups:
+            groups[section] = ap.add_argument_group(f"config: {section} (values override --config's)")
+        default = getattr(library, field.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "none" if shown in ("", ()) else shown
+        groups[section].add_argument(
+            f"--{field.name.replace('_', '-')}", dest=f"set_{field.name}", metavar="VALUE",
+            help=f"{text} [library default: {shown!s}]".replace("%", "%%"),
+        )  # fmt: skip
 
 
 def config_from_args(args) -> tuple[cfgm.Config, str]:

@@ -239,7 +239,12 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
     """
     if exact:
         return sum(jnp.sum(log_density(config, mixture, x)) for x in _leaves(weights))
-    leaves = jax.tree.leaves(weights)
+    # Half-precision weights are evaluated in float32 (the mixture's own dtype); their gradient comes
+    # back in their dtype through the cast, so a bf16 model retrains in bf16.
+    leaves = [
+        x if x.dtype == jnp.float32 else x.astype(jnp.float32)
+        for x in map(jnp.asarray, jax.tree.leaves(weights))
+    ]
     low = jax.lax.stop_gradient(jnp.min(jnp.stack([jnp.min(x) for x in leaves])))
     high = jax.lax.stop_gradient(jnp.max(jnp.stack([jnp.max(x) for x in leaves])))
     span = jnp.maximum(high - low, 1e-6)

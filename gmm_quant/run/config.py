@@ -41,7 +41,7 @@ class Config:
     pretrain_shift: int = 0  # shift training images by up to this many pixels while pretraining
     # --- between pretraining and retraining: attention heads (models with nnx.MultiHeadAttention) ---
     head_threshold: float = 0.0  # remove heads scoring below this x their layer's best (0 = keep all)
-    head_ratio: float = 0.0  # or remove this fraction of each layer's heads, lowest scores first
+    head_ratio: float = 0.0  # or remove this fraction of each layer's heads, lowest scores first (0 = none)
     head_score: str = "weights"  # "weights" (Q/K/V norms) or "loss" (validation loss rise when masked)
     # --- then: layers reusing an earlier layer's weights plus a transform (gmm_quant.reuse) ---
     reuse: tuple[str, ...] = ()  # "TARGET_REGEX=SOURCE_PATH", e.g. "blocks/[23]/mlp_in$=blocks/1/mlp_in"
@@ -52,9 +52,9 @@ class Config:
     tau: float = defaults.TAU  # prior strength; loss = mean task loss + tau / N * complexity
     warmup_epochs: int = defaults.WARMUP_EPOCHS  # tau rises linearly from 0 over these epochs
     lr_weights: float = defaults.RATES.weights  # Adam learning rate of the weights while retraining
-    lr_means: float = defaults.RATES.means  # ... of the free component means
-    lr_log_precisions: float = defaults.RATES.log_precisions  # ... of the log-precisions
-    lr_mixing: float = defaults.RATES.mixing  # ... of the mixing logits
+    lr_means: float = defaults.RATES.means  # Adam learning rate of the free component means
+    lr_log_precisions: float = defaults.RATES.log_precisions  # Adam learning rate of the log-precisions
+    lr_mixing: float = defaults.RATES.mixing  # Adam learning rate of the mixing logits
     retrain_tightness: float = defaults.TIGHTNESS  # > 0: past retrain_epochs (to 4x) until this tight
     mixture_every: int = 1  # > 1: the mixture learns on every k-th step only (skips the prior's histogram)
     num_components: int = defaults.MIXTURE.num_components  # J, including the zero component
@@ -69,7 +69,7 @@ class Config:
     distill_alpha: float = 0.0  # > 0: the pretrained model teaches retraining and fine-tuning (KL weight)
     distill_temperature: float = 4.0  # softmax temperature of the distillation term
     distill_features: str = ""  # regex of module paths whose outputs the student matches (relative MSE)
-    distill_beta: float = 1.0  # weight of that feature-map term
+    distill_beta: float = 1.0  # weight of the feature-map term of distill_features
     # --- where it trains (gmm_quant.scale) ---
     mesh: str = ""  # device mesh, e.g. "data=4" or "data=2,model=2" ("" = one device)
     shard_params: tuple[str, ...] = ()  # regexes of parameters split over the mesh's model axis (FSDP)
@@ -81,9 +81,7 @@ class Config:
     # --- stage 4: codebook fine-tuning ---
     finetune_epochs: int = defaults.FINETUNE_EPOCHS  # epochs of centre fine-tuning (0 skips)
     finetune_lr: float = defaults.FINETUNE_LR  # Adam learning rate of the centres (and biases)
-    grid_bits: int = (
-        0  # > 0: centres kept on an evenly spaced signed grid of this many bits (ONNX grid export)
-    )
+    grid_bits: int = 0  # > 0: centres on an evenly spaced signed grid of this many bits (ONNX grid)
     float_bits: int = 0  # 2..8: leaves outside the prior (biases, LayerNorm, keep_float) as codes
     activation_mode: str = ""  # "w8a8", "w4a8" or "w4a16": weight grid and activation widths ("" off)
     activation_layers: str = ".*"  # regex of the Linear / LinearGeneral layers whose input is quantised
@@ -297,3 +295,21 @@ def override(cfg: Config, values: dict) -> Config:
 
 def fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(Config))
+
+
+_FIELD_LINE = re.compile(r"^    (\w+): [^=]+ = .*?  # (.+)$")
+_SECTION_LINE = re.compile(r"^    # --- (.+) ---$")
+
+
+def field_help() -> dict[str, tuple[str, str]]:
+    """``{field: (section, help)}`` read from this class's source, the one documented place: each
+    field's comment is its help line and the ``# --- section ---`` lines above group them."""
+    import inspect
+
+    out, section = {}, ""
+    for line in inspect.getsource(Config).splitlines():
+        if match := _SECTION_LINE.match(line):
+            section = match.group(1)
+        elif match := _FIELD_LINE.match(line):
+            out[match.group(1)] = (section, match.group(2))
+    return out
