@@ -67,3 +67,13 @@ def test_the_default_pipeline_gives_the_same_metrics_from_python_and_the_command
     codebooks, final = gq.finetune(apply, codebooks, snapped, train, epochs=cfg.finetune_epochs, val=val)
     assert gq.error_rate(apply, final, *test) == metrics["error_finetuned"]
     assert gq.summarize(codebooks, final)["compression_ratio"] == metrics["compression_ratio"]
+
+
+def test_retrain_with_tightness_none_trains_exactly_its_epochs():
+    ds = data.load_digits()
+    graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+    epochs = []
+    gq.retrain(lambda p, x: nnx.merge(graphdef, p)(x), params, (ds.x_train[:256], ds.y_train[:256]),
+               gq.make_plan(params), epochs=2, warmup_epochs=1, tightness=None,
+               on_epoch=lambda e, s, m: epochs.append(e))  # fmt: skip
+    assert epochs == [0, 1]

@@ -69,8 +69,7 @@ def summarize(codebooks: dict, params, removed: int = 0, float_codes: dict | Non
     float_codes = float_codes or {}
     float_leaves = {p: v for p, v in flatten(params).items() if p not in codebooks}
     if state is not None:
-        keys = {p for p, v in flatten(state).items() if is_random_key(v)}
-        float_leaves.update({f"state:{p}": v for p, v in flatten(state).items() if p not in keys})
+        float_leaves.update({f"state:{p}": v for p, v in flatten(state).items() if not is_random_key(v)})
     layers = [layer_cost(name, cb) for name, cb in codebooks.items()]
     float_values = sum(int(np.size(v)) for v in float_leaves.values())
     float_bits = sum(cost_bits(float_codes[p]) if p in float_codes else 32 * int(np.size(v))

@@ -167,15 +167,14 @@ def load_model_file(path, model: str | None = None, *, trust_model: bool = False
     compressed = storage.load_compressed(path)
     if model is None and compressed.model is None:
         raise ValueError(f"{path} does not name its model; name it (model='package.module:factory')")
-    module = compressed.build_model(model, trust_model=trust_model)
-    module.eval()  # exported for inference: stored statistics, no dropout
-    graphdef, like, rest = nnx.split(module, nnx.Param, ...)
-    rest = compressed.restore_state(rest)
+    # the file's weights and state, in eval mode (stored statistics, no dropout): what is exported
+    module = compressed.load_model(compressed.build_model(model, trust_model=trust_model))
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     def apply_fn(p, x):
         return nnx.merge(graphdef, p, rest)(x)
 
-    return apply_fn, compressed.params(like), compressed.codebooks, compressed
+    return apply_fn, params, compressed.codebooks, compressed
 
 
 def export_file(

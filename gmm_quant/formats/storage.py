@@ -39,7 +39,6 @@ MAGIC = b"GMMQ"
 VERSION = 2  # written (3 when the file holds a model's state); 1, 2 and 3 are read
 STATE_VERSION = 3
 VERSIONS = (1, 2, 3)
-STATE_DTYPES = tuple(STATE_ITEM_BYTES)  # what a state leaf may be stored as
 _MAX_HEADER = 1 << 24
 _PREFIX = struct.Struct("<4sHI32s")
 
@@ -282,8 +281,10 @@ def _state_leaves(state) -> dict:
         if is_random_key(leaf):
             continue
         value = np.asarray(leaf)
-        if value.dtype.name not in STATE_DTYPES:
-            raise ValueError(f"state {name}: dtype {value.dtype} cannot be stored (one of {STATE_DTYPES})")
+        if value.dtype.name not in STATE_ITEM_BYTES:
+            raise ValueError(
+                f"state {name}: dtype {value.dtype} cannot be stored (one of {list(STATE_ITEM_BYTES)})"
+            )
         out[name] = value
     return out
 

@@ -225,7 +225,7 @@ def retrain(
         stop=stop, **kw,
     )  # fmt: skip
     loosest = _loosest(plan, state.trainable) if tightness else 0.0
-    if loosest > tightness:
+    if tightness and loosest > tightness:
         warnings.warn(
             f"retraining ended with weights {loosest:.2f} (RMS distance / std) from their centres, "
             f"above the {tightness} aimed for: snapping will cost accuracy. codebook.tightness gives "
