@@ -21,6 +21,10 @@ _API = {
     "Plan": "gmm_quant.core.rules",
     "Rule": "gmm_quant.core.rules",
     "make_plan": "gmm_quant.core.rules",
+    # models with state and randomness (BatchNorm, Dropout) trained in train mode
+    "from_nnx": "gmm_quant.training.modes",
+    "from_linen": "gmm_quant.training.modes",
+    "Stateful": "gmm_quant.training.modes",
     # the stages
     "pretrain": "gmm_quant.training.pipeline",
     "retrain": "gmm_quant.training.pipeline",

@@ -208,6 +208,10 @@ def compress(plan: Plan, mixtures: dict, params, *, assignment: str = "nearest")
 
 
 def dequantize(codebooks: dict, params):
-    """``params`` with every leaf named in ``codebooks`` replaced by ``centres[indices]``."""
-    new = {p: jnp.asarray(cb.dequantize()) for p, cb in codebooks.items()}
+    """``params`` with every leaf named in ``codebooks`` replaced by ``centres[indices]``, in the
+    leaf's own dtype (a bfloat16 layer stays bfloat16: its centres rounded as the model uses them)."""
+    flat = flatten(params)
+    new = {
+        p: jnp.asarray(cb.dequantize(), getattr(flat.get(p), "dtype", None)) for p, cb in codebooks.items()
+    }
     return replace_leaves(params, new)

@@ -91,9 +91,9 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
         leaves = {**fixed, **floats, **snapped}
         return jax.tree.unflatten(treedef, [leaves[p] for p in paths])
 
-    def loss_fn(task_loss, indices, fixed, tr, x, y, step):
+    def loss_fn(task_loss, indices, fixed, tr, x, y, step, **mode):
         del step
-        return task_loss(assemble(indices, fixed, tr), x, y)
+        return task_loss(assemble(indices, fixed, tr), x, y, **mode)
 
     # the indices (and leaves held fixed) travel as arguments: a sharded layer's may span processes
     loss = carrying(loss_fn, task_loss, indices, fixed)

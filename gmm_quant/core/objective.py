@@ -86,8 +86,8 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
     def frozen(params, mixtures):  # no cotangent for the mixture: its histogram is never built
         return prior(params, jax.lax.stop_gradient(mixtures))
 
-    def loss(task_loss, trainable, x, y, step):
-        task, aux = task_loss(trainable["params"], x, y)
+    def loss(task_loss, trainable, x, y, step, **mode):  # mode: a model's state and RNG in train mode
+        task, aux = task_loss(trainable["params"], x, y, **mode)
         args = trainable["params"], trainable["mixtures"]
         if mixture_every > 1:
             comp = jax.lax.cond(step % mixture_every == mixture_every - 1, prior, frozen, *args)

@@ -13,7 +13,8 @@ Three weight encodings for quantised layers (``ENCODING``, the default of every 
 
 The graph is built from the traced model (``onnx_export``), checked with ``onnx.checker`` (full check,
 shape inference), run in onnxruntime on a sample batch, and written atomically only if its outputs
-match JAX within ``tolerance`` (1e-4 absolute by default).
+match JAX within ``tolerance`` (1e-4 absolute by default; a model computing in bfloat16 or float16
+within 8 epsilons of that dtype, ``dtype_tolerance``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from gmm_quant.formats import onnx_export, storage
 from gmm_quant.formats.onnx_export.encodings import ENCODERS, code_float_initializers
 from gmm_quant.formats.onnx_export.runtime import quantises_activations, session
 from gmm_quant.formats.onnx_export.units import RESTORED
-from gmm_quant.training import data
+from gmm_quant.training import data, modes
 
 OPSET = 21
 ENCODINGS = tuple(ENCODERS)
@@ -94,7 +95,8 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
     that (float32 rounding of logits near 1e6 alone is 0.06).
     """
     ours = run_onnx(model, x)
-    ref = np.asarray(jax.jit(apply_fn)(params, model_input(x)))
+    ref = np.asarray(modes.compiled(apply_fn)(params, model_input(x)), np.float32)
+    tolerance = max(tolerance, dtype_tolerance(model))
     if not np.all(np.isfinite(ref)):
         raise ExportMismatch("the model's outputs on the sample are not finite; file not written")
     diff = float(np.max(np.abs(ours - ref)))
@@ -106,6 +108,17 @@ def verify(model, apply_fn, params, x, tolerance=1e-4) -> float:
         message = f"ONNX Runtime differs from JAX by {diff:.3g} (> {allowed:.2g}); file not written"
         raise ExportMismatch(message)
     return diff
+
+
+HALF_EPSILONS = 8  # a half-precision model matches within 8 machine epsilons of its dtype
+
+
+def dtype_tolerance(model) -> float:
+    """The tolerance a model's own precision allows: ``HALF_EPSILONS`` epsilons of the lowest float
+    dtype it computes in (bfloat16: 0.0625, float16: 0.0078; float32 models: 0)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    name = props.get(onnx_export.COMPUTE_DTYPE)
+    return 0.0 if name is None else HALF_EPSILONS * float(jax.numpy.finfo(name).eps)
 
 
 QUANTISED_AGREEMENT = 0.98

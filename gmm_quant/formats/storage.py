@@ -93,11 +93,13 @@ class Compressed(NamedTuple):
             raise ValueError("the file does not name its model; pass a params pytree of the right structure")
         return nnx.split(self.build_model(trust_model=trust_model), nnx.Param, ...)[1]
 
-    def restore_state(self, rest):
+    def restore_state(self, rest, ignored=()):
         """``rest`` (the model's non-parameter variables, e.g. ``nnx.split(module, nnx.Param, ...)[2]``)
-        with the file's state put in, leaf by leaf; random-number keys stay ``rest``'s own. A file that
-        holds no state (written before gmm_quant stored it, or saved without ``state=``) leaves ``rest``
-        as it is, with a warning when the model has statistics that the file therefore lacks."""
+        with the file's state put in, leaf by leaf; random-number keys stay ``rest``'s own, and file
+        entries at the paths ``ignored`` (a model's random streams, kept out of ``rest``) are passed
+        over. A file that holds no state (written before gmm_quant stored it, or saved without
+        ``state=``) leaves ``rest`` as it is, with a warning when the model has statistics that the
+        file therefore lacks."""
         wanted = {p: v for p, v in flatten(rest).items() if not is_random_key(v)}
         if self.state is None:
             if wanted:
@@ -109,7 +111,8 @@ class Compressed(NamedTuple):
                     stacklevel=3,
                 )
             return rest
-        missing, extra = sorted(set(wanted) - set(self.state)), sorted(set(self.state) - set(wanted))
+        stored = set(self.state) - set(ignored)
+        missing, extra = sorted(set(wanted) - stored), sorted(stored - set(wanted))
         if missing or extra:
             raise ModelMismatch(
                 f"the file's state does not fit the model: missing {missing}, unexpected {extra}"
@@ -150,17 +153,29 @@ class Compressed(NamedTuple):
             points.attach(module, self.activations)
         return module
 
+    def variables(self, like: dict) -> dict:
+        """A Linen ``variables`` dict with the file's weights and state, shaped as ``like`` (the
+        module's own ``variables``, e.g. from ``module.init``): ``{"params": ..., "batch_stats": ...}``."""
+        rest = {k: v for k, v in like.items() if k != "params"}
+        return {"params": self.params(like["params"]), **self.restore_state(rest)}
+
     def load_model(self, model=None, *, trust_model: bool = False):
         """The Flax NNX module (``model``, or the one the file names) with the file's weights and state,
         in eval mode (BatchNorm on its stored statistics, Dropout off; ``.train()`` switches back)."""
         from flax import nnx
 
+        if model is not None and not isinstance(model, nnx.Module):
+            raise TypeError(
+                f"load_model rebuilds an nnx.Module, not a {type(model).__name__}: for a Linen module use "
+                "gq.load_compressed(path).variables(variables) with variables = module.init(...)"
+            )
         if model is None and self.model:
             model = self.build_model(trust_model=trust_model)
         if model is None:
             raise ValueError("the file does not name its model; pass model=<an nnx.Module of that model>")
-        graphdef, like, rest = nnx.split(model, nnx.Param, ...)
-        module = nnx.merge(graphdef, self.params(like), self.restore_state(rest))
+        graphdef, like, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        state = self.restore_state(rest, ignored=flatten(rngs))  # random streams: the model's own
+        module = nnx.merge(graphdef, self.params(like), rngs, state)
         module.eval()
         return module
 

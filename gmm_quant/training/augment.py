@@ -30,8 +30,8 @@ def shifted_loss(task_loss, max_shift: int, seed: int = 0):
     """``task_loss(params, x, y)`` on a randomly shifted batch; ``(params, x, y, step)`` signature."""
     base = jax.random.PRNGKey(seed)
 
-    def loss(params, x, y, step=None):
+    def loss(params, x, y, step=None, **mode):
         key = jax.random.fold_in(base, 0 if step is None else step)
-        return task_loss(params, shift(x, key, max_shift), y)
+        return task_loss(params, shift(x, key, max_shift), y, **mode)
 
     return loss

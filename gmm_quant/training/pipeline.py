@@ -31,16 +31,20 @@ from gmm_quant.core import objective as obj
 from gmm_quant.core.codebook import dequantize
 from gmm_quant.core.rules import Plan
 from gmm_quant.scale.mesh import batch_problem
-from gmm_quant.training import augment, defaults, loop
+from gmm_quant.training import augment, defaults, loop, modes, precision
 
 
 def cross_entropy(apply_fn):
-    """Task loss ``(params, x, y) -> (mean softmax cross-entropy, {"accuracy"})`` for classifiers."""
+    """Task loss ``(params, x, y) -> (mean softmax cross-entropy, {"accuracy"})`` for classifiers.
 
-    def task_loss(params, x, y):
-        logits = apply_fn(params, x)
+    A custom task loss has the same signature; for a ``modes.Stateful`` model it also takes the
+    keywords ``state`` and ``rng`` of train mode and returns the new state as ``aux["state"]``, which
+    ``modes.outputs(apply_fn, params, x, mode)`` does for it."""
+
+    def task_loss(params, x, y, **mode):
+        logits, aux = modes.outputs(apply_fn, params, x, mode)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        return loss, {**aux, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
     return task_loss
 
@@ -60,10 +64,12 @@ def run_epochs(
     on_epoch=None,
     stop=None,
     placement=None,
+    model_state=None,
 ):
     """Train ``trainable`` for ``epochs`` epochs (fewer if ``stop(epoch, state)`` says so after an
     epoch); returns the final ``TrainState``. With a ``scale.placement.Placement`` the state lives on
-    its mesh (parameters as it says) and every batch is split over the ``data`` axis."""
+    its mesh (parameters as it says) and every batch is split over the ``data`` axis. ``model_state``
+    (``modes.state_of(apply_fn)``): the model runs in train mode, its state carried in the result."""
     if placement is None:
         x, y = (jnp.asarray(a) for a in data)
         batch_sharding, context = None, contextlib.nullcontext()
@@ -71,13 +77,13 @@ def run_epochs(
         x, y = (jax.device_put(np.asarray(a), placement.replicated()) for a in data)
         batch_sharding, context = placement.batch(), jax.set_mesh(placement.mesh)
         _check_batch(batch_size, placement)
-    state = loop.init_state(trainable, optimizer) if state is None else state
+    state = loop.init_state(trainable, optimizer, model_state) if state is None else state
     if placement is not None and isinstance(loss_fn, jax.tree_util.Partial):  # its arrays (a teacher,
         loss_fn = placement.place(loss_fn)  # the indices) on the mesh too, laid out like the params
     state_sharding = None if placement is None else placement.shardings(state)
     state = state if placement is None else jax.device_put(state, state_sharding)
     epoch_fn = loop.make_epoch(loss_fn, optimizer, batch_size, batch_sharding=batch_sharding,
-                               state_sharding=state_sharding)  # fmt: skip
+                               state_sharding=state_sharding, seed=seed)  # fmt: skip
     with context:
         return _epochs(epoch_fn, state, x, y, epochs, start_epoch, seed, name, on_epoch, stop)
 
@@ -122,14 +128,17 @@ def pretrain(
     """Plain training with Adam; returns the trained params. ``cosine``: the learning rate decays along
     a cosine to 0 over the run; ``max_shift``: images shifted by up to that many pixels (augmentation)."""
     steps = epochs * max(data[0].shape[0] // batch_size, 1) if cosine else 0
+    task = precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params)  # master weights
     loss, opt, trainable = pretrain_setup(
-        apply_fn, params, learning_rate=learning_rate, task_loss=task_loss, total_steps=steps,
+        apply_fn, precision.master(params), learning_rate=learning_rate, task_loss=task, total_steps=steps,
         max_shift=max_shift, seed=seed,
     )  # fmt: skip
     state = run_epochs(
-        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="pretrain", **kw
-    )
-    return state.trainable
+        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="pretrain",
+        model_state=modes.state_of(apply_fn), **kw,
+    )  # fmt: skip
+    modes.keep_state(apply_fn, state.model_state)
+    return precision.like(state.trainable, params)
 
 
 def retrain_setup(
@@ -207,7 +216,7 @@ def retrain(
     n = data[0].shape[0]
     loss, opt, trainable = retrain_setup(
         apply_fn,
-        params,
+        precision.master(params),
         plan,
         num_train=n,
         steps_per_epoch=max(n // batch_size, 1),
@@ -215,15 +224,16 @@ def retrain(
         warmup_epochs=warmup_epochs,
         rates=rates,
         mixtures=mixtures,
-        task_loss=task_loss,
+        task_loss=precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params),
         mixture_every=mixture_every,
     )
     stop = until_tight(plan, epochs, tightness) if tightness else None
     limit = max_epochs or 4 * epochs if tightness else epochs
     state = run_epochs(
         loss, opt, trainable, data, epochs=limit, batch_size=batch_size, seed=seed, name="retrain",
-        stop=stop, **kw,
+        stop=stop, model_state=modes.state_of(apply_fn), **kw,
     )  # fmt: skip
+    modes.keep_state(apply_fn, state.model_state)
     loosest = _loosest(plan, state.trainable) if tightness else 0.0
     if tightness and loosest > tightness:
         warnings.warn(
@@ -232,7 +242,7 @@ def retrain(
             "the value per layer; a larger tau pulls the weights harder towards the centres.",
             stacklevel=2,
         )
-    return state.trainable["mixtures"], state.trainable["params"]
+    return state.trainable["mixtures"], precision.like(state.trainable["params"], params)
 
 
 def finetune_setup(
@@ -254,22 +264,30 @@ def finetune_setup(
     return loss, optax.adam(learning_rate), trainable, build
 
 
-def keep_better(loss_fn, start, end, data, batch_size=1000):
+def keep_better(loss_fn, start, end, data, batch_size=1000, states=None):
     """``(end, True)`` unless ``end`` has a higher mean training loss than ``start``: ``(start, False)``.
 
     Fine-tuning a converged codebook is a small correction; this makes sure it never makes the model
     worse on the data it was tuned on (an epoch average of the training loss would hide it).
+    ``states``: ``(apply_fn, start_state, end_state)`` of a ``modes.Stateful`` model, each side
+    evaluated with its own state; the winner's stays on ``apply_fn``.
     """
+    apply_fn, start_state, end_state = states or (None, None, None)
+    modes.keep_state(apply_fn, start_state)
     before = loop.mean_loss(loss_fn, start, *data, batch_size)
+    modes.keep_state(apply_fn, end_state)
     after = loop.mean_loss(loss_fn, end, *data, batch_size)
-    return (end, True) if after <= before else (start, False)
+    if after <= before:
+        return end, True
+    modes.keep_state(apply_fn, start_state)
+    return start, False
 
 
-def tuned_result(loss_fn, start, end, codebooks: dict, build, data, *, grid=False):
+def tuned_result(loss_fn, start, end, codebooks: dict, build, data, *, grid=False, states=None):
     """``(codebooks, params, improved)`` after fine-tuning from ``start`` to ``end`` (trainables of
     ``finetune_setup``): the tuned codebooks and params if ``end`` is no worse on ``data`` than
-    ``start`` (``keep_better``), else ``codebooks`` unchanged and params None."""
-    tuned, improved = keep_better(loss_fn, start, end, data)
+    ``start`` (``keep_better``, ``states`` as there), else ``codebooks`` unchanged and params None."""
+    tuned, improved = keep_better(loss_fn, start, end, data, states=states)
     if not improved:
         return codebooks, None, False
     codebooks = ct.updated_codebooks(codebooks, tuned, grid=grid)
@@ -302,18 +320,22 @@ def finetune(
     """
     if grid_bits:
         codebooks, params = grid_lib.codebooks_to_grid(codebooks, params, grid_bits)
+    task = precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params)  # master weights
     loss, opt, trainable, build = finetune_setup(
-        apply_fn, codebooks, params, learning_rate=learning_rate, train_float=train_float,
-        task_loss=task_loss, grid=bool(grid_bits),
+        apply_fn, codebooks, precision.master(params), learning_rate=learning_rate, train_float=train_float,
+        task_loss=task, grid=bool(grid_bits),
     )  # fmt: skip
+    start_state = modes.state_of(apply_fn)
     state = run_epochs(
-        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="finetune", **kw
-    )
+        loss, opt, trainable, data, epochs=epochs, batch_size=batch_size, seed=seed, name="finetune",
+        model_state=start_state, **kw,
+    )  # fmt: skip
     selection = data if val is None else val
+    states = (apply_fn, start_state, state.model_state)
     tuned, final, improved = tuned_result(loss, trainable, state.trainable, codebooks, build, selection,
-                                          grid=bool(grid_bits))  # fmt: skip
-    return (tuned, final) if improved else (codebooks, params)
+                                          grid=bool(grid_bits), states=states)  # fmt: skip
+    return (tuned, precision.like(final, params)) if improved else (codebooks, params)
 
 
 def _ignore_step(task_loss):
-    return lambda params, x, y, step=None: task_loss(params, x, y)
+    return lambda params, x, y, step=None, **mode: task_loss(params, x, y, **mode)

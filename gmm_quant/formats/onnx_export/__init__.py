@@ -20,11 +20,12 @@ import jax
 import numpy as np
 from onnx import helper
 
-from gmm_quant.formats.onnx_export import ops_elementwise, ops_nn, ops_quant, ops_shape  # noqa: F401  (handlers)
-from gmm_quant.formats.onnx_export.converter import HANDLERS, TRACE_BATCH, Converter, onnx_dtype
+from gmm_quant.formats.onnx_export import ops_control, ops_elementwise, ops_nn, ops_quant, ops_shape  # noqa: F401
+from gmm_quant.formats.onnx_export.converter import HANDLERS, TRACE_BATCH, Converter, host, onnx_dtype
 from gmm_quant.formats.onnx_export.values import Sym, WeightRef, identity
 
-__all__ = ["HANDLERS", "TRACE_BATCH", "convert", "supported_primitives"]
+__all__ = ["COMPUTE_DTYPE", "HANDLERS", "TRACE_BATCH", "convert", "supported_primitives"]
+COMPUTE_DTYPE = "gmm_quant.compute_dtype"  # metadata: the lowest float precision the model computes in
 
 
 def supported_primitives() -> list[str]:
@@ -57,7 +58,7 @@ def convert(
         for p, leaf in zip(paths, params_leaves, strict=True)
     ]
     x = Sym("input", identity(traced.ndim), tuple(traced.shape))
-    (out,) = conv.run(closed.jaxpr, [*inputs, x], [np.asarray(c) for c in closed.consts])
+    (out,) = conv.run(closed.jaxpr, [*inputs, x], [host(c) for c in closed.consts])
     out_name = conv.plain(out)
     conv.nodes.append(helper.make_node("Identity", [out_name], ["output"]))
     out_dtype = onnx_dtype(closed.out_avals[0].dtype)
@@ -68,4 +69,10 @@ def convert(
         [helper.make_tensor_value_info("output", out_dtype, out_shape)],
         conv.initializers,
     )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="gmm_quant")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="gmm_quant"
+    )
+    if conv.half:  # the model computes (partly) in half precision: the graph rounds where it does
+        lowest = min(conv.half, key=lambda d: jax.numpy.finfo(d).nmant)
+        helper.set_model_props(model, {COMPUTE_DTYPE: np.dtype(lowest).name})
+    return model

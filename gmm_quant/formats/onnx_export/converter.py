@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
+import jax
 import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
@@ -30,7 +31,7 @@ TRACE_BATCH = 97
 HANDLERS: dict = {}
 NARROW_AWARE: set = set()  # handlers that accept a units.Narrow (a value with dead units removed)
 _PASS = {"copy", "copy_p", "stop_gradient", "optimization_barrier", "reduce_precision", "sharding_constraint"}
-_CALLS = {"pjit", "jit", "custom_jvp_call", "custom_vjp_call", "closed_call", "remat", "checkpoint"}
+_CALLS = {"pjit", "jit", "custom_jvp_call", "custom_vjp_call", "closed_call", "remat", "remat2", "checkpoint"}
 _DTYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.int32): TensorProto.INT32,
@@ -54,17 +55,42 @@ def register(*names, narrow: bool = False):
     return wrap
 
 
+def host(value):
+    """A folded constant as numpy; random-number keys (an eval-mode model's unused Dropout streams)
+    stay JAX arrays, which numpy cannot hold, and never reach the graph."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return value
+    return np.asarray(value)
+
+
+# Half precision: the graph computes in float32 and rounds where the model rounds (``Cast`` to the
+# half type and back, see ``ops_elementwise.convert_element_type``), so its tensors are float32.
+HALF = {np.dtype(jax.numpy.bfloat16): TensorProto.BFLOAT16, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
 def onnx_dtype(dtype) -> int:
+    """The ONNX type of a graph tensor holding a JAX value of ``dtype`` (half precision: FLOAT)."""
     dtype = np.dtype(dtype)
+    if dtype in HALF:
+        return TensorProto.FLOAT
     if dtype not in _DTYPES:
         raise NotImplementedError(f"ONNX export does not support the dtype {dtype}")
     return _DTYPES[dtype]
 
 
+_LIBRARIES = ("/flax/", "/jax/", "/optax/", "/equinox/", "/gmm_quant/")
+
+
 def _where(eqn) -> str:
-    """Where in the user's model an equation comes from: Flax's name stack and the source line."""
+    """Where in the user's model an equation comes from: Flax's name stack and the innermost source
+    line outside flax, jax and gmm_quant (the user's line that called a library layer)."""
     stack = str(eqn.source_info.name_stack)
-    line = source_info_util.summarize(eqn.source_info)
+    frames = source_info_util.user_frames(eqn.source_info.traceback)
+    frame = next((f for f in frames if not any(lib in f.file_name for lib in _LIBRARIES)), None)
+    if frame is None:  # inside a library's jitted function: the caller (``Converter._calls``) says
+        return ""
+    line = f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
     return f"{stack} ({line})" if stack else line
 
 
@@ -75,6 +101,7 @@ class Converter:
         self.batch, self.remove_dead_units = batch, remove_dead_units
         self.nodes, self.initializers, self.count = [], [], 0
         self._memo, self._calls = {}, []  # the call sites of the nested jaxprs being walked
+        self.half = set()  # the half-precision dtypes the model computes in
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -85,6 +112,8 @@ class Converter:
         over heads, a fill value) is stored once per distinct slice and Expanded back; equal constants
         share one initializer."""
         arr = np.asarray(value)
+        if arr.dtype in HALF:
+            arr = arr.astype(np.float32)
         small = arr
         for axis in range(arr.ndim if arr.size >= 256 else 0):  # small constants: stored as they are
             if small.shape[axis] > 1 and np.all(small == np.take(small, [0], axis=axis)):
@@ -197,12 +226,13 @@ class Converter:
 
     def eqn(self, eqn, args):
         name = eqn.primitive.name
+        self.half.update(v.aval.dtype for v in eqn.outvars if getattr(v.aval, "dtype", None) in HALF)
         if all(not isinstance(a, (Sym, WeightRef, Narrow)) for a in args):  # fold constants
             out = eqn.primitive.bind(*args, **eqn.params)
-            return [np.asarray(o) for o in out] if eqn.primitive.multiple_results else [np.asarray(out)]
+            return [host(o) for o in out] if eqn.primitive.multiple_results else [host(out)]
         if name in _CALLS:
             inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
-            consts = [np.asarray(c) for c in getattr(inner, "consts", ())]
+            consts = [host(c) for c in getattr(inner, "consts", ())]
             self._calls.append(_where(eqn))
             try:
                 return self.run(getattr(inner, "jaxpr", inner), args, consts)

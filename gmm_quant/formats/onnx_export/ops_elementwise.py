@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from gmm_quant.formats.onnx_export.converter import onnx_dtype, register
+from gmm_quant.formats.onnx_export.converter import HALF, onnx_dtype, register
 from gmm_quant.formats.onnx_export.units import narrowable
 from gmm_quant.formats.onnx_export.values import Sym, WeightRef, identity
 
@@ -126,9 +126,13 @@ def is_finite(conv, eqn, x):
 @register("convert_element_type")
 def convert_element_type(conv, eqn, x):
     s = conv.sym(x)
-    if np.dtype(eqn.params["new_dtype"]) == np.dtype(eqn.invars[0].aval.dtype):
+    new, old = np.dtype(eqn.params["new_dtype"]), np.dtype(eqn.invars[0].aval.dtype)
+    if new in HALF and old != new:  # rounded to the half type, held as float32 (converter.HALF)
+        half = conv.node("Cast", [s.name], to=HALF[new])
+        return Sym(conv.node("Cast", [half], to=onnx_dtype(new)), s.perm, s.shape)
+    if onnx_dtype(new) == onnx_dtype(old):
         return s
-    return Sym(conv.node("Cast", [s.name], to=onnx_dtype(eqn.params["new_dtype"])), s.perm, s.shape)
+    return Sym(conv.node("Cast", [s.name], to=onnx_dtype(new)), s.perm, s.shape)
 
 
 @register("select_n")
