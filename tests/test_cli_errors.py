@@ -129,9 +129,9 @@ def test_selection_sees_the_validation_split_never_the_test_set(tmp_path, monkey
     seen = []
     real = pipeline.keep_better
 
-    def spy(loss, start, end, data_xy, batch_size=1000):
+    def spy(loss, start, end, data_xy, batch_size=1000, **kw):
         seen.append(data_xy)
-        return real(loss, start, end, data_xy, batch_size)
+        return real(loss, start, end, data_xy, batch_size, **kw)
 
     monkeypatch.setattr(pipeline, "keep_better", spy)
     argv = ["--config", "tiny", "--workdir", str(tmp_path / "w"), "--no-progress", "--no-onnx"]

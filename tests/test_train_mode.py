@@ -231,3 +231,21 @@ def test_a_linen_module_is_not_loaded_as_nnx(tmp_path):
     gq.save_compressed(tmp_path / "m.gqz", codebooks, snapped, state=apply_fn.state)
     with pytest.raises(TypeError, match=r"variables\(variables\)"):
         gq.load_model(tmp_path / "m.gqz", model=LinenCNN())
+
+
+def test_the_budget_search_trains_a_stateful_model_in_train_mode():
+    """The search runs the command line's stages: a BatchNorm model's trials train in train mode and
+    the result carries the trained statistics; the user's adapter is left as it was."""
+    apply_fn, params = gq.from_nnx(NnxCNN(nnx.Rngs(0)))
+    params = gq.pretrain(apply_fn, params, (X_TRAIN[:384], Y_TRAIN[:384]), epochs=6, batch_size=32)
+    pretrained_state = jax.tree.map(np.asarray, apply_fn.state)
+    base = gq.Config(batch_size=32, retrain_epochs=3, warmup_epochs=1, finetune_epochs=1, tau=1e-2)
+    val = (X_TRAIN[384:], Y_TRAIN[384:])
+    result = gq.compress_to_budget(apply_fn, params, (X_TRAIN[:384], Y_TRAIN[:384]), val, budget=5.0,
+                                   trials=2, base=base, progress=False)  # fmt: skip
+    assert result.config is not None
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), pretrained_state, result.apply_fn.state)
+    assert all(jax.tree.leaves(moved))  # retraining and fine-tuning updated the statistics
+    for a, b in zip(jax.tree.leaves(pretrained_state), jax.tree.leaves(apply_fn.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert gq.error_rate(result.apply_fn, result.params, *val) == result.val_error

@@ -75,8 +75,9 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
 
 
 def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
-    def runner(name, setup, epochs, parent, stop=None, placement=None):
-        return run.run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop)
+    def runner(name, setup, epochs, parent, stop=None, placement=None, model_state=None):
+        return run.run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop,
+                             model_state)  # fmt: skip
 
     ctx = stages.Context(cfg, train, val, runner)
     model, _record = stages.pretrain(ctx, stages.Model(apply_fn, params), stages.Record())

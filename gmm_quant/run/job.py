@@ -33,7 +33,8 @@ from gmm_quant.scale import distributed
 from gmm_quant.training import data, loop, pipeline
 
 
-def run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None, stop=None):
+def run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None, stop=None,
+              model_state=None):  # fmt: skip
     """Train one stage with verified per-epoch checkpoints; resumes from the newest good one.
 
     ``parent`` keys the checkpoints to what the stage started from (default: the identity of its
@@ -42,7 +43,7 @@ def run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None,
     (``checkpoint.StageCheckpoints``); the trained state comes back as global arrays.
     """
     loss, optimizer, trainable = setup
-    state = loop.init_state(trainable, optimizer)
+    state = loop.init_state(trainable, optimizer, model_state)  # a model's state is checkpointed with it
     if placement is not None:  # restored straight into place (several processes: into global arrays)
         state = placement.place(state)
     parent = parent or ckpt.Identity(state.trainable)
@@ -154,8 +155,9 @@ def train_and_evaluate(
     with contextlib.ExitStack() as stack:
         _hold_workdir(stack, workdir, cfg, overwrite)
 
-        def runner(name, setup, epochs, parent, stop=None, placement=None):
-            return run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop)
+        def runner(name, setup, epochs, parent, stop=None, placement=None, model_state=None):
+            return run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop,
+                             model_state)  # fmt: skip
 
         train, test = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
         ctx = stages.Context(cfg, train, val, runner, test)

@@ -9,9 +9,11 @@ the budget search's pretraining: functions that take the model as it stands and 
 
 The training itself is ``training.pipeline``'s (its setups, stop rule and keep-the-better rule):
 the command line, the search and the Python API train the same way. ``runner(name, setup, epochs,
-parent, stop=None, placement=None) -> TrainState`` runs a stage's epochs: with verified checkpoints in
-a work directory (``job.run_stage``) or in memory (``search.trial.memory_runner``). The structural
-stages (heads, reuse, activation quantisation) are in ``model_stages``.
+parent, stop=None, placement=None, model_state=None) -> TrainState`` runs a stage's epochs: with
+verified checkpoints in a work directory (``job.run_stage``) or in memory
+(``search.trial.memory_runner``). A model with state (``training.modes.Stateful``) trains in train
+mode and each stage returns it with its new state. The structural stages (heads, reuse, activation
+quantisation) are in ``model_stages``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from gmm_quant.run import checkpoint as ckpt
 from gmm_quant.run import config as cfgm
 from gmm_quant.scale.mesh import make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
-from gmm_quant.training import loop, pipeline
+from gmm_quant.training import loop, modes, pipeline
 from gmm_quant.training.distillation import distillation_loss, feature_maps
 
 
@@ -126,8 +128,11 @@ def pretrain(ctx: Context, model: Model, record: Record) -> tuple[Model, Record]
             model.apply_fn, params, learning_rate=cfg.pretrain_lr, seed=cfg.seed,
             total_steps=steps if cfg.pretrain_cosine else 0, max_shift=cfg.pretrain_shift,
         )  # fmt: skip
-        params = ctx.runner("pretrain", setup, cfg.pretrain_epochs, None, placement=model.placement).trainable
-    model = model._replace(params=params)
+        state = ctx.runner("pretrain", setup, cfg.pretrain_epochs, None, placement=model.placement,
+                           model_state=modes.state_of(model.apply_fn))  # fmt: skip
+        model = model._replace(
+            params=state.trainable, apply_fn=modes.with_state(model.apply_fn, state.model_state)
+        )
     return model, record.scored(ctx, "pretrained", model).timed("pretrain", start)
 
 
@@ -170,9 +175,12 @@ def retrain(ctx: Context, plan, model: Model, record: Record):
             4 * cfg.retrain_epochs,
             pipeline.until_tight(plan, cfg.retrain_epochs, cfg.retrain_tightness),
         )
-    state = ctx.runner("retrain", setup, epochs, None, stop, placement=model.placement)
+    state = ctx.runner("retrain", setup, epochs, None, stop, placement=model.placement,
+                       model_state=modes.state_of(model.apply_fn))  # fmt: skip
     trained = state.trainable
-    model = model._replace(params=trained["params"])
+    model = model._replace(
+        params=trained["params"], apply_fn=modes.with_state(model.apply_fn, state.model_state)
+    )
     record = record.scored(ctx, "retrained", model).timed("retrain", start)
     record = record._replace(retrain_epochs=int(state.step) // max(n // cfg.batch_size, 1))
     return trained["mixtures"], model, record
@@ -197,7 +205,9 @@ def finetune(ctx: Context, codebooks: dict, model: Model, record: Record, epochs
     ``model``, kept only if no worse on the validation split (``pipeline.tuned_result``)."""
     start, cfg, final = start or time.perf_counter(), ctx.cfg, model.params
     codes = model.float_codes or {}
-    if epochs:
+    start_state = modes.state_of(model.apply_fn)
+    model = model._replace(apply_fn=modes.with_state(model.apply_fn, start_state))  # a copy: keep_better
+    if epochs:  # leaves the winner's state on it
         loss, opt, trainable, build = pipeline.finetune_setup(
             model.apply_fn, codebooks, model.params, learning_rate=cfg.finetune_lr,
             grid=bool(cfg.weight_bits), task_loss=task_loss(ctx, model), float_grids=float_codes.grids(codes),
@@ -205,16 +215,12 @@ def finetune(ctx: Context, codebooks: dict, model: Model, record: Record, epochs
         if model.placement is not None:  # the teacher and the indices on the mesh, for every use
             loss = model.placement.place(loss)
         parent = ckpt.Identity((trainable, model.params))  # the indices live in the params, not trainable
-        tuned = ctx.runner("finetune", (loss, opt, trainable), epochs, parent, placement=model.placement)
+        tuned = ctx.runner("finetune", (loss, opt, trainable), epochs, parent, placement=model.placement,
+                           model_state=start_state)  # fmt: skip
         codebooks, params, improved = pipeline.tuned_result(
-            loss,
-            trainable,
-            tuned.trainable,
-            codebooks,
-            build,
-            selection_data(ctx),
-            grid=bool(cfg.weight_bits),
-        )
+            loss, trainable, tuned.trainable, codebooks, build, selection_data(ctx),
+            grid=bool(cfg.weight_bits), states=(model.apply_fn, start_state, tuned.model_state),
+        )  # fmt: skip
         final = params if improved else final
     if codes:  # back on their grids: fine-tuning moved them
         codes, final = float_codes.recode(codes, final)

@@ -36,6 +36,7 @@ class SearchResult(NamedTuple):
     val_error: float
     compression_ratio: float
     study: object
+    apply_fn: object = None  # the compressed model's apply_fn (a Stateful holds its trained state)
 
 
 class BudgetError(ValueError):
@@ -147,7 +148,7 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
     if not best:
         return SearchResult(None, None, None, math.nan, math.nan, study)
     cfg = study_lib.config_from_json(best[0].user_attrs["config"])
-    outcome, codebooks, params = run_trial(
+    outcome, codebooks, params, apply_fn = run_trial(
         cfg,
         search.apply_fn,
         search.pretrained,
@@ -158,7 +159,7 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
         graphdef=search.graphdef,
         judge=search.judge,
     )
-    return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study)
+    return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study, apply_fn)
 
 
 def compress_to_budget(

@@ -152,7 +152,7 @@ def objective(search: Search):
                 raise optuna.TrialPruned()
 
         try:
-            outcome, _, _ = run_trial(
+            outcome, *_ = run_trial(
                 cfg, search.apply_fn, search.pretrained, search.train, search.val,
                 limit=search.limit, budget=search.budget, report=report, graphdef=search.graphdef,
                 judge=search.judge,

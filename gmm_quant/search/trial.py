@@ -59,7 +59,7 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
     """A stages runner without checkpoints (nor placement: one device); ``on_retrain_epoch(epoch,
     state)`` after each retraining epoch."""
 
-    def runner(name, setup, epochs, parent, stop=None, placement=None):
+    def runner(name, setup, epochs, parent, stop=None, placement=None, model_state=None):
         loss, optimizer, trainable = setup
 
         def after(epoch, state):
@@ -69,7 +69,7 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
 
         return pipeline.run_epochs(
             loss, optimizer, trainable, train, epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-            name=name, stop=after,
+            name=name, stop=after, model_state=model_state,
         )  # fmt: skip
 
     return runner
@@ -81,7 +81,8 @@ def run_trial(
     """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
 
     ``limit`` is the highest acceptable judged value (validation error, a fraction, unless ``judge``
-    says otherwise), ``budget`` the allowed increase. Returns ``(Outcome, codebooks, params)``.
+    says otherwise), ``budget`` the allowed increase. Returns ``(Outcome, codebooks, params, apply_fn)``
+    (``apply_fn`` holds the trained model's state when it is a ``training.modes.Stateful``).
     """
     judge = judge or loop.error_rate
     plan = build_plan(cfg, pretrained)
@@ -113,4 +114,4 @@ def run_trial(
     final = model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
     cr = accounting.summarize(tuned, flat, float_codes=model.float_codes)  # costs depend on widths only
-    return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final
+    return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final, model.apply_fn

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gmm_quant.training import modes
+
 
 def feature_maps(graphdef, pattern: str):
     """``(params, x) -> (logits, {module path: output})`` for the NNX modules whose path (``/``-joined,
@@ -66,14 +68,17 @@ def distillation_loss(
     use_features = features is not None and beta > 0
     teacher_fn, teacher_features = teacher_model or (apply_fn, features)
 
-    def loss(teacher_params, params, x, y):
+    def loss(teacher_params, params, x, y, **mode):  # mode: train mode of a Stateful student
+        state = {}
         if use_features:
+            if mode:
+                raise NotImplementedError("feature distillation of a model with state (BatchNorm, Dropout)")
             logits, maps = features(params, x)
             teacher_logits, teacher_maps = teacher_features(teacher_params, x)
         else:
-            logits = apply_fn(params, x)
+            logits, state = modes.outputs(apply_fn, params, x, mode)  # the teacher: eval mode
         task = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        aux = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        aux = {**state, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
         if alpha > 0:
             if not use_features:
                 teacher_logits = teacher_fn(teacher_params, x)

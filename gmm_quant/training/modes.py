@@ -78,6 +78,14 @@ def state_of(apply_fn):
     return apply_fn.state if isinstance(apply_fn, Stateful) else None
 
 
+def with_state(apply_fn, state):
+    """A new ``Stateful`` like ``apply_fn`` holding ``state`` (``apply_fn`` itself for any other
+    apply function, or when ``state`` is None): the run's stages return models, never change them."""
+    if not isinstance(apply_fn, Stateful) or state is None:
+        return apply_fn
+    return Stateful(apply_fn._eval, apply_fn.train_apply, state, apply_fn._rebuild)
+
+
 def keep_state(apply_fn, state) -> None:
     """Store a stage's final ``state`` on a ``Stateful`` ``apply_fn`` (nothing for any other)."""
     if isinstance(apply_fn, Stateful) and state is not None:
