@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
     )
-    ap.add_argument("--pretrained", default=None, help="start from this workdir's pretraining or a .gqz file")
+    add_input_flags(ap)
     ap.add_argument(
         "--overwrite",
         action="store_true",
@@ -54,10 +54,29 @@ def parser() -> argparse.ArgumentParser:
 
 def add_config_flags(ap: argparse.ArgumentParser) -> None:
     names = configs.available()
-    ap.add_argument("--config", default=None, help=f"experiment: one of {names} (default digits_mlp)")
+    ap.add_argument(
+        "--config", default=None,
+        help=f"experiment: one of {names} (default digits_mlp), or a .py file whose get_config() "
+        "returns a Config",
+    )  # fmt: skip
     ap.add_argument(
         "--config-file", default=None, help="a JSON file of config fields (gmm_quant.tune writes one)"
     )
+
+
+def add_input_flags(ap: argparse.ArgumentParser) -> None:
+    """--data and --pretrained: the user's own data and weights (train and tune alike)."""
+    ap.add_argument(
+        "--data", dest="set_dataset", default=None, metavar="DATA",
+        help="your data (as --dataset): an .npz with x_train, y_train, x_test, y_test (and x_val, y_val), "
+        "package.module:loader returning those arrays, or a Hugging Face datasets directory "
+        "(--data-columns)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--pretrained", default=None,
+        help="start from these weights: a .safetensors or .msgpack file or an Orbax checkpoint of your own "
+        "training (matched by parameter path), a .gqz file, or another work directory's pretraining",
+    )  # fmt: skip
 
 
 def add_override_flags(ap: argparse.ArgumentParser) -> None:
@@ -83,7 +102,7 @@ def config_from_args(args) -> tuple[cfgm.Config, str]:
         raise cfgm.ConfigError("give --config or --config-file, not both")
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
     base = cfgm.load_file(args.config_file) if args.config_file else configs.load(args.config or "digits_mlp")
-    name = pathlib.Path(args.config_file).stem if args.config_file else args.config or "digits_mlp"
+    name = pathlib.Path(args.config_file or args.config or "digits_mlp").stem
     return cfgm.override(base, overrides), name
 
 

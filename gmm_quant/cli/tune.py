@@ -19,7 +19,13 @@ from __future__ import annotations
 import sys
 
 from gmm_quant.cli import common as cli
-from gmm_quant.cli.train import add_config_flags, add_override_flags, config_from_args, value_flags
+from gmm_quant.cli.train import (
+    add_config_flags,
+    add_input_flags,
+    add_override_flags,
+    config_from_args,
+    value_flags,
+)
 from gmm_quant.run import config as cfgm
 
 
@@ -38,7 +44,7 @@ def parser():
                         "this many percent")  # fmt: skip
     ap.add_argument("--trials", type=int, default=20, help="finished trials to reach (default 20)")
     ap.add_argument("--workdir", default=None, help="default runs/tune-CONFIG")
-    ap.add_argument("--pretrained", default=None, help="start from this workdir's pretraining or a .gqz file")
+    add_input_flags(ap)
     ap.add_argument(
         "--data-dir", default=None, help="directory with the MNIST .gz files (or $GMM_QUANT_DATA)"
     )

@@ -12,21 +12,17 @@ import json
 import pathlib
 import time
 
-from flax import nnx
-
-import models
 from gmm_quant._util.files import write_atomic
 from gmm_quant.run import config as cfgm
+from gmm_quant.run import inputs, stages
 from gmm_quant.run import job as run
-from gmm_quant.run import stages
 from gmm_quant.run import workdir as wd
-from gmm_quant.run.preflight import check_model
-from gmm_quant.run.pretrained import load_pretrained
+from gmm_quant.run.pretrained import pretrained_weights
 from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
-from gmm_quant.training import data
+from gmm_quant.training import data, modes
 
 
 def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
@@ -39,20 +35,17 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     space = space_lib.Space(
         tuple(d for d in (args.dimensions or "").split(",") if d) or space_lib.DEFAULT_DIMENSIONS
     )
-    graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
-    check_model(cfg, graphdef, params)
-    ds, val = data.split_validation(data.load(cfg.dataset, args.data_dir, cfg.train_subset or None),
-                                    cfg.val_fraction, cfg.seed)  # fmt: skip
+    apply_fn, params, graphdef = inputs.build_model(cfg)
+    ds, val = data.split_validation(inputs.load_data(cfg, args.data_dir), cfg.val_fraction, cfg.seed)
     run.check_data(cfg, ds, len(val[1]))
+    inputs.check_fits(cfg, apply_fn, params, ds)
     budget, metric = budget_of(args)
     budget_lib.check_inputs(budget, args.trials, val)
     if args.pretrained is not None:
-        params = load_pretrained(args.pretrained, params)
+        params, state = pretrained_weights(args.pretrained, params, modes.state_of(apply_fn))
+        apply_fn = modes.with_state(apply_fn, state)
     if args.storage is not None:  # a URL that cannot be opened fails here, before any training
         study_lib.open_study(args.storage, args.study_name, heartbeat=args.heartbeat)
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p)(x)
 
     train, start = (ds.x_train, ds.y_train), time.perf_counter()
     with wd.Lock(workdir):
@@ -60,7 +53,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
             wd.clear(workdir)
         wd.claim(workdir, cfg)
         if args.pretrained is None:
-            params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
+            apply_fn, params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
         base = dataclasses.replace(cfg, pretrain_epochs=0)
         search = budget_lib.prepare(apply_fn, params, train, val, budget=budget, base=base, space=space,
                                     graphdef=graphdef, metric=metric)  # fmt: skip
@@ -81,7 +74,7 @@ def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
 
     ctx = stages.Context(cfg, train, val, runner)
     model, _record = stages.pretrain(ctx, stages.Model(apply_fn, params), stages.Record())
-    return model.params
+    return model.apply_fn, model.params
 
 
 WHAT = {

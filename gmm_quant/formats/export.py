@@ -24,7 +24,6 @@ import pathlib
 import jax
 import numpy as np
 import onnx
-from flax import nnx
 
 from gmm_quant._util.files import write_atomic
 from gmm_quant.core.float_codes import grids
@@ -182,11 +181,7 @@ def load_model_file(path, model: str | None = None, *, trust_model: bool = False
         raise ValueError(f"{path} does not name its model; name it (model='package.module:factory')")
     # the file's weights and state, in eval mode (stored statistics, no dropout): what is exported
     module = compressed.load_model(compressed.build_model(model, trust_model=trust_model))
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p, rest)(x)
-
+    apply_fn, params = modes.from_nnx(module)
     return apply_fn, params, compressed.codebooks, compressed
 
 

@@ -22,14 +22,16 @@ from gmm_quant.training.data import DATASETS
 HEAD_SCORES = ("weights", "loss")
 ACTIVATION_MODES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}  # weight bits, activation bits
 STAGES = ("pretrain", "retrain", "compress", "finetune")
+FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # Defaults shared with the Python API are defined once, in ``gmm_quant.training.defaults``.
     # --- data and model ---
-    model: str = "digits_mlp"  # a name in models.MODELS
-    dataset: str = "digits"  # "digits" (bundled with scikit-learn) or "mnist" (IDX files, --data-dir)
+    model: str = "digits_mlp"  # a name in models.MODELS, or your own package.module:factory (an NNX module)
+    dataset: str = "digits"  # digits, mnist (--data-dir), pydoc_chars, or yours: .npz, module:loader, HF dir
+    data_columns: tuple[str, ...] = ("x", "y")  # a Hugging Face datasets directory's input and label columns
     train_subset: int = 0  # use only the first N training examples (0 = all)
     val_fraction: float = 0.1  # held out of the training data (seeded) for every selection decision
     seed: int = defaults.SEED  # model init and batch order
@@ -112,12 +114,13 @@ def validate(cfg: Config) -> Config:
 
     _check_finite(cfg)
     _check(
-        cfg.model in models.MODELS,
+        cfg.model in models.MODELS or FACTORY.fullmatch(cfg.model) is not None,
         "model",
-        f"unknown model; choose one of {sorted(models.MODELS)}",
+        f"unknown model; choose one of {sorted(models.MODELS)} or name your own as package.module:factory",
         cfg.model,
     )
-    _check(cfg.dataset in DATASETS, "dataset", f"unknown dataset; choose one of {DATASETS}", cfg.dataset)
+    _check(bool(cfg.dataset), "dataset", f"choose one of {DATASETS} or name your data", cfg.dataset)
+    _check(len(cfg.data_columns) == 2, "data_columns", "two column names: input, label", cfg.data_columns)
     _check(cfg.assignment in ASSIGNMENTS, "assignment", f"choose one of {ASSIGNMENTS}", cfg.assignment)
     _check(cfg.tau >= 0, "tau", "must be >= 0", cfg.tau)
     _check(cfg.num_components >= 2, "num_components", "must be >= 2 (zero + one free)", cfg.num_components)

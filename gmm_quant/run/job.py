@@ -15,22 +15,19 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-import models
 from gmm_quant.core import accounting, codebook
 from gmm_quant.core.rules import flatten, replace_leaves
 from gmm_quant.formats import storage
 from gmm_quant.run import checkpoint as ckpt
 from gmm_quant.run import config as cfgm
-from gmm_quant.run import model_stages, report, stages
+from gmm_quant.run import inputs, model_stages, report, stages
 from gmm_quant.run import workdir as wd
 from gmm_quant.run.plan import build_plan
-from gmm_quant.run.preflight import check_model
-from gmm_quant.run.pretrained import load_pretrained
+from gmm_quant.run.pretrained import pretrained_weights
 from gmm_quant.scale import distributed
-from gmm_quant.training import data, loop, pipeline
+from gmm_quant.training import data, loop, modes, pipeline
 
 
 def run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None, placement=None, stop=None,
@@ -135,21 +132,18 @@ def train_and_evaluate(
     cfg = dataclasses.replace(cfg, mesh=distributed.default_mesh(cfg.mesh))  # several processes: data=N
     workdir = pathlib.Path(workdir)
     distributed.agree(lambda: wd.check_usable(workdir, overwrite=overwrite))
-    graphdef, params = nnx.split(models.create(cfg.model, cfg.seed), nnx.Param)
-    check_model(cfg, graphdef, params)
+    apply_fn, params, graphdef = inputs.build_model(cfg)
     plan = build_plan(cfg, params)
     flat = flatten(params)
     cfgm.check_threshold(cfg, {p: int(np.size(flat[p])) for p in plan.quantised()})
-    ds, val = data.split_validation(data.load(cfg.dataset, data_dir, cfg.train_subset or None),
-                                    cfg.val_fraction, cfg.seed)  # fmt: skip
+    ds, val = data.split_validation(inputs.load_data(cfg, data_dir), cfg.val_fraction, cfg.seed)
     check_data(cfg, ds, len(val[1]))
+    inputs.check_fits(cfg, apply_fn, params, ds)
     if pretrained is not None:
-        params = load_pretrained(pretrained, params)
+        params, state = pretrained_weights(pretrained, params, modes.state_of(apply_fn))
+        apply_fn = modes.with_state(apply_fn, state)
 
     _check_processes_agree(cfg, ds)
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p)(x)
 
     writer = distributed.is_writer()  # several processes: process 0 alone holds the lock and the files
     with contextlib.ExitStack() as stack:
@@ -176,8 +170,10 @@ def train_and_evaluate(
         model, record = model_stages.quantise_activations(ctx, model, record)
         codebooks, model, record = stages.finetune(ctx, codebooks, model, record, cfg.finetune_epochs, start)
         # the Han count where the shards live; then the file writer's copy (several processes: gathered)
-        summary = accounting.summarize(codebooks, model.params, removed=model.removed,
-                                       float_codes=model.float_codes)  # fmt: skip
+        summary = accounting.summarize(
+            codebooks, model.params, removed=model.removed, float_codes=model.float_codes,
+            state=modes.state_of(model.apply_fn),  # BatchNorm statistics count as float values
+        )  # fmt: skip
         codebooks, final = _on_host(codebooks, model.params)
         figures = _figure_weights(plan, pretrained_params, retrained)
         if not writer:
@@ -214,6 +210,7 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
         activations=model.activations,
         reuse=list(model.links),
         float_codes=model.float_codes,
+        state=modes.state_of(model.apply_fn),
     )
     extra = {
         "model": cfg.model,
@@ -234,19 +231,24 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     if model.reuse_table:
         extra["reuse_choice"] = model.reuse_table
     if onnx_sample is not None:
-        extra["onnx"] = _export(model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else None)
+        extra["onnx"] = _export(
+            model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else None, cfg.model
+        )
     metrics = report.metrics_dict(record.errors, summary, extra)
     report.write_metrics(workdir, metrics)
     return metrics
 
 
-def _export(model_path, workdir, sample, encoding):
+def _export(model_path, workdir, sample, encoding, model):
     try:
         from gmm_quant.formats import export
     except ImportError as err:  # onnx is an optional extra
         return {"skipped": f"onnx not installed ({err})"}
     out = workdir / "model.onnx"
-    info = export.export_file(model_path, out, sample=sample, encoding=encoding or export.ENCODING)
+    # the model this run was given (a factory the user named is trusted, as it was for training)
+    info = export.export_file(
+        model_path, out, sample=sample, encoding=encoding or export.ENCODING, model=model
+    )
     return {"path": str(out), **info}
 
 

@@ -35,10 +35,15 @@ VOCAB = 128  # ASCII codes; other characters become "?"
 
 
 class Dataset(NamedTuple):
+    """Training and test arrays; ``x_val``/``y_val`` a validation split given with the data (else None:
+    ``split_validation`` holds one out of the training data)."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 class DataError(RuntimeError):
@@ -177,7 +182,10 @@ def random_inputs(name, count: int = 64, seed: int = 0) -> np.ndarray:
 def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, tuple]:
     """``(ds with the training part only, (x_val, y_val))``: the validation examples are the last
     ``fraction`` of a permutation of the training set seeded by ``seed`` (none when ``fraction`` is 0).
-    The test set is untouched: it is only ever reported, never used to choose."""
+    The test set is untouched: it is only ever reported, never used to choose. A validation split that
+    came with the data (``ds.x_val``) is used as it is."""
+    if ds.x_val is not None:
+        return ds._replace(x_val=None, y_val=None), (ds.x_val, ds.y_val)
     if fraction <= 0:
         return ds, (ds.x_train[:0], ds.y_train[:0])
     order = np.random.default_rng(seed).permutation(len(ds.y_train))
