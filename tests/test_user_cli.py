@@ -136,7 +136,7 @@ def test_train_starts_from_the_users_weights_and_the_file_rebuilds_itself(packag
 
 def test_tune_and_export_on_the_users_model(package):
     root, _ = package
-    code, out, err = cli(root, "tune", "--model", "mynet:make", "--data", "data.npz", "--pretrained", "ckpt",
+    code, _out, err = cli(root, "tune", "--model", "mynet:make", "--data", "data.npz", "--pretrained", "ckpt",
                          "--trials", "2", "--max-error-increase", "3", *FAST, "--workdir", "t",
                          "--no-progress")  # fmt: skip
     assert code == 0, err
