@@ -192,3 +192,12 @@ def test_the_prior_keeps_nothing_per_weight_between_its_passes(monkeypatch):
     assert temps[1 << 23, False] < 0.1 * weights and temps[1 << 23, True] < 0.1 * weights
     for frozen in (False, True):  # the scratch is the grid's and one chunk's, not the leaf's
         assert temps[1 << 23, frozen] <= temps[1 << 18, frozen] + (1 << 16)
+
+
+def test_weights_of_one_value_get_a_range_around_it():
+    """A one-output layer's bias (quantise_biases on a regression model) has no range to span: the
+    4 free means span -0.25 +- 0.25, endpoints included."""
+    state = mx.init_mixture(mx.MixtureConfig(num_components=5), jnp.asarray([-0.25]))
+    np.testing.assert_allclose(state.means, [-0.5, -1 / 3, -1 / 6, 0.0], atol=1e-7)
+    zeros = mx.init_mixture(mx.MixtureConfig(num_components=3), jnp.zeros(4))
+    np.testing.assert_allclose(zeros.means, [-1e-3, 1e-3], atol=1e-9)

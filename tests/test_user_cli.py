@@ -210,3 +210,45 @@ def test_hostile_inputs_end_in_one_line_and_create_nothing(package):
         line = one_line(err)
         assert code in (1, 2) and words in line, (name, line)
         assert not (root / f"bad_{name}").exists(), name
+
+
+MYREG = textwrap.dedent(
+    """
+    from flax import nnx
+
+
+    def make(rngs):
+        return nnx.Sequential(nnx.Linear(10, 64, rngs=rngs), nnx.relu, nnx.Linear(64, 1, rngs=rngs))
+    """
+)
+
+
+def test_a_regression_task_reports_rmse_and_searches_within_an_rmse_budget(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = ((x - x.mean(0)) / x.std(0)).astype(np.float32), ((y - y.mean()) / y.std()).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x_train=x[:350], y_train=y[:350], x_test=x[350:], y_test=y[350:])
+    (tmp_path / "myreg.py").write_text(MYREG)
+    flags = ["--model", "myreg:make", "--data", "reg.npz", "--task", "regress", "--pretrain-epochs", "20",
+             "--retrain-epochs", "6", "--finetune-epochs", "2", "--batch-size", "32",
+             "--no-progress"]  # fmt: skip
+    code, out, err = cli(tmp_path, "train", *flags, "--workdir", "r")
+    assert code == 0, err
+    assert "test RMSE: pretrained" in out
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["task"] == "regress" and "error_finetuned" not in metrics
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = gq.load_model(tmp_path / "r" / "model.gqz", trust_model=True)
+    finally:
+        sys.path.remove(str(tmp_path))
+    rmse = float(np.sqrt(np.mean((np.asarray(module(x[350:]))[:, 0] - y[350:]) ** 2)))
+    assert rmse == pytest.approx(metrics["rmse_finetuned"], rel=1e-5)
+
+    code, out, err = cli(tmp_path, "tune", *flags, "--trials", "2", "--max-rmse-increase", "200",
+                         "--workdir", "t")  # fmt: skip
+    assert code == 0, err
+    assert "RMSE rise %" in out and "test RMSE" in out
+    summary = json.loads((tmp_path / "t" / "search.json").read_text())
+    assert summary["metric"] == "rmse" and summary["final"]["rmse_finetuned"] > 0

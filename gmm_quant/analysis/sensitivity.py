@@ -25,20 +25,23 @@ def zero_smallest(weights, fraction: float) -> np.ndarray:
     return np.where(np.abs(w) <= cut, np.float32(0), w)
 
 
-def layer_sensitivity(apply_fn, params, paths, val, *, ks=(3, 5, 9, 17), fractions=(0.5, 0.9, 0.99)):
-    """``{"baseline": error, "layers": {path: {"k=3": error, ..., "zero 50%": error}}}`` on ``val``."""
+def layer_sensitivity(apply_fn, params, paths, val, *, ks=(3, 5, 9, 17), fractions=(0.5, 0.9, 0.99),
+                      measure=None):  # fmt: skip
+    """``{"baseline": error, "layers": {path: {"k=3": error, ..., "zero 50%": error}}}`` on ``val``;
+    ``measure(apply_fn, params, x, y)`` (default the error rate) is what "error" means."""
+    measure = measure or loop.error_rate
     flat = flatten(params)
-    out = {"baseline": loop.error_rate(apply_fn, params, *val), "layers": {}}
+    out = {"baseline": measure(apply_fn, params, *val), "layers": {}}
     for path in paths:
         w = np.asarray(flat[path], np.float32)
         row = {}
         for k in ks:
             centres = kmeans_1d(w, k, init="quantile", iterations=30)
             snapped = centres[snap(w, centres)]
-            row[f"k={k}"] = loop.error_rate(apply_fn, replace_leaves(params, {path: snapped}), *val)
+            row[f"k={k}"] = measure(apply_fn, replace_leaves(params, {path: snapped}), *val)
         for p in fractions:
             pruned = zero_smallest(w, p)
-            row[f"zero {100 * p:g}%"] = loop.error_rate(
+            row[f"zero {100 * p:g}%"] = measure(
                 apply_fn, replace_leaves(params, {path: pruned}), *val
             )
         out["layers"][path] = row

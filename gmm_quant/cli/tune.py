@@ -42,6 +42,9 @@ def parser():
     budget.add_argument("--max-perplexity-increase", type=float, metavar="PERCENT",
                         help="budget of a language model: the validation perplexity may rise by at most "
                         "this many percent")  # fmt: skip
+    budget.add_argument("--max-rmse-increase", type=float, metavar="PERCENT",
+                        help="budget of a regression model (--task regress): the validation RMSE may rise "
+                        "by at most this many percent")  # fmt: skip
     ap.add_argument("--trials", type=int, default=20, help="finished trials to reach (default 20)")
     ap.add_argument("--workdir", default=None, help="default runs/tune-CONFIG")
     add_input_flags(ap)

@@ -80,6 +80,7 @@ def _pretrain(cfg, workdir, apply_fn, train, val, params, progress):
 WHAT = {
     "error": ("validation error", "val err %"),
     "perplexity": ("validation perplexity rise", "ppl rise %"),
+    "rmse": ("validation RMSE rise", "RMSE rise %"),
 }
 
 
@@ -87,6 +88,8 @@ def budget_of(args) -> tuple[float, str]:
     """(budget, metric) from --max-error-increase or --max-perplexity-increase."""
     if args.max_perplexity_increase is not None:
         return args.max_perplexity_increase, "perplexity"
+    if getattr(args, "max_rmse_increase", None) is not None:
+        return args.max_rmse_increase, "rmse"
     return args.max_error_increase, "error"
 
 
@@ -111,7 +114,8 @@ def _finish(workdir, search, study, args, seconds) -> str:
 
 
 FINAL_KEYS = ("error_pretrained", "error_finetuned", "val_error_finetuned", "compression_ratio",
-              "perplexity_pretrained", "perplexity_finetuned", "val_perplexity_finetuned")  # fmt: skip
+              "perplexity_pretrained", "perplexity_finetuned", "val_perplexity_finetuned",
+              "rmse_pretrained", "rmse_finetuned", "val_rmse_finetuned")  # fmt: skip
 
 
 def _best(workdir, best, baseline, args, summary, what) -> list[str]:
@@ -130,11 +134,13 @@ def _best(workdir, best, baseline, args, summary, what) -> list[str]:
             pretrained=source, progress=not args.no_progress, overwrite=True,
         )  # fmt: skip
         summary["final"] = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
-        before, after = 100 * metrics["error_pretrained"], 100 * metrics["error_finetuned"]
         ratio = metrics["compression_ratio"]
-        lines.append(
-            f"final model in {workdir}/final: test error {before:.2f}% -> {after:.2f}% at {ratio:.1f}x"
-        )
+        if "rmse_finetuned" in metrics:
+            change = f"test RMSE {metrics['rmse_pretrained']:.4g} -> {metrics['rmse_finetuned']:.4g}"
+        else:
+            before, after = 100 * metrics["error_pretrained"], 100 * metrics["error_finetuned"]
+            change = f"test error {before:.2f}% -> {after:.2f}%"
+        lines.append(f"final model in {workdir}/final: {change} at {ratio:.1f}x")
         if "perplexity_finetuned" in metrics:
             ppl = f"{metrics['perplexity_pretrained']:.3f} -> {metrics['perplexity_finetuned']:.3f}"
             lines.append(f"test perplexity {ppl}")

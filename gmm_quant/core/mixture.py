@@ -102,11 +102,18 @@ def init_mixture(config: MixtureConfig, weights=None, *, init_range=None) -> Mix
       config: the mixture's hyper-parameters.
       weights: pytree of the weights the prior will cover; their (min, max) sets the range.
       init_range: (low, high) to use instead of measuring ``weights``.
+
+    Weights of a single value (a one-output layer's bias, or all equal) have no range to span: the
+    means then span the value +- max(|value|, 1e-3).
     """
     if init_range is None:
         if weights is None:
             raise ValueError("init_mixture needs weights or init_range")
-        init_range = weight_range(weights)
+        low, high = map(float, weight_range(weights))
+        if not high > low:
+            half = max(abs(low), 1e-3)
+            low, high = low - half, high + half
+        init_range = low, high
     low, high = map(float, init_range)
     if not high > low:
         raise ValueError(f"init_range must have high > low, got {(low, high)}")

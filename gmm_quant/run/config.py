@@ -18,6 +18,7 @@ from gmm_quant.scale.mesh import parse_mesh
 from gmm_quant.surgery.reuse.links import parse_rule
 from gmm_quant.training import defaults
 from gmm_quant.training.data import DATASETS
+from gmm_quant.training.user_data import TASKS
 
 HEAD_SCORES = ("weights", "loss")
 ACTIVATION_MODES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}  # weight bits, activation bits
@@ -32,6 +33,7 @@ class Config:
     model: str = "digits_mlp"  # a name in models.MODELS, or your own package.module:factory (an NNX module)
     dataset: str = "digits"  # digits, mnist (--data-dir), pydoc_chars, or yours: .npz, module:loader, HF dir
     data_columns: tuple[str, ...] = ("x", "y")  # a Hugging Face datasets directory's input and label columns
+    task: str = "classify"  # classify (error rate), regress (MSE loss, RMSE) or sequence (labels [N, L])
     train_subset: int = 0  # use only the first N training examples (0 = all)
     val_fraction: float = 0.1  # held out of the training data (seeded) for every selection decision
     seed: int = defaults.SEED  # model init and batch order
@@ -121,6 +123,9 @@ def validate(cfg: Config) -> Config:
     )
     _check(bool(cfg.dataset), "dataset", f"choose one of {DATASETS} or name your data", cfg.dataset)
     _check(len(cfg.data_columns) == 2, "data_columns", "two column names: input, label", cfg.data_columns)
+    _check(cfg.task in TASKS, "task", f"choose one of {TASKS}", cfg.task)
+    distills = cfg.distill_alpha or cfg.distill_features
+    _check(not (cfg.task == "regress" and distills), "task", "distillation is for classifiers", cfg.task)
     _check(cfg.assignment in ASSIGNMENTS, "assignment", f"choose one of {ASSIGNMENTS}", cfg.assignment)
     _check(cfg.tau >= 0, "tau", "must be >= 0", cfg.tau)
     _check(cfg.num_components >= 2, "num_components", "must be >= 2 (zero + one free)", cfg.num_components)

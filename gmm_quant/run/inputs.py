@@ -44,14 +44,15 @@ def load_data(cfg: cfgm.Config, data_dir=None) -> data.Dataset:
     """The built-in dataset ``cfg.dataset`` names, or the user's (a file, a directory or a loader)."""
     if cfg.dataset in data.DATASETS:
         return data.load(cfg.dataset, data_dir, cfg.train_subset or None)
-    ds = user_data.load_user_data(cfg.dataset, columns=cfg.data_columns)
+    ds = user_data.load_user_data(cfg.dataset, task=cfg.task, columns=cfg.data_columns)
     if cfg.train_subset:
         ds = ds._replace(x_train=ds.x_train[: cfg.train_subset], y_train=ds.y_train[: cfg.train_subset])
     return ds
 
 
 def check_fits(cfg: cfgm.Config, apply_fn, params, ds: data.Dataset) -> None:
-    """The model runs on the data's examples and has an output for every class label."""
+    """The model runs on the data's examples and has an output for every class label (a regression
+    model: outputs shaped as the targets, or with a trailing axis of 1 for scalar targets)."""
     try:
         out = jax.eval_shape(apply_fn, params, ds.x_train[:1])
     except Exception as err:
@@ -60,6 +61,14 @@ def check_fits(cfg: cfgm.Config, apply_fn, params, ds: data.Dataset) -> None:
             f"model {cfg.model} does not run on the examples of {cfg.dataset} (shaped "
             f"{tuple(ds.x_train.shape[1:])}): {first}"
         ) from None
+    if cfg.task == "regress":
+        target = tuple(ds.y_train.shape[1:])
+        if tuple(out.shape[1:]) not in (target, (*target, 1)):
+            raise data.DataError(
+                f"model {cfg.model} gives outputs shaped {tuple(out.shape[1:])} per example, the targets "
+                f"are shaped {target}"
+            )
+        return
     top = int(np.max(ds.y_train))
     if out.shape[-1] <= top:
         raise data.DataError(

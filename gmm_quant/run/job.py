@@ -215,11 +215,12 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     extra = {
         "model": cfg.model,
         "dataset": cfg.dataset,
+        "task": cfg.task,
         "seconds": record.times,
         "file_bytes": model_path.stat().st_size,
         "gzip_ratio": accounting.gzip_ratio(flat),
         "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(ctx.val[1])},
-        **{f"val_error_{k}": v for k, v in record.val_errors.items()},
+        **{f"val_{report.metric_name(cfg.task)}_{k}": v for k, v in record.val_errors.items()},
         **{f"perplexity_{k}": v for k, v in record.perplexities.items()},
         **{f"val_perplexity_{k}": v for k, v in record.val_perplexities.items()},
     }
@@ -234,7 +235,7 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
         extra["onnx"] = _export(
             model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else None, cfg.model
         )
-    metrics = report.metrics_dict(record.errors, summary, extra)
+    metrics = report.metrics_dict(record.errors, summary, extra, metric=report.metric_name(cfg.task))
     report.write_metrics(workdir, metrics)
     return metrics
 

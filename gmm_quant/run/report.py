@@ -26,10 +26,16 @@ def layer_rows(summary: dict) -> list[dict]:
     ]
 
 
-def metrics_dict(errors: dict, summary: dict, extra: dict | None = None) -> dict:
-    """Machine-readable metrics: errors per stage, sizes and ratios, and per-layer rows."""
+def metric_name(task: str) -> str:
+    """The name a task's metric has in metrics.json: ``error`` (a fraction) or ``rmse``."""
+    return "rmse" if task == "regress" else "error"
+
+
+def metrics_dict(errors: dict, summary: dict, extra: dict | None = None, metric: str = "error") -> dict:
+    """Machine-readable metrics: the task's metric per stage (``error_*`` or ``rmse_*``), sizes and
+    ratios, and per-layer rows."""
     return {
-        **{f"error_{k}": v for k, v in errors.items()},
+        **{f"{metric}_{k}": v for k, v in errors.items()},
         "nonzero_fraction": summary["nonzero_fraction"],
         "compression_ratio": summary["compression_ratio"],
         "packed_ratio": summary["packed_ratio"],
@@ -85,7 +91,11 @@ def format_table(metrics: dict) -> str:
     stages = ("pretrained", "heads_pruned", "reused", "retrained", "compressed", "activations_quantised",
               "finetuned")  # fmt: skip
     errs = [k for k in stages if f"error_{k}" in metrics]
-    lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
+    if errs:
+        lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
+    rmse = [k for k in stages if f"rmse_{k}" in metrics]
+    if rmse:
+        lines.append("test RMSE: " + "  ".join(f"{k} {metrics[f'rmse_{k}']:.4g}" for k in rmse))
     ppl = [k for k in stages if f"perplexity_{k}" in metrics]
     if ppl:
         lines.append("test perplexity: " + "  ".join(f"{k} {metrics[f'perplexity_{k}']:.3f}" for k in ppl))

@@ -89,20 +89,23 @@ class Record(NamedTuple):
         new = {
             f: dict(getattr(self, f)) for f in ("errors", "val_errors", "perplexities", "val_perplexities")
         }
+        task = ctx.cfg.task
         if ctx.test is not None:
-            _score(model.apply_fn, params, ctx.test, new["errors"], new["perplexities"], name)
+            _score(task, model.apply_fn, params, ctx.test, new["errors"], new["perplexities"], name)
         if len(ctx.val[1]):
-            _score(model.apply_fn, params, ctx.val, new["val_errors"], new["val_perplexities"], name)
+            _score(task, model.apply_fn, params, ctx.val, new["val_errors"], new["val_perplexities"], name)
         return self._replace(**new)
 
     def timed(self, timer: str, start: float) -> Record:
         return self._replace(times={**self.times, timer: time.perf_counter() - start})
 
 
-def _score(apply_fn, params, data, errors, perplexities, name):
-    """Error of ``params`` on ``data``; for sequence labels (a language model) also the perplexity,
-    from the same pass."""
-    if np.ndim(data[1]) == 2:
+def _score(task, apply_fn, params, data, errors, perplexities, name):
+    """The task's metric of ``params`` on ``data`` (error rate; RMSE for "regress"); for sequence
+    labels (a language model) also the perplexity, from the same pass."""
+    if task == "regress":
+        errors[name] = loop.rmse(apply_fn, params, *data)
+    elif np.ndim(data[1]) == 2:
         errors[name], perplexities[name] = loop.error_and_perplexity(apply_fn, params, *data)
     else:
         errors[name] = loop.error_rate(apply_fn, params, *data)
@@ -127,6 +130,7 @@ def pretrain(ctx: Context, model: Model, record: Record) -> tuple[Model, Record]
         setup = pipeline.pretrain_setup(
             model.apply_fn, params, learning_rate=cfg.pretrain_lr, seed=cfg.seed,
             total_steps=steps if cfg.pretrain_cosine else 0, max_shift=cfg.pretrain_shift,
+            task_loss=task_loss(ctx, model, teacher=False),
         )  # fmt: skip
         state = ctx.runner("pretrain", setup, cfg.pretrain_epochs, None, placement=model.placement,
                            model_state=modes.state_of(model.apply_fn))  # fmt: skip
@@ -136,12 +140,13 @@ def pretrain(ctx: Context, model: Model, record: Record) -> tuple[Model, Record]
     return model, record.scored(ctx, "pretrained", model).timed("pretrain", start)
 
 
-def task_loss(ctx: Context, model: Model):
+def task_loss(ctx: Context, model: Model, teacher: bool = True):
     """Distillation from the pretrained model when ``distill_alpha`` > 0 or ``distill_features``
-    names feature maps, else None (cross-entropy)."""
+    names feature maps (and ``teacher``: not while pretraining it), else the task's loss (None:
+    cross-entropy)."""
     cfg = ctx.cfg
-    if not (cfg.distill_alpha or cfg.distill_features):
-        return None
+    if not teacher or not (cfg.distill_alpha or cfg.distill_features):
+        return pipeline.mean_squared_error(model.apply_fn) if cfg.task == "regress" else None
     features = teacher_model = None
     if cfg.distill_features:
         if model.graphdef is None:

@@ -52,21 +52,23 @@ def check_inputs(budget, trials, val) -> None:
         raise BudgetError("the search needs a validation split (val_fraction > 0 or a val set)")
 
 
-METRICS = ("error", "perplexity")
+METRICS = ("error", "perplexity", "rmse")
 
 
 def make_judge(metric: str, apply_fn, params, val):
     """``judge(apply_fn, params, val)`` -> the judged value (lower is better) and its baseline on
     ``params``: the validation error (a fraction), or the validation perplexity's rise over
-    ``params``' own (a fraction: 0.02 = 2% higher), so that one budget fraction serves both."""
+    ``params``' own (a fraction: 0.02 = 2% higher; the same for a regression model's RMSE), so that
+    one budget fraction serves all."""
     if metric == "error":
         return loop.error_rate, loop.error_rate(apply_fn, params, *val)
-    if metric != "perplexity":
+    if metric not in METRICS:
         raise BudgetError(f"unknown budget metric {metric!r}; choose one of {METRICS}")
-    reference = loop.perplexity(apply_fn, params, *val)
+    measure = loop.perplexity if metric == "perplexity" else loop.rmse
+    reference = measure(apply_fn, params, *val)
 
     def rise(fn, p, x, y):
-        return loop.perplexity(fn, p, x, y) / reference - 1.0
+        return measure(fn, p, x, y) / reference - 1.0
 
     return rise, 0.0
 
@@ -80,7 +82,8 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
     if "keep_float" in space:
         from gmm_quant.analysis import sensitivity  # a command module: imported only when used
 
-        table = sensitivity.layer_sensitivity(apply_fn, params, layers, val, ks=(3,), fractions=())
+        table = sensitivity.layer_sensitivity(apply_fn, params, layers, val, ks=(3,), fractions=(),
+                                              measure=judge)  # fmt: skip
         sizes = {p: int(np.size(v)) for p, v in flatten(params).items() if p in layers}
         sensitive = space_lib.sensitive_layers(table, budget / 100, sizes)
     return study_lib.Search(

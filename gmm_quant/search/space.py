@@ -88,7 +88,7 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
     if "keep_float" in space and sensitive:
         kept = [p for p in sensitive if trial.suggest_categorical(f"float/{p}", [False, True])]
         out["keep_float"] = base.keep_float + tuple(f"^{re.escape(p)}$" for p in kept)
-    if "distill" in space:
+    if "distill" in space and base.task != "regress":  # distillation is for classifiers
         out["distill_alpha"] = 0.5 if trial.suggest_categorical("distill", [False, True]) else 0.0
     if "retrain_epochs" in space:
         scale = trial.suggest_categorical("retrain_x", [0.5, 1.0, 2.0])

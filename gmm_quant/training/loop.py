@@ -141,6 +141,13 @@ def perplexity(apply_fn, params, x, y, batch_size: int = 1000) -> float:
     return _perplexity(predict(apply_fn, params, x, batch_size), y)
 
 
+def rmse(apply_fn, params, x, y, batch_size: int = 1000) -> float:
+    """Root mean squared error of a regression model's outputs (shaped as ``y``, or ``y`` with a
+    trailing axis of 1) over every target value."""
+    out = predict(apply_fn, params, x, batch_size)
+    return math.sqrt(float(jnp.mean((out.reshape(jnp.shape(y)) - y) ** 2)))
+
+
 def error_and_perplexity(apply_fn, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
     """Both, from one pass over ``x``."""
     logits = predict(apply_fn, params, x, batch_size)

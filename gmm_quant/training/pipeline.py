@@ -49,6 +49,23 @@ def cross_entropy(apply_fn):
     return task_loss
 
 
+def mean_squared_error(apply_fn):
+    """Task loss ``(params, x, y) -> (mean squared error, {})`` of a regression model whose outputs are
+    shaped as ``y`` (or ``y`` with a trailing axis of 1)."""
+
+    def task_loss(params, x, y, **mode):
+        out, aux = modes.outputs(apply_fn, params, x, mode)
+        return jnp.mean((out.reshape(y.shape) - y) ** 2), aux
+
+    return task_loss
+
+
+def task_loss_of(task: str, apply_fn):
+    """The task loss of ``task``: cross-entropy for "classify" and "sequence", mean squared error for
+    "regress" (see ``user_data.TASKS``)."""
+    return mean_squared_error(apply_fn) if task == "regress" else cross_entropy(apply_fn)
+
+
 def run_epochs(
     loss_fn,
     optimizer,

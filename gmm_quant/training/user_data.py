@@ -123,8 +123,12 @@ def check(arrays: dict, task: str, source: str) -> Dataset:
                 f"data {source}: x_{split}'s examples are shaped {out[f'x_{split}'].shape[1:]}, "
                 f"x_train's {shape}"
             )
+    if task == "sequence" and out["y_train"].ndim != 2:
+        raise DataError(f"data {source}: y_train is shaped {out['y_train'].shape}, not [examples, positions]")
     if task in ("classify", "sequence"):
         _check_labels(out, source)
+    else:  # regression targets
+        out.update({n: out[n].astype(np.float32) for n in ("y_train", "y_test", "y_val") if n in out})
     return Dataset(*(out[n] for n in REQUIRED), out.get("x_val"), out.get("y_val"))
 
 
