@@ -41,9 +41,7 @@ def layer_sensitivity(apply_fn, params, paths, val, *, ks=(3, 5, 9, 17), fractio
             row[f"k={k}"] = measure(apply_fn, replace_leaves(params, {path: snapped}), *val)
         for p in fractions:
             pruned = zero_smallest(w, p)
-            row[f"zero {100 * p:g}%"] = measure(
-                apply_fn, replace_leaves(params, {path: pruned}), *val
-            )
+            row[f"zero {100 * p:g}%"] = measure(apply_fn, replace_leaves(params, {path: pruned}), *val)
         out["layers"][path] = row
     return out
 
