@@ -18,7 +18,7 @@ import models
 from gmm_quant.core import codebook_tuning, grid
 from gmm_quant.formats import export
 from gmm_quant.formats.onnx_export import encodings
-from gmm_quant.training import data, loop, pipeline
+from gmm_quant.training import data, finetuning, loop
 
 
 def test_no_public_name_shadows_a_module():
@@ -83,8 +83,8 @@ def test_keep_better_returns_the_start_when_training_made_it_worse():
         return (tr["w"] - 1.0) ** 2, {}
 
     start, worse = {"w": np.float32(1.0)}, {"w": np.float32(3.0)}
-    assert pipeline.keep_better(loss, start, worse, (x, y)) == (start, False)
-    assert pipeline.keep_better(loss, worse, start, (x, y)) == (start, True)
+    assert finetuning.keep_better(loss, start, worse, (x, y)) == (start, False)
+    assert finetuning.keep_better(loss, worse, start, (x, y)) == (start, True)
 
 
 USER_MODULE = textwrap.dedent(

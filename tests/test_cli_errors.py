@@ -124,16 +124,16 @@ def test_mnist_files_beside_an_empty_mnist_folder_are_found(tmp_path, mnist_dir)
 
 def test_selection_sees_the_validation_split_never_the_test_set(tmp_path, monkeypatch):
     """keep_better (the one selection the run makes) gets the held-out part of the training data."""
-    from gmm_quant.training import pipeline
+    from gmm_quant.training import finetuning
 
     seen = []
-    real = pipeline.keep_better
+    real = finetuning.keep_better
 
     def spy(loss, start, end, data_xy, batch_size=1000, **kw):
         seen.append(data_xy)
         return real(loss, start, end, data_xy, batch_size, **kw)
 
-    monkeypatch.setattr(pipeline, "keep_better", spy)
+    monkeypatch.setattr(finetuning, "keep_better", spy)
     argv = ["--config", "tiny", "--workdir", str(tmp_path / "w"), "--no-progress", "--no-onnx"]
     assert train.main(argv) == 0
     ds = data.load_digits()

@@ -8,7 +8,7 @@ Grid codebooks (``grid=True``, centres ``scale * level`` for DequantizeLinear ex
 centres that the model uses rounded to the layer's grid, with a straight-through gradient. A centre
 whose best value lies between two levels makes its latent hover at the rounding boundary and flip all
 its members by a whole grid step back and forth; the last flip decides, and a converged model can end
-worse than it started. ``pipeline.keep_better`` therefore compares the full training loss before and
+worse than it started. ``finetuning.keep_better`` therefore compares the full training loss before and
 after and keeps the better. Measured alternatives (BENCHMARKS.md, "Grid fine-tuning"): training one
 scale per layer with the levels fixed never raised the loss either, but lowered it less than the
 rounded centres in all three settings tried, so the rounded centres stay.

@@ -31,7 +31,7 @@ from gmm_quant.run import checkpoint as ckpt
 from gmm_quant.run import config as cfgm
 from gmm_quant.scale.mesh import make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
-from gmm_quant.training import loop, modes, pipeline
+from gmm_quant.training import finetuning, loop, modes, pipeline, tasks
 from gmm_quant.training.distillation import distillation_loss, feature_maps
 
 
@@ -146,7 +146,7 @@ def task_loss(ctx: Context, model: Model, teacher: bool = True):
     cross-entropy)."""
     cfg = ctx.cfg
     if not teacher or not (cfg.distill_alpha or cfg.distill_features):
-        return pipeline.mean_squared_error(model.apply_fn) if cfg.task == "regress" else None
+        return tasks.mean_squared_error(model.apply_fn) if cfg.task == "regress" else None
     features = teacher_model = None
     if cfg.distill_features:
         if model.graphdef is None:
@@ -207,13 +207,13 @@ def compress(ctx: Context, plan, mixtures, model: Model, record: Record):
 
 def finetune(ctx: Context, codebooks: dict, model: Model, record: Record, epochs: int, start=None):
     """``(codebooks, model, record)``: the centres fine-tuned for ``epochs`` epochs from the snapped
-    ``model``, kept only if no worse on the validation split (``pipeline.tuned_result``)."""
+    ``model``, kept only if no worse on the validation split (``finetuning.tuned_result``)."""
     start, cfg, final = start or time.perf_counter(), ctx.cfg, model.params
     codes = model.float_codes or {}
     start_state = modes.state_of(model.apply_fn)
     model = model._replace(apply_fn=modes.with_state(model.apply_fn, start_state))  # a copy: keep_better
     if epochs:  # leaves the winner's state on it
-        loss, opt, trainable, build = pipeline.finetune_setup(
+        loss, opt, trainable, build = finetuning.finetune_setup(
             model.apply_fn, codebooks, model.params, learning_rate=cfg.finetune_lr,
             grid=bool(cfg.weight_bits), task_loss=task_loss(ctx, model), float_grids=float_codes.grids(codes),
         )  # fmt: skip
@@ -222,7 +222,7 @@ def finetune(ctx: Context, codebooks: dict, model: Model, record: Record, epochs
         parent = ckpt.Identity((trainable, model.params))  # the indices live in the params, not trainable
         tuned = ctx.runner("finetune", (loss, opt, trainable), epochs, parent, placement=model.placement,
                            model_state=start_state)  # fmt: skip
-        codebooks, params, improved = pipeline.tuned_result(
+        codebooks, params, improved = finetuning.tuned_result(
             loss, trainable, tuned.trainable, codebooks, build, selection_data(ctx),
             grid=bool(cfg.weight_bits), states=(model.apply_fn, start_state, tuned.model_state),
         )  # fmt: skip
