@@ -86,7 +86,7 @@ def fake_trials(monkeypatch, outcomes):
         calls.append(cfg)
         if isinstance(result, BaseException):
             raise result
-        return Outcome(result[1], result[0], cfg, False), {}, None
+        return Outcome(result[1], result[0], cfg, False), {}, None, None
 
     monkeypatch.setattr(study_lib, "run_trial", run_trial)
     monkeypatch.setattr("gmm_quant.search.budget.run_trial", run_trial)
