@@ -59,3 +59,18 @@ def test_a_flax_model_keeps_its_outputs_and_grouped_convolutions_stay_with_xla()
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert str(jax.make_jaxpr(ours)(params)).count("conv_general_dilated") == 1  # the grouped one
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 3)], ids=["even", "odd (VALID drops the rest)"])
+def test_a_tiling_max_pool_matches_flax(shape):
+    x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+
+    def f(x):
+        return jnp.sum(jnp.sin(nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))))
+
+    ours = convs.as_matmuls(f)
+    np.testing.assert_allclose(ours(x), f(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(f)(x), rtol=1e-6)
+    assert "reduce_window_max" not in str(jax.make_jaxpr(ours)(x))
+    overlapping = convs.as_matmuls(lambda x: jnp.sum(nnx.max_pool(x, window_shape=(3, 3), strides=(1, 1))))
+    assert "reduce_window_max" in str(jax.make_jaxpr(overlapping)(x))  # left to XLA

@@ -1,4 +1,5 @@
-"""Convolutions as matrix products (im2col) for training on CPU, where XLA's own convolutions are slow.
+"""Convolutions as matrix products (im2col) and max-pooling as a reshape, for training on CPU, where
+XLA's own convolutions and the pooling's backward pass (select-and-scatter) are slow.
 
 ``as_matmuls(fn)`` is ``fn`` with every ``conv_general_dilated`` it runs (inside jit, remat and the
 like too) computed as one ``dot_general`` over the input's patches: the patches are the input's
@@ -7,7 +8,9 @@ more product, which XLA's CPU backend runs about 1.7x faster than its convolutio
 (LeNet-5-Caffe, BENCHMARKS.md "Training speed"). The model's code is unchanged: the function is
 traced once to a jaxpr and evaluated again with the convolutions replaced; every other primitive is
 bound as it was (custom derivatives included). Grouped, dilated and very large convolutions (patches
-above ``MAX_PATCHES`` elements) are left to XLA.
+above ``MAX_PATCHES`` elements) are left to XLA. A max-pool whose windows tile the input (window ==
+stride, no padding: ``nnx.max_pool(x, (2, 2), strides=(2, 2))``) becomes a reshape and a max, whose
+gradient is an elementwise mask instead of select-and-scatter.
 
 Only for the CPU backend (``enabled()``): on GPU and TPU the vendor convolutions are the fast path.
 """
@@ -34,11 +37,12 @@ def as_matmuls(fn):
     """``fn`` with its convolutions as im2col matrix products (see the module docstring)."""
 
     @functools.wraps(fn)
-    def wrapped(*args):
-        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    def wrapped(*args, **kwargs):
+        call = lambda a, k: fn(*a, **k)  # noqa: E731
+        closed, shape = jax.make_jaxpr(call, return_shape=True)(args, kwargs)
         if not _has_conv(closed.jaxpr):
-            return fn(*args)
-        out = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+            return fn(*args, **kwargs)
+        out = _eval(closed.jaxpr, closed.consts, jax.tree.leaves((args, kwargs)))
         return jax.tree.unflatten(jax.tree.structure(shape), out)
 
     return wrapped
@@ -46,7 +50,7 @@ def as_matmuls(fn):
 
 def _has_conv(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
+        if eqn.primitive.name in REWRITES:
             return True
         if eqn.primitive.name in _CALLS and _has_conv(_inner(eqn)[0]):
             return True
@@ -69,8 +73,8 @@ def _eval(jaxpr, consts, args):
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
-        if name == "conv_general_dilated" and _rewritable(eqn):
-            outs = [conv_as_matmul(*invals, **eqn.params)]
+        if name in REWRITES and REWRITES[name][0](eqn):
+            outs = [REWRITES[name][1](*invals, **eqn.params)]
         elif name in _CALLS and _has_conv(_inner(eqn)[0]):
             outs = _eval(*_inner(eqn), invals)
         else:
@@ -121,3 +125,25 @@ def conv_as_matmul(lhs, rhs, *, window_strides, padding, dimension_numbers, prec
     for role, axis in enumerate(out_spec):
         perm[axis] = ours[role]
     return jax.numpy.transpose(out, perm)
+
+
+def _tiling(eqn) -> bool:
+    p = eqn.params
+    return (tuple(p["window_dimensions"]) == tuple(p["window_strides"])
+            and all(lo == 0 and hi == 0 for lo, hi in p["padding"])
+            and all(d == 1 for d in (*p["base_dilation"], *p["window_dilation"])))  # fmt: skip
+
+
+def max_pool_as_reshape(x, *, window_dimensions, **_):
+    """``reduce_window_max`` with windows tiling the input (window == stride, VALID) as reshape + max."""
+    kept = tuple(slice(0, n - n % w) for n, w in zip(x.shape, window_dimensions, strict=True))
+    x = x[kept]
+    split = [d for n, w in zip(x.shape, window_dimensions, strict=True) for d in (n // w, w)]
+    return x.reshape(split).max(axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+# primitive -> (whether this equation can be rewritten, its rewrite)
+REWRITES = {
+    "conv_general_dilated": (_rewritable, conv_as_matmul),
+    "reduce_window_max": (_tiling, max_pool_as_reshape),
+}

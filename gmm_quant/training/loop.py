@@ -15,7 +15,7 @@ import optax
 
 from gmm_quant._util import interrupts
 from gmm_quant._util.partials import arguments, bound
-from gmm_quant.training import modes
+from gmm_quant.training import convs, modes
 
 
 class TrainState(NamedTuple):
@@ -32,7 +32,8 @@ def init_state(trainable, optimizer: optax.GradientTransformation, model_state=N
 
 
 def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, scan: bool | None = None,
-               batch_sharding=None, state_sharding=None, seed: int = 0):  # fmt: skip
+               batch_sharding=None, state_sharding=None, seed: int = 0,
+               matmul_convs: bool | None = None):  # fmt: skip
     """``epoch(state, x, y, key) -> (state, metrics)``: one pass over (x, y) in shuffled batches.
 
     ``loss_fn(trainable, x, y, step) -> (loss, aux)``; ``metrics`` averages loss and aux over the
@@ -44,13 +45,19 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     LeNet-300-100 step); ``False`` loops over a jitted step in Python, which convolutional models need:
     XLA on CPU runs convolutions inside a scan about 9x slower (807 vs 88 ms per LeNet-5 step).
     ``None`` picks scan unless the loss contains a convolution.
+
+    ``matmul_convs`` (default: on the CPU backend) computes the loss's convolutions as im2col matrix
+    products (``convs.as_matmuls``), which XLA's CPU backend runs faster than its convolutions.
     """
+    if matmul_convs is None:
+        matmul_convs = convs.enabled()
+    rewrite = convs.as_matmuls if matmul_convs else (lambda f: f)
 
     def train_step(state: TrainState, batch, arrays):
         x, y = batch
         if batch_sharding is not None:
             x, y = (jax.lax.with_sharding_constraint(v, batch_sharding) for v in (x, y))
-        grad_fn = jax.value_and_grad(bound(loss_fn, arrays), has_aux=True)
+        grad_fn = jax.value_and_grad(rewrite(bound(loss_fn, arrays)), has_aux=True)
         mode = {}
         if state.model_state is not None:
             mode = {"state": state.model_state, "rng": modes.step_key(seed, state.step)}
@@ -92,7 +99,7 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     def epoch(state: TrainState, x, y, key):
         nonlocal scan
         if scan is None:
-            probe = jax.make_jaxpr(lambda a, *v: bound(loss_fn, a)(*v))
+            probe = jax.make_jaxpr(lambda a, *v: rewrite(bound(loss_fn, a))(*v))
             jaxpr = probe(arrays, state.trainable, x[:batch_size], y[:batch_size], state.step)
             scan = "conv_general_dilated" not in str(jaxpr)
         return scan_epoch(state, x, y, key, arrays) if scan else loop_epoch(state, x, y, key)
