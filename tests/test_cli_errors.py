@@ -36,7 +36,7 @@ from gmm_quant.training import data
         ),
         (["--pretrain-lr", "-1e-3"], "'pretrain_lr' = -0.001: must be > 0"),
         (["--retrain", "2"], "unrecognized arguments: --retrain 2"),
-        (["--pretrained", "nowhere"], "pretrained nowhere: neither a .gqz file nor a work directory"),
+        (["--pretrained", "nowhere"], "pretrained nowhere: neither a .gqz file, a work directory"),
         (["--tau", "-1"], "'tau'"),
         (["--num-components", "0"], "'num_components'"),
         (["--model", "resnet"], "'model'"),

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import pathlib
 import re
 
 from gmm_quant.core.codebook import ASSIGNMENTS
@@ -18,7 +19,7 @@ from gmm_quant.scale.mesh import parse_mesh
 from gmm_quant.surgery.reuse.links import parse_rule
 from gmm_quant.training import defaults
 from gmm_quant.training.data import DATASETS
-from gmm_quant.training.user_data import TASKS
+from gmm_quant.training.user_data import TASKS, is_loader_spec
 
 HEAD_SCORES = ("weights", "loss")
 ACTIVATION_MODES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}  # weight bits, activation bits
@@ -121,7 +122,13 @@ def validate(cfg: Config) -> Config:
         f"unknown model; choose one of {sorted(models.MODELS)} or name your own as package.module:factory",
         cfg.model,
     )
-    _check(bool(cfg.dataset), "dataset", f"choose one of {DATASETS} or name your data", cfg.dataset)
+    known = cfg.dataset in DATASETS or is_loader_spec(cfg.dataset) or pathlib.Path(cfg.dataset).exists()
+    _check(
+        known,
+        "dataset",
+        f"not one of {DATASETS}, no such file or directory, nor a module:loader",
+        cfg.dataset,
+    )
     _check(len(cfg.data_columns) == 2, "data_columns", "two column names: input, label", cfg.data_columns)
     _check(cfg.task in TASKS, "task", f"choose one of {TASKS}", cfg.task)
     distills = cfg.distill_alpha or cfg.distill_features
