@@ -41,13 +41,14 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     the loss is called with ``state=model_state, rng=modes.step_key(seed, step)`` as well and returns
     the model's new state as ``aux["state"]``, carried to the next step.
 
-    ``scan=True`` runs the epoch as one ``lax.scan`` (fastest for dense models: 0.56 vs 0.70 ms per
-    LeNet-300-100 step); ``False`` loops over a jitted step in Python, which convolutional models need:
-    XLA on CPU runs convolutions inside a scan about 9x slower (807 vs 88 ms per LeNet-5 step).
-    ``None`` picks scan unless the loss contains a convolution.
+    ``scan=True`` runs the epoch as one ``lax.scan`` (fastest: 0.56 vs 0.70 ms per LeNet-300-100
+    step, 42 vs 51 ms per im2col LeNet-5 step); ``False`` loops over a jitted step in Python, which a
+    loss with an XLA convolution left needs: XLA on CPU runs convolutions inside a scan about 9x slower
+    (807 vs 88 ms per LeNet-5 step). ``None`` picks scan unless the (rewritten) loss holds a convolution.
 
     ``matmul_convs`` (default: on the CPU backend) computes the loss's convolutions as im2col matrix
-    products (``convs.as_matmuls``), which XLA's CPU backend runs faster than its convolutions.
+    products and its tiling max-pools as reshapes (``convs.as_matmuls``): LeNet-5-Caffe steps 2.0x ->
+    1.1x PyTorch's (BENCHMARKS.md, "Training speed against PyTorch").
     """
     if matmul_convs is None:
         matmul_convs = convs.enabled()
