@@ -252,3 +252,20 @@ def test_a_regression_task_reports_rmse_and_searches_within_an_rmse_budget(tmp_p
     assert "RMSE rise %" in out and "test RMSE" in out
     summary = json.loads((tmp_path / "t" / "search.json").read_text())
     assert summary["metric"] == "rmse" and summary["final"]["rmse_finetuned"] > 0
+
+
+def test_a_second_run_on_changed_data_is_refused_and_the_first_kept(package):
+    from cli_runs import snapshot
+
+    root, _ = package
+    arrays = dict(np.load(root / "data.npz"))
+    np.savez(root / "mine.npz", **arrays)
+    flags = ["--model", "mynet:make", "--data", "mine.npz", "--pretrained", "ckpt", *FAST, "--no-onnx",
+             "--no-progress", "--workdir", "same"]  # fmt: skip
+    code, _, err = cli(root, "train", *flags)
+    assert code == 0, err
+    before = snapshot(root / "same")
+    np.savez(root / "mine.npz", **{**arrays, "y_train": arrays["y_train"][::-1].copy()})  # same name
+    code, _, err = cli(root, "train", *flags)
+    assert code == 1 and "trained on other data" in one_line(err)
+    assert snapshot(root / "same") == before

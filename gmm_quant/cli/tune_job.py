@@ -51,7 +51,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     with wd.Lock(workdir):
         if args.overwrite:
             wd.clear(workdir)
-        wd.claim(workdir, cfg)
+        wd.claim(workdir, cfg, inputs.data_digest(cfg, ds, val))
         if args.pretrained is None:
             apply_fn, params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
         base = dataclasses.replace(cfg, pretrain_epochs=0)

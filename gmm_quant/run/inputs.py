@@ -4,6 +4,8 @@ before anything is trained or written."""
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 from flax import nnx
@@ -74,3 +76,14 @@ def check_fits(cfg: cfgm.Config, apply_fn, params, ds: data.Dataset) -> None:
         raise data.DataError(
             f"model {cfg.model} gives {out.shape[-1]} outputs per example, but y_train holds label {top}"
         )
+
+
+def data_digest(cfg: cfgm.Config, ds: data.Dataset, val) -> str | None:
+    """sha256 of the user's arrays (None for a built-in dataset, which its name fixes): a work directory
+    resumes only on the data it was trained on."""
+    if cfg.dataset in data.DATASETS:
+        return None
+    digest = hashlib.sha256()
+    for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, *val):
+        digest.update(str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()

@@ -68,7 +68,8 @@ def run_stage(workdir, name, setup, data_xy, cfg, epochs, progress, parent=None,
         store.close()
 
 
-def _hold_workdir(stack: contextlib.ExitStack, workdir: pathlib.Path, cfg: cfgm.Config, overwrite: bool):
+def _hold_workdir(stack: contextlib.ExitStack, workdir: pathlib.Path, cfg: cfgm.Config, overwrite: bool,
+                  data_digest=None):  # fmt: skip
     """Lock, clear (``overwrite``) and claim ``workdir`` until ``stack`` closes. Several processes:
     process 0 does it and all stop if it may not; then every process must see the same directory."""
 
@@ -76,7 +77,7 @@ def _hold_workdir(stack: contextlib.ExitStack, workdir: pathlib.Path, cfg: cfgm.
         stack.enter_context(wd.Lock(workdir))
         if overwrite:
             wd.clear(workdir)
-        wd.claim(workdir, cfg)
+        wd.claim(workdir, cfg, data_digest)
 
     distributed.agree(enter)
     if not distributed.sees_shared(workdir):
@@ -147,7 +148,7 @@ def train_and_evaluate(
 
     writer = distributed.is_writer()  # several processes: process 0 alone holds the lock and the files
     with contextlib.ExitStack() as stack:
-        _hold_workdir(stack, workdir, cfg, overwrite)
+        _hold_workdir(stack, workdir, cfg, overwrite, inputs.data_digest(cfg, ds, val))
 
         def runner(name, setup, epochs, parent, stop=None, placement=None, model_state=None):
             return run_stage(workdir, name, setup, train, cfg, epochs, progress, parent, placement, stop,

@@ -121,8 +121,9 @@ def saved_config(workdir: pathlib.Path) -> Config:
 LAUNCH_FIELDS = ("mesh", "shard_params")  # where a run trains, not what it computes: resumable across
 
 
-def claim(workdir: pathlib.Path, cfg: Config) -> None:
-    """Record ``cfg`` in ``workdir``; refuse a directory whose checkpoints came from another config."""
+def claim(workdir: pathlib.Path, cfg: Config, data_digest: str | None = None) -> None:
+    """Record ``cfg`` in ``workdir``; refuse a directory whose checkpoints came from another config,
+    or (``data_digest``: the user's data, whose file may change under the same name) other data."""
     workdir = pathlib.Path(workdir)
     current = dataclasses.asdict(cfg)
     if (workdir / "config.json").exists():
@@ -140,8 +141,14 @@ def claim(workdir: pathlib.Path, cfg: Config) -> None:
                 f"{workdir} holds checkpoints of a different config (saved vs now: {diff}); "
                 "use another work directory, or start afresh with overwrite (--overwrite)"
             )
+        if data_digest and saved.get("data") not in (None, data_digest):
+            raise CheckpointMismatch(
+                f"{workdir} holds checkpoints trained on other data than {cfg.dataset} holds now; use "
+                "another work directory, or start afresh with overwrite (--overwrite)"
+            )
         return
-    text = json.dumps({"format": FORMAT, "fingerprint": cfg.fingerprint(), "config": current}, indent=1)
+    record = {"format": FORMAT, "fingerprint": cfg.fingerprint(), "config": current}
+    text = json.dumps({**record, "data": data_digest} if data_digest else record, indent=1)
     write_atomic(workdir / "config.json", text.encode())
 
 
