@@ -201,13 +201,19 @@ def _write_bad(root: pathlib.Path) -> dict:
     return cases
 
 
-def test_hostile_inputs_end_in_one_line_and_create_nothing(package):
+def test_hostile_inputs_end_in_one_line_and_create_nothing(package, monkeypatch, capsys):
+    """In process (the command's ``main``, as ``python -m gmm_quant.train`` calls it), to keep the
+    suite short; the subprocess tests above show the same entry point run as a command."""
+    from gmm_quant.cli import train
+
     root, _ = package
     cases = _write_bad(root)
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
     for name, (flags, words) in cases.items():
         model = [] if "--model" in flags or "--config" in flags else ["--model", "mynet:make"]
-        code, _, err = cli(root, "train", *model, *flags, "--workdir", f"bad_{name}", "--no-progress")
-        line = one_line(err)
+        code = train.main([*model, *flags, "--workdir", f"bad_{name}", "--no-progress"])
+        line = one_line(capsys.readouterr().err)
         assert code in (1, 2) and words in line, (name, line)
         assert not (root / f"bad_{name}").exists(), name
 
