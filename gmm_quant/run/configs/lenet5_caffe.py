@@ -1,8 +1,9 @@
 """LeNet-5-Caffe on MNIST (paper Table 1: 0.88% -> 0.97% error at 162x).
 
 Command:  python -m gmm_quant.train --config lenet5_caffe --data-dir ../shared/data --workdir runs/lenet5
-Runtime:  about 1.5 hours on 2 CPU cores (with tcmalloc preloaded, see README).
-Expected: see BENCHMARKS.md for the measured error and compression ratio of these settings.
+Runtime:  about 10 minutes on 2 CPU cores with tcmalloc preloaded (575 s measured in December 2026:
+          pretraining 190 s, retraining 323 s, compression and fine-tuning 54 s).
+Expected: 1.32% -> 1.10% test error at 99.0x (Han) in that run; BENCHMARKS.md has the table.
 """
 
 from gmm_quant.run.config import Config
