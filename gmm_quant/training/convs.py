@@ -40,7 +40,7 @@ def as_matmuls(fn):
     def wrapped(*args, **kwargs):
         call = lambda a, k: fn(*a, **k)  # noqa: E731
         closed, shape = jax.make_jaxpr(call, return_shape=True)(args, kwargs)
-        if not _has_conv(closed.jaxpr):
+        if not has_rewrites(closed.jaxpr):
             return fn(*args, **kwargs)
         out = _eval(closed.jaxpr, closed.consts, jax.tree.leaves((args, kwargs)))
         return jax.tree.unflatten(jax.tree.structure(shape), out)
@@ -48,11 +48,12 @@ def as_matmuls(fn):
     return wrapped
 
 
-def _has_conv(jaxpr) -> bool:
+def has_rewrites(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a call inside it) holds a convolution or max-pool ``REWRITES`` knows."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in REWRITES:
             return True
-        if eqn.primitive.name in _CALLS and _has_conv(_inner(eqn)[0]):
+        if eqn.primitive.name in _CALLS and has_rewrites(_inner(eqn)[0]):
             return True
     return False
 
@@ -75,7 +76,7 @@ def _eval(jaxpr, consts, args):
         name = eqn.primitive.name
         if name in REWRITES and REWRITES[name][0](eqn):
             outs = [REWRITES[name][1](*invals, **eqn.params)]
-        elif name in _CALLS and _has_conv(_inner(eqn)[0]):
+        elif name in _CALLS and has_rewrites(_inner(eqn)[0]):
             outs = _eval(*_inner(eqn), invals)
         else:
             params = eqn.primitive.get_bind_params(eqn.params)  # as jax's own eval_jaxpr

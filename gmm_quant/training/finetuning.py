@@ -9,7 +9,7 @@ from gmm_quant.core import codebook_tuning as ct
 from gmm_quant.core import grid as grid_lib
 from gmm_quant.core.codebook import dequantize
 from gmm_quant.training import defaults, loop, modes, precision
-from gmm_quant.training.pipeline import run_epochs
+from gmm_quant.training.pipeline import master_task, run_epochs
 from gmm_quant.training.tasks import cross_entropy
 
 
@@ -88,7 +88,7 @@ def finetune(
     """
     if grid_bits:
         codebooks, params = grid_lib.codebooks_to_grid(codebooks, params, grid_bits)
-    task = precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params)  # master weights
+    task = master_task(apply_fn, task_loss, params)
     loss, opt, trainable, build = finetune_setup(
         apply_fn, codebooks, precision.master(params), learning_rate=learning_rate, train_float=train_float,
         task_loss=task, grid=bool(grid_bits),

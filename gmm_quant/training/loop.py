@@ -52,7 +52,8 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
     """
     if matmul_convs is None:
         matmul_convs = convs.enabled()
-    rewrite = convs.as_matmuls if matmul_convs else (lambda f: f)
+    rewrite = lambda f: f  # noqa: E731  (convs.as_matmuls once the first epoch finds something to rewrite)
+    decided = False
 
     def train_step(state: TrainState, batch, arrays):
         x, y = batch
@@ -97,12 +98,25 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
             interrupts.check()  # a Ctrl-C dropped inside a garbage-collector callback stops here
         return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
 
-    def epoch(state: TrainState, x, y, key):
-        nonlocal scan
+    def decide(state: TrainState, x, y) -> None:
+        """Before anything is compiled: rewrite the loss's convolutions (only if it has any, so a dense
+        loss is traced once), then pick scan unless an XLA convolution is left."""
+        nonlocal scan, rewrite, decided
+        mode = (
+            {} if state.model_state is None else {"state": state.model_state, "rng": modes.step_key(seed, 0)}
+        )
+        args = (arrays, state.trainable, x[:batch_size], y[:batch_size], state.step)
+        jaxpr = jax.make_jaxpr(lambda a, *v: bound(loss_fn, a)(*v, **mode))(*args)
+        if matmul_convs and convs.has_rewrites(jaxpr.jaxpr):
+            rewrite = convs.as_matmuls
+            jaxpr = jax.make_jaxpr(lambda a, *v: rewrite(bound(loss_fn, a))(*v, **mode))(*args)
         if scan is None:
-            probe = jax.make_jaxpr(lambda a, *v: rewrite(bound(loss_fn, a))(*v))
-            jaxpr = probe(arrays, state.trainable, x[:batch_size], y[:batch_size], state.step)
             scan = "conv_general_dilated" not in str(jaxpr)
+        decided = True
+
+    def epoch(state: TrainState, x, y, key):
+        if not decided:
+            decide(state, x, y)
         return scan_epoch(state, x, y, key, arrays) if scan else loop_epoch(state, x, y, key)
 
     return epoch

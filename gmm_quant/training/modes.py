@@ -83,7 +83,7 @@ def with_state(apply_fn, state):
     apply function, or when ``state`` is None): the run's stages return models, never change them."""
     if not isinstance(apply_fn, Stateful) or state is None:
         return apply_fn
-    return Stateful(apply_fn._eval, apply_fn.train_apply, state, apply_fn._rebuild)
+    return _unflatten(_flatten(apply_fn)[1], (state,))
 
 
 def keep_state(apply_fn, state) -> None:
@@ -120,11 +120,6 @@ def from_nnx(model):
         fresh = rngs if key is None else _reseeded(rngs, key)
         return nnx.merge(graphdef, params, fresh, state, copy=True)
 
-    def eval_apply(params, state, x):
-        module = merged(params, state, None)
-        module.eval()
-        return module(x)
-
     def train_apply(params, state, x, key):
         module = merged(params, state, key)
         module.train()
@@ -135,6 +130,9 @@ def from_nnx(model):
         module = merged(params, state, None)
         module.eval()
         return module
+
+    def eval_apply(params, state, x):
+        return rebuild(params, state)(x)
 
     return Stateful(eval_apply, train_apply, state, rebuild), params
 

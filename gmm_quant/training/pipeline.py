@@ -32,6 +32,12 @@ from gmm_quant.training import augment, defaults, loop, modes, precision
 from gmm_quant.training.tasks import cross_entropy
 
 
+def master_task(apply_fn, task_loss, params):
+    """The task loss (default cross-entropy) over float32 master copies of half-precision ``params``
+    (``precision.in_model_dtypes``), as every API stage trains them."""
+    return precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params)
+
+
 def run_epochs(
     loss_fn,
     optimizer,
@@ -111,7 +117,7 @@ def pretrain(
     """Plain training with Adam; returns the trained params. ``cosine``: the learning rate decays along
     a cosine to 0 over the run; ``max_shift``: images shifted by up to that many pixels (augmentation)."""
     steps = epochs * max(data[0].shape[0] // batch_size, 1) if cosine else 0
-    task = precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params)  # master weights
+    task = master_task(apply_fn, task_loss, params)
     loss, opt, trainable = pretrain_setup(
         apply_fn, precision.master(params), learning_rate=learning_rate, task_loss=task, total_steps=steps,
         max_shift=max_shift, seed=seed,
@@ -207,7 +213,7 @@ def retrain(
         warmup_epochs=warmup_epochs,
         rates=rates,
         mixtures=mixtures,
-        task_loss=precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params),
+        task_loss=master_task(apply_fn, task_loss, params),
         mixture_every=mixture_every,
     )
     stop = until_tight(plan, epochs, tightness) if tightness else None
