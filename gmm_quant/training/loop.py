@@ -105,11 +105,11 @@ def make_epoch(loss_fn, optimizer: optax.GradientTransformation, batch_size: int
         mode = (
             {} if state.model_state is None else {"state": state.model_state, "rng": modes.step_key(seed, 0)}
         )
-        args = (arrays, state.trainable, x[:batch_size], y[:batch_size], state.step)
-        jaxpr = jax.make_jaxpr(lambda a, *v: bound(loss_fn, a)(*v, **mode))(*args)
-        if matmul_convs and convs.has_rewrites(jaxpr.jaxpr):
+        args = (arrays, mode, state.trainable, x[:batch_size], y[:batch_size], state.step)
+        jaxpr = jax.make_jaxpr(lambda a, m, *v: bound(loss_fn, a)(*v, **m))(*args)  # the state traced:
+        if matmul_convs and convs.has_rewrites(jaxpr.jaxpr):  # a model writes its statistics into it
             rewrite = convs.as_matmuls
-            jaxpr = jax.make_jaxpr(lambda a, *v: rewrite(bound(loss_fn, a))(*v, **mode))(*args)
+            jaxpr = jax.make_jaxpr(lambda a, m, *v: rewrite(bound(loss_fn, a))(*v, **m))(*args)
         if scan is None:
             scan = "conv_general_dilated" not in str(jaxpr)
         decided = True
