@@ -249,3 +249,14 @@ def test_the_budget_search_trains_a_stateful_model_in_train_mode():
     for a, b in zip(jax.tree.leaves(pretrained_state), jax.tree.leaves(apply_fn.state), strict=True):
         np.testing.assert_array_equal(a, b)
     assert gq.error_rate(result.apply_fn, result.params, *val) == result.val_error
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64])
+def test_a_parameter_that_is_not_floating_point_is_refused_before_training(dtype):
+    params = {"k": np.zeros((64, 10), dtype), "b": np.zeros(10, np.float32)}
+    apply_fn = lambda p, x: (x.reshape(x.shape[0], -1) @ p["k"]).real + p["b"]  # noqa: E731
+    name = np.dtype(dtype).name
+    with pytest.raises(TypeError, match=f"parameter 'k' is {name}: gmm_quant trains and quantises float"):
+        gq.pretrain(apply_fn, params, (X_TRAIN, Y_TRAIN), epochs=1, batch_size=32)
+    with pytest.raises(TypeError, match=f"parameter 'k' is {name}"):
+        gq.retrain(apply_fn, params, (X_TRAIN, Y_TRAIN), gq.make_plan(params), epochs=1, batch_size=32)

@@ -41,12 +41,12 @@ def layer_cost(name: str, codebook) -> LayerCost:
     A layer whose indices are sharded over a mesh is counted where its shards live
     (``sharded.layer_cost``)."""
     if sharded.sharded_axis(codebook.indices) is not None:
-        return sharded.layer_cost(name, len(codebook.centres), codebook.indices)
+        return sharded.layer_cost(name, codebook.k, codebook.indices)
     indices = caffe_order(np.asarray(codebook.indices))
     codes, diffs = sparse_entries(indices, diff_field_bits(indices.ndim))
     nonzero = int(np.count_nonzero(indices))
-    return cost_from_counts(name, indices.size, len(codebook.centres), nonzero, len(codes) - nonzero,
-                            count_symbols(codes), count_symbols(diffs))  # fmt: skip
+    return cost_from_counts(name, indices.size, codebook.k, nonzero, len(codes) - nonzero,
+                            count_symbols(codes), count_symbols(diffs), codebook.slices)  # fmt: skip
 
 
 def gzip_ratio(params_flat: dict) -> float:

@@ -23,12 +23,15 @@ ASSIGNMENTS = ("nearest", "responsibility")
 
 
 class Codebook(NamedTuple):
-    """One layer's weights as ``centres[indices]``.
+    """One layer's weights as ``centres[indices]``, or a stacked layer (blocks on axis 0, as
+    ``nnx.vmap`` builds them) coded per slice: slice ``s`` is ``centres[s][indices[s]]``.
 
-    Invariants (checked by the tests): ``centres`` is float32 [k] with ``centres[0] == 0.0`` exactly
-    and the centres distinct; ``indices`` has the layer's shape and the smallest unsigned dtype holding
+    Invariants (checked by the tests): ``centres`` is float32, [k] (one codebook) or [slices, k] (one
+    per slice, ``slices == indices.shape[0]``); every row starts with exactly 0.0 and its non-zero
+    centres are distinct; a row of fewer than k centres is padded with 0.0 at its end, and no index
+    points at the padding; ``indices`` has the layer's shape and the smallest unsigned dtype holding
     ``k - 1``; ``dequantize`` reproduces the snapped weights bit for bit; and snapping the dequantized
-    weights to ``centres`` again gives the same indices (snapping twice changes nothing).
+    weights to the centres again gives the same indices (snapping twice changes nothing).
     """
 
     centres: np.ndarray
@@ -38,10 +41,35 @@ class Codebook(NamedTuple):
     def shape(self) -> tuple:
         return self.indices.shape
 
+    @property
+    def k(self) -> int:
+        """Centres per codebook (a row's length when coded per slice), zero included."""
+        return int(np.shape(self.centres)[-1])
+
+    @property
+    def slices(self) -> int:
+        """1 for one codebook, else the number of slices with a codebook of their own."""
+        return 1 if np.ndim(self.centres) == 1 else int(np.shape(self.centres)[0])
+
     def dequantize(self):
         if _sharded(self.indices):  # stays where its shards live
-            return jnp.asarray(self.centres)[self.indices]
-        return self.centres[self.indices]
+            return lookup(jnp.asarray(self.centres), self.indices)
+        return lookup(self.centres, self.indices)
+
+
+def lookup(centres, indices):
+    """``centres[indices]``; with centres [slices, k], row ``s`` for the slice ``indices[s]`` (numpy
+    or jax arrays alike)."""
+    if centres.ndim == 1:
+        return centres[indices]
+    rows = np.arange(centres.shape[0]).reshape((-1,) + (1,) * (indices.ndim - 1))
+    return centres[rows, indices]
+
+
+def row_centres(row) -> np.ndarray:
+    """One slice's own centres: its row without the zero padding at the end."""
+    row = np.asarray(row, np.float32)
+    return row[: 1 + np.count_nonzero(row)]
 
 
 def snap(weights, centres) -> np.ndarray:
@@ -87,6 +115,30 @@ def make_codebook(weights, centres) -> Codebook:
     used[0] = True
     full = full[used]
     return Codebook(full, _snap_where(weights, full))
+
+
+def make_sliced(weights, centres) -> Codebook:
+    """Codebook of a stacked layer with one row of centres per slice (axis 0): ``make_codebook`` of
+    every slice ``weights[s]`` to its ``centres[s]`` (a list of 1-D arrays, or rows of a [slices, k]
+    array whose zero padding is ignored), rows padded with 0.0 to the longest."""
+    weights = np.asarray(to_local(weights), np.float32)
+    if weights.ndim < 2 or len(centres) != weights.shape[0]:
+        raise ValueError(f"per-slice codebooks need one row of centres per slice of a stacked layer, got "
+                         f"{len(centres)} rows for weights of shape {weights.shape}")  # fmt: skip
+    books = [make_codebook(w, row_centres(c)) for w, c in zip(weights, centres, strict=True)]
+    k = max(b.k for b in books)
+    rows = np.zeros((len(books), k), np.float32)
+    for s, book in enumerate(books):
+        rows[s, : book.k] = book.centres
+    return Codebook(rows, np.stack([b.indices for b in books]).astype(index_dtype(k)))
+
+
+def remake(weights, centres) -> Codebook:
+    """``make_codebook`` or, for centres [slices, k], ``make_sliced``: the codebook of values already
+    snapped (fine-tuned or gridded centres), equal centres merged."""
+    if np.ndim(centres) == 2:
+        return make_sliced(weights, centres)
+    return make_codebook(weights, centres)
 
 
 def assign(config, state, weights, rule: str = "nearest") -> np.ndarray:
@@ -198,12 +250,19 @@ def compress(plan: Plan, mixtures: dict, params, *, assignment: str = "nearest")
     flat = flatten(params)
     codebooks = {}
     for path in plan.quantised():
-        group = plan.group_of(path)
-        weights = flat[path]
+        group, rule = plan.group_of(path), plan.rules[path]
+        config, state, weights = plan.mixtures[group], mixtures[group], flat[path]
+        if rule.per_slice:
+            if np.ndim(weights) < 2:
+                raise ValueError(f"layer {path}: per_slice needs a stacked leaf (blocks on axis 0), "
+                                 f"this one has shape {np.shape(weights)}")  # fmt: skip
+            weights = np.asarray(to_local(weights), np.float32)
+            centres = [_layer_centres(config, state, w, rule, assignment) for w in weights]
+            codebooks[path] = make_sliced(weights, centres)
+            continue
         if not (_sharded(weights) and assignment == "nearest"):  # responsibilities: on the host
             weights = np.asarray(to_local(weights), np.float32)
-        centres = _layer_centres(plan.mixtures[group], mixtures[group], weights, plan.rules[path], assignment)
-        codebooks[path] = make_codebook(weights, centres)
+        codebooks[path] = make_codebook(weights, _layer_centres(config, state, weights, rule, assignment))
     return codebooks, dequantize(codebooks, params)
 
 

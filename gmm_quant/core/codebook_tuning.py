@@ -25,7 +25,7 @@ import numpy as np
 from gmm_quant._util.partials import carrying
 from gmm_quant.core import float_codes
 from gmm_quant.core import grid as grid_lib
-from gmm_quant.core.codebook import Codebook, make_codebook
+from gmm_quant.core.codebook import Codebook, lookup, remake
 from gmm_quant.core.rules import flatten
 
 
@@ -33,7 +33,7 @@ def init_centres(codebooks: dict) -> dict:
     """Trainable part of the codebooks: ``{path: centres[1:]}`` (the zero centre is not trainable); a
     layer pruned to zero entirely has nothing to train and is left out (no zero-size leaves, which
     checkpoints cannot store)."""
-    return {path: jnp.asarray(cb.centres[1:]) for path, cb in codebooks.items() if len(cb.centres) > 1}
+    return {path: jnp.asarray(cb.centres[..., 1:]) for path, cb in codebooks.items() if cb.k > 1}
 
 
 def _free(centres: dict, path: str):
@@ -46,6 +46,9 @@ def grid_scales(codebooks: dict) -> dict:
     the outermost level of the signed 4-bit (7) or 8-bit (127) grid the centres fit in."""
     scales = {}
     for path, cb in codebooks.items():
+        if cb.slices > 1:
+            raise ValueError(f"layer {path}: a codebook per slice (Rule per_slice) has no grid form; "
+                             "drop per_slice or grid_bits")  # fmt: skip
         fitted = grid_lib.fit(cb.centres)
         if fitted is None:
             raise ValueError(f"layer {path}: centres are not on an evenly spaced grid containing zero")
@@ -86,8 +89,7 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
         floats = {p: float_codes.project(v, *float_grids[p]) if p in float_grids else v
                   for p, v in tr.get("float", {}).items()}  # fmt: skip
         centres = effective_centres(tr["centres"], scales)
-        zero = np.zeros((1,), np.float32)
-        snapped = {p: jnp.concatenate([zero, _free(centres, p)])[indices[p]] for p in codebooks}
+        snapped = {p: lookup(_with_zero(_free(centres, p)), indices[p]) for p in codebooks}
         leaves = {**fixed, **floats, **snapped}
         return jax.tree.unflatten(treedef, [leaves[p] for p in paths])
 
@@ -100,6 +102,11 @@ def finetune_loss(task_loss, codebooks: dict, params, *, train_float: bool = Tru
     return trainable, loss, lambda tr: assemble(indices, fixed, tr)
 
 
+def _with_zero(free):
+    """The full centres: a zero column in front of the free ones (per row when coded per slice)."""
+    return jnp.concatenate([jnp.zeros((*free.shape[:-1], 1), jnp.float32), free], axis=-1)
+
+
 def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> dict:
     """Codebooks with the fine-tuned centres: every weight keeps its centre, zero stays exactly 0.0;
     centres that became equal (two latents rounded onto one grid level) are merged into one."""
@@ -107,8 +114,9 @@ def updated_codebooks(codebooks: dict, trainable: dict, grid: bool = False) -> d
     centres = effective_centres(trainable["centres"], scales)
     out = {}
     for path, cb in codebooks.items():
-        full = np.concatenate([np.zeros(1, np.float32), np.asarray(_free(centres, path), np.float32)])
-        out[path] = make_codebook(Codebook(full, cb.indices).dequantize(), full)  # sharded: stays so
+        free = np.asarray(centres[path], np.float32) if path in centres else cb.centres[..., 1:]
+        full = np.asarray(_with_zero(jnp.asarray(free)))
+        out[path] = remake(Codebook(full, cb.indices).dequantize(), full)  # sharded: stays so
         if grid and grid_lib.fit(out[path].centres) is None:  # keep the promise: exportable as a grid
             warnings.warn(
                 f"layer {path}: fine-tuned centres {out[path].centres.tolist()} left the grid of scale "

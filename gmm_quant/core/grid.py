@@ -64,6 +64,8 @@ def to_grid(codebook, bits: int = 4):
     a codebook already on such a grid is returned unchanged."""
     from gmm_quant.core.codebook import Codebook, make_codebook  # codebook imports nothing of this
 
+    if np.ndim(codebook.centres) != 1:
+        raise ValueError("a codebook per slice (Rule per_slice) has no grid form; drop per_slice or the grid")
     fitted = fit(codebook.centres)
     if fitted is not None and int(np.abs(fitted[2]).max()) <= 2 ** (bits - 1) - 1:
         return codebook

@@ -102,10 +102,12 @@ def diff_field_bits(ndim: int) -> int:
     return 8 if ndim == 4 else 5
 
 
-def cost_from_counts(name, num_weights, k, nonzero, fillers, code_counts: dict, diff_counts: dict):
+def cost_from_counts(name, num_weights, k, nonzero, fillers, code_counts: dict, diff_counts: dict,
+                     slices: int = 1):  # fmt: skip
     """``LayerCost`` from the counts of stored codebook indices and position differences (fillers
-    included): what both the host count and the sharded one (``scale.compression``) produce."""
-    codebook_bits = 32 * (k - 1)
+    included): what both the host count and the sharded one (``scale.compression``) produce. A layer
+    coded per slice pays ``slices`` codebooks of ``k`` centres (padding included, as stored)."""
+    codebook_bits = 32 * slices * (k - 1)
     return LayerCost(
         name=name, num_weights=int(num_weights), nonzero=int(nonzero), centres=k, fillers=int(fillers),
         index_bits=huffman_cost(code_counts), diff_bits=huffman_cost(diff_counts),

@@ -31,6 +31,10 @@ class Rule:
       prune_threshold: components with at most this many members in the layer are pruned;
         values below 1 are a fraction of the layer's size, values of 1 or more an absolute count.
       merge_kl: merge components whose symmetric KL divergence is below this (None: no merging).
+      per_slice: a stacked leaf (blocks on axis 0, as ``nnx.vmap`` builds them) gets one codebook per
+        slice: every block's own surviving centres, pruned and fine-tuned on its own, as if the blocks
+        were separate layers; the Han count and the file pay one codebook per slice. False: one
+        codebook for the whole stack.
     """
 
     pattern: str
@@ -39,6 +43,7 @@ class Rule:
     prune_threshold: float = 0.0
     merge_kl: float | None = None
     per_layer: bool = False
+    per_slice: bool = False
 
     def __post_init__(self):
         try:

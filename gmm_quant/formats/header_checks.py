@@ -38,11 +38,15 @@ def _check_leaf(leaf, path) -> None:
     name, shape = leaf["path"], leaf.get("shape")
     require(isinstance(shape, list) and all(map(_is_count, shape)), path, f"{name}: invalid shape {shape!r}")
     count = math.prod(shape)
+    slices = leaf.get("slices", 1)
+    if leaf.get("kind") in ("codebook", "sparse"):
+        ok = _is_count(slices) and slices >= 1 and (slices == 1 or (shape and shape[0] == slices))
+        require(ok, path, f"{name}: {slices!r} codebooks per slice for shape {shape}")
     if leaf.get("kind") == "codebook":
         k, bits = leaf.get("k"), leaf.get("bits")
         require(_is_count(k) and k >= 1, path, f"{name}: invalid codebook size {k!r}")
         require(bits == bits_for(k), path, f"{name}: {bits!r} bits per index for {k} centres")
-        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
+        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k * slices)
         _check_span(leaf.get("indices"), path, f"{name} indices", (count * bits + 7) // 8)
     elif leaf.get("kind") == "sparse":
         require(count <= _MAX_WEIGHTS, path, f"{name}: {count} weights exceed the {_MAX_WEIGHTS} supported")
@@ -50,7 +54,7 @@ def _check_leaf(leaf, path) -> None:
         require(_is_count(k) and 1 <= k <= 256, path, f"{name}: invalid codebook size {k!r}")
         require(_is_count(nnz) and nnz <= count, path, f"{name}: invalid non-zero count {nnz!r}")
         require(_is_count(raw) and nnz <= raw <= 10 * nnz, path, f"{name}: invalid gap stream length {raw!r}")
-        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k)
+        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * k * slices)
         for stream in ("gaps", "values"):  # entropy-coded: any size, checked when decoded
             entry = leaf.get(stream)
             size = entry.get("nbytes") if isinstance(entry, dict) else None

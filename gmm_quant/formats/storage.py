@@ -4,8 +4,9 @@ Layout (little-endian)::
 
     b"GMMQ"  u16 version  u32 header_length  32-byte sha256(header)  header (UTF-8 JSON)  payload
 
-The header lists every leaf: quantised leaves as ``centres`` (float32 [k]) and ``indices`` bit-packed
-at ceil(log2 k) bits per weight; float leaves as raw float32, or (``coded``) as codes of 2-8 bits
+The header lists every leaf: quantised leaves as ``centres`` (float32 [k], or [slices, k] with
+``slices`` for a stacked leaf coded per slice) and ``indices`` bit-packed at ceil(log2 k) bits per weight
+or entropy-coded (version 2); float leaves as raw float32, or (``coded``) as codes of 2-8 bits
 bit-packed with their ``scale`` and ``zero_point`` (``float_codes``). It also records the model name, the
 config and the payload's sha256, and which layers reuse another's weights (``reuse``: each shared
 matrix is stored once, at its source's path; a reusing layer stores only its transform). A model's
@@ -191,11 +192,12 @@ def load_model(path, model=None, *, trust_model: bool = False):
 
 
 def _codebook_entry(cb, add, version: int) -> dict:
-    k = len(cb.centres)
+    k, per_slice = cb.k, {"slices": cb.slices} if cb.slices > 1 else {}
     centres = add(np.asarray(cb.centres, "<f4").tobytes())
     if version == 1:
         bits = bits_for(k)
         return {
+            **per_slice,
             "kind": "codebook",
             "k": k,
             "bits": bits,
@@ -204,7 +206,7 @@ def _codebook_entry(cb, add, version: int) -> dict:
         }
     gaps, values, nnz = sparse_streams.split(cb.indices)
     return {
-        "kind": "sparse", "k": k, "nnz": nnz, "gaps_raw": len(gaps), "centres": centres,
+        **per_slice, "kind": "sparse", "k": k, "nnz": nnz, "gaps_raw": len(gaps), "centres": centres,
         "gaps": add(sparse_streams.pack(gaps)), "values": add(sparse_streams.pack(values)),
     }  # fmt: skip
 
@@ -376,10 +378,12 @@ def load_compressed(path) -> Compressed:
         count = math.prod(shape)
         if leaf["kind"] in ("codebook", "sparse"):
             centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
+            if "slices" in leaf:
+                centres = centres.reshape(leaf["slices"], leaf["k"])
             indices = _indices(leaf, payload, path, count)
-            if indices.size and indices.max() >= centres.size:
+            if indices.size and indices.max() >= leaf["k"]:
                 raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
-            codebooks[name] = Codebook(centres, indices.astype(index_dtype(centres.size)).reshape(shape))
+            codebooks[name] = Codebook(centres, indices.astype(index_dtype(leaf["k"])).reshape(shape))
         elif leaf["kind"] == "coded":
             codes = unpack_bits(_slice(payload, leaf["data"], path, name), leaf["bits"], count)
             coded[name] = FloatCode(codes.astype(np.uint8).reshape(shape), np.float32(leaf["scale"]),

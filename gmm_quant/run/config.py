@@ -70,6 +70,7 @@ class Config:
     init_std: float = 0.0  # initial component std (0 = weight range / 5)
     keep_float: tuple[str, ...] = ()  # regexes of weight paths kept float32 (no prior, no codebook)
     own_mixture: tuple[str, ...] = ()  # regexes of layers that each get a mixture of their own
+    per_slice: tuple[str, ...] = ()  # regexes of stacked weights (blocks on axis 0): a codebook per block
     quantise_biases: bool = False  # biases get a prior and a codebook too (one mixture per bias)
     distill_alpha: float = 0.0  # > 0: the pretrained model teaches retraining and fine-tuning (KL weight)
     distill_temperature: float = 4.0  # softmax temperature of the distillation term
@@ -191,7 +192,7 @@ def validate(cfg: Config) -> Config:
             parse_rule(item)
         except ValueError as err:
             raise ConfigError(f"invalid config field 'reuse': {err}") from None
-    for name in ("keep_float", "own_mixture"):
+    for name in ("keep_float", "own_mixture", "per_slice"):
         for pattern in getattr(cfg, name):
             _check(_compiles(pattern), name, "not a valid regular expression", pattern)
     return cfg

@@ -17,8 +17,9 @@ def build_plan(cfg: cfgm.Config, params):
 
     A leaf is kept float when it is a bias or scale (unless ``quantise_biases``: then biases get a
     mixture each) or matches ``keep_float``; it gets a mixture of its own when it matches
-    ``own_mixture``; its prune threshold is the first matching ``layer_prune`` item's, else
-    ``prune_threshold``. Patterns of the config that match no leaf are reported (a warning).
+    ``own_mixture``; a codebook per slice when it matches ``per_slice``; its prune threshold is the
+    first matching ``layer_prune`` item's, else ``prune_threshold``. Patterns of the config that match
+    no leaf are reported (a warning).
     """
     mixture = MixtureConfig(
         num_components=cfg.num_components,
@@ -32,7 +33,7 @@ def build_plan(cfg: cfgm.Config, params):
     used, rules = set(), []
     for path in flatten(params):
         rules.append(Rule(f"^{re.escape(path)}$", **_leaf_settings(cfg, path, thresholds, used)))
-    patterns = [*cfg.keep_float, *cfg.own_mixture, *(p for p, _ in thresholds)]
+    patterns = [*cfg.keep_float, *cfg.own_mixture, *cfg.per_slice, *(p for p, _ in thresholds)]
     unused = [p for p in patterns if p not in used]
     if unused:
         warnings.warn(f"config patterns matched no parameter: {unused}", stacklevel=2)
@@ -47,9 +48,11 @@ def _leaf_settings(cfg, path, thresholds, used) -> dict:
 
     bias = re.search(BIAS, path) is not None
     if (bias and not (cfg.quantise_biases and path.endswith("bias"))) or first(cfg.keep_float):
-        first(cfg.own_mixture), first(p for p, _ in thresholds)  # matched, though float
+        first(cfg.own_mixture), first(cfg.per_slice), first(p for p, _ in thresholds)  # matched, though float
         return {"keep_float": True}
     hit = first(p for p, _ in thresholds)
     threshold = dict(thresholds)[hit] if hit is not None else cfg.prune_threshold
     per_layer = bias or first(cfg.own_mixture) is not None
-    return {"per_layer": per_layer, "prune_threshold": threshold, "merge_kl": cfg.merge_kl or None}
+    per_slice = first(cfg.per_slice) is not None
+    return {"per_layer": per_layer, "per_slice": per_slice, "prune_threshold": threshold,
+            "merge_kl": cfg.merge_kl or None}  # fmt: skip

@@ -34,7 +34,9 @@ from gmm_quant.training.tasks import cross_entropy
 
 def master_task(apply_fn, task_loss, params):
     """The task loss (default cross-entropy) over float32 master copies of half-precision ``params``
-    (``precision.in_model_dtypes``), as every API stage trains them."""
+    (``precision.in_model_dtypes``), as every API stage trains them; parameters that are not
+    floating point are refused first (``precision.check_dtypes``)."""
+    precision.check_dtypes(params)
     return precision.in_model_dtypes(task_loss or cross_entropy(apply_fn), params)
 
 

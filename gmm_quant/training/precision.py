@@ -12,11 +12,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gmm_quant.core.rules import flatten
+
 _HALF = (jnp.bfloat16, jnp.float16)
 
 
 def is_half(leaf) -> bool:
     return hasattr(leaf, "dtype") and any(jnp.dtype(leaf.dtype) == jnp.dtype(h) for h in _HALF)
+
+
+def check_dtypes(params) -> None:
+    """Refuse, in one line naming the leaf, a parameter that is not floating point (an integer or
+    complex leaf cannot carry a gradient, a prior or a codebook): before anything trains."""
+    for path, leaf in flatten(params).items():
+        dtype = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"parameter {path!r} is {dtype.name}: gmm_quant trains and quantises floating-point "
+                "parameters (float32, bfloat16, float16); keep other leaves out of params (model state)"
+            )
 
 
 def master(params):

@@ -10,6 +10,10 @@ Runtime at load time, so inference runs plain dense kernels).
   indices; ``CumSum(gaps) - 1 -> ScatterElements(zeros, positions, Gather(centres, indices))
   -> Reshape``. Per layer the smallest of the sparse forms and the dense ``codebook`` form is used.
 
+A stacked leaf coded per slice (centres [slices, k]) gathers from its centres flattened, each index
+offset by ``k`` times its slice: a constant added in the graph (``codebook``), or computed from the
+non-zero's position (``sparse``), so the stored indices keep their width. It has no ``grid`` form.
+
 An encoder is ``make(codebook) -> encode(conv, path, perm) -> name``: the ONNX name of the weight in
 layout ``perm`` (the indices are permuted offline, so no Transpose is decoded at load).
 """
@@ -32,19 +36,22 @@ def codebook_encoder(codebook):
     def encode(conv, path, perm):
         base = f"{path.replace('/', '_')}"
         idx = np.transpose(np.asarray(codebook.indices), perm)
-        conv.initializers.append(
-            _codes_initializer(conv.fresh(base + "_indices"), idx, len(codebook.centres))
-        )
+        conv.initializers.append(_codes_initializer(conv.fresh(base + "_indices"), idx, codebook.k))
         idx_name = conv.initializers[-1].name
-        centres = conv.const(np.asarray(codebook.centres, np.float32), base + "_centres")
+        centres = conv.const(np.asarray(codebook.centres, np.float32).ravel(), base + "_centres")
         as_int = conv.node("Cast", [idx_name], hint=base + "_idx32", to=TensorProto.INT32)
+        if codebook.slices > 1:  # row s of the flattened centres starts at s * k
+            shape = [1] * idx.ndim
+            shape[list(perm).index(0)] = codebook.slices
+            offsets = (np.arange(codebook.slices, dtype=np.int32) * codebook.k).reshape(shape)
+            as_int = conv.node("Add", [as_int, conv.const(offsets, base + "_slice_offsets")])
         return conv.node("Gather", [centres, as_int], hint=base)
 
     return encode
 
 
 def grid_encoder(codebook):
-    g = grid.fit(codebook.centres)
+    g = grid.fit(codebook.centres) if codebook.slices == 1 else None
     if g is None:
         raise ValueError(
             "centres are not on an evenly spaced grid containing zero; use the codebook encoding"
@@ -84,10 +91,12 @@ def _nbytes(count: int, limit: int) -> float:
 
 def sparse_encoder(codebook):
     dense = codebook_encoder(codebook)
-    k = len(codebook.centres)
+    k = codebook.k
 
     def encode(conv, path, perm):
         base = f"{path.replace('/', '_')}"
+        if codebook.slices > 1 and tuple(perm)[:1] != (0,):  # slices no longer contiguous: dense form
+            return dense(conv, path, perm)
         flat = np.transpose(np.asarray(codebook.indices), perm).ravel()
         options = {limit: _gaps_with_fillers(flat, limit) for limit in (15, 255)}
         sizes = {limit: _nbytes(g.size, limit) + _nbytes(g.size, k) for limit, (g, _i) in options.items()}
@@ -102,10 +111,13 @@ def sparse_encoder(codebook):
             "Sub", [conv.node("CumSum", [gaps64, conv.const(np.asarray(0, np.int64))]), one]
         )
         conv.initializers.append(_codes_initializer(conv.fresh(base + "_indices"), idx, k))
-        as_int = conv.node("Cast", [conv.initializers[-1].name], to=TensorProto.INT32)
-        values = conv.node(
-            "Gather", [conv.const(np.asarray(codebook.centres, np.float32), base + "_centres"), as_int]
-        )
+        as_int = conv.node("Cast", [conv.initializers[-1].name], to=TensorProto.INT64)
+        if codebook.slices > 1:  # + k * (position // slice size): the row of the non-zero's slice
+            per_slice = conv.const(np.asarray(flat.size // codebook.slices, np.int64))
+            row = conv.node("Div", [positions, per_slice])
+            as_int = conv.node("Add", [as_int, conv.node("Mul", [row, conv.const(np.asarray(k, np.int64))])])
+        centres = conv.const(np.asarray(codebook.centres, np.float32).ravel(), base + "_centres")
+        values = conv.node("Gather", [centres, as_int])
         zeros = conv.const(np.zeros(1, np.float32))
         size = conv.const(np.asarray([flat.size], np.int64))
         empty = conv.node("Expand", [zeros, size])
