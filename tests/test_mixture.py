@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from gmm_quant.core import interpolation
 from gmm_quant.core import mixture as mx
 
 CFG = mx.MixtureConfig(num_components=17, pi_zero=0.9)
@@ -72,7 +73,7 @@ def test_large_leaf_is_chunked_and_still_exact(monkeypatch):
     state = _random_state(rng)
     w = jnp.asarray(rng.normal(0, 0.2, 4321), jnp.float32)
     whole = jax.value_and_grad(lambda s, w: mx.log_prob(CFG, s, w), argnums=(0, 1))(state, w)
-    monkeypatch.setattr(mx, "_CHUNK", 1000)  # 4 whole chunks and a rest of 321 weights
+    monkeypatch.setattr(interpolation, "CHUNK", 1000)  # 4 whole chunks and a rest of 321 weights
     value, grads = jax.value_and_grad(lambda s, w: mx.log_prob(CFG, s, w), argnums=(0, 1))(state, w)
     assert float(value) == pytest.approx(_scipy_log_density(CFG, state, w).sum(), rel=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(whole[1]), strict=True):
@@ -173,7 +174,7 @@ def test_sample_params_draws_each_layer_from_the_scaled_mixture():
 def test_the_prior_keeps_nothing_per_weight_between_its_passes(monkeypatch):
     """Value and gradients of the prior need O(grid + chunk) scratch memory, whatever the leaf's size
     (XLA's own buffer plan of the compiled program, not a timing)."""
-    monkeypatch.setattr(mx, "_CHUNK", 1 << 14)
+    monkeypatch.setattr(interpolation, "CHUNK", 1 << 14)
     state = mx.init_mixture(CFG, init_range=(-0.2, 0.2))
 
     def scratch(n, frozen=False):
@@ -201,3 +202,27 @@ def test_weights_of_one_value_get_a_range_around_it():
     np.testing.assert_allclose(state.means, [-0.5, -1 / 3, -1 / 6, 0.0], atol=1e-7)
     zeros = mx.init_mixture(mx.MixtureConfig(num_components=3), jnp.zeros(4))
     np.testing.assert_allclose(zeros.means, [-1e-3, 1e-3], atol=1e-9)
+
+
+def test_the_density_table_is_log_p_and_its_derivative_by_autodiff():
+    state = mx.init_mixture(CFG, init_range=(-0.3, 0.3))._replace(
+        mixing_logits=jnp.linspace(-1.0, 1.0, CFG.num_components)
+    )
+    grid = jnp.linspace(-0.4, 0.4, 257)
+    values, slopes = mx._density_table(CFG, state, grid)
+    np.testing.assert_allclose(values, mx.log_density(CFG, state, grid), rtol=1e-6, atol=1e-5)
+    by_autodiff = jax.vmap(jax.grad(lambda x: mx.log_density(CFG, state, x)))(grid)
+    np.testing.assert_allclose(slopes, by_autodiff, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("learn_mixture", [True, False])
+def test_both_evaluations_give_the_same_value_and_weight_gradient(learn_mixture):
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.laplace(0, 0.05, 5000), jnp.float32)
+    state = mx.init_mixture(CFG, w)
+    reference = jax.value_and_grad(lambda w: mx.log_prob(CFG, state, w, exact=True))(w)
+    value, grad = jax.value_and_grad(
+        lambda w: mx.log_prob(CFG, jax.lax.stop_gradient(state), w, learn_mixture=learn_mixture)
+    )(w)
+    np.testing.assert_allclose(value, reference[0], rtol=1e-4)
+    np.testing.assert_allclose(grad, reference[1], rtol=1e-3, atol=1e-3 * float(jnp.abs(reference[1]).max()))

@@ -35,7 +35,8 @@ def test_the_mixture_learns_on_every_kth_step_only_and_the_weights_on_every_step
         if learns:  # the gradient of the full objective, then
             for a, b in zip(mixture_grad, jax.tree.leaves(full["mixtures"]), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(grads["params"]["l"]["kernel"], full["params"]["l"]["kernel"], rtol=1e-6)
+        # the same maths compiled in two programs: float32 rounding apart
+        np.testing.assert_allclose(grads["params"]["l"]["kernel"], full["params"]["l"]["kernel"], rtol=1e-5)
         updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
         state = loop.TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
         means.append(np.asarray(state.trainable["mixtures"]["shared"].means))

@@ -25,8 +25,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gmm_quant.core import interpolation
+
 _LOG_2PI = math.log(2.0 * math.pi)
-_CHUNK = 1 << 20  # weights per chunk when a leaf is large (bounds memory of the backward pass)
 _MAX_LOG_PRECISION = 60.0  # exp(60) * (w - mu)**2 stays finite in float32 for |w - mu| < 1e6
 
 
@@ -153,81 +154,32 @@ def log_density(config: MixtureConfig, mixture: MixtureState, x: jax.Array) -> j
     return jax.nn.logsumexp(component_log_terms(config, mixture, x), axis=-1)
 
 
-def _log_density_slope(config, mixture, x):
-    """d log p(x) / dx = sum_j r_j(x) * lambda_j * (mu_j - x), elementwise."""
-    r = responsibilities(config, mixture, x)
-    lam = jnp.exp(jnp.minimum(mixture.log_precisions, _MAX_LOG_PRECISION))
-    return jnp.sum(r * lam * (component_means(mixture) - x[..., None]), axis=-1)
-
-
 def responsibilities(config: MixtureConfig, mixture: MixtureState, x: jax.Array) -> jax.Array:
     """[..., J] posterior probability of each component for each x."""
     return jax.nn.softmax(component_log_terms(config, mixture, x), axis=-1)
 
 
-def _locate(table, low, scale, flat):
-    pos = (flat - low) * scale
-    k = jnp.clip(pos.astype(jnp.int32), 0, table.shape[0] - 1)
-    return k, pos - k
+def _density_table(config, mixture, grid):
+    """(log p, d log p / dx) at every grid point in one pass: components on the leading axis, so the
+    exponentials are shared and run along the grid (about 1.4x faster on XLA CPU than [grid, J])."""
+    mu = component_means(mixture)[:, None]
+    log_lam = jnp.minimum(mixture.log_precisions, _MAX_LOG_PRECISION)[:, None]
+    lam = jnp.exp(log_lam)
+    diff = grid[None, :] - mu
+    terms = (
+        log_mixing_proportions(config, mixture)[:, None]
+        + 0.5 * (log_lam - _LOG_2PI)
+        - 0.5 * lam * diff * diff
+    )
+    top = jax.lax.stop_gradient(jnp.max(terms, axis=0))
+    scaled = jnp.exp(terms - top)
+    total = jnp.sum(scaled, axis=0)
+    slopes = jax.lax.stop_gradient(jnp.sum(scaled * lam * -diff, axis=0) / total)
+    return top + jnp.log(total), slopes
 
 
-@jax.custom_vjp
-def _grid_sum(table, low, scale, flat):
-    """Sum over ``flat`` of log p interpolated linearly from ``table``.
-
-    Table rows are (f_k, f_{k+1} - f_k, f'_k, f'_{k+1} - f'_k) with f = log p and f' = d log p / dw
-    on the grid. The value and the mixture's gradient come from interpolating f (the cotangent reaches
-    the grid values as a two-column histogram); the weights' gradient is the interpolated exact
-    derivative f', far more accurate than the slope of f.
-
-    Nothing per weight is kept between the passes: the backward pass recomputes each weight's grid
-    cell from the weights themselves, and its gradient is elementwise (XLA fuses it into whatever
-    consumes the gradient, e.g. the optimiser's update). The value and the histogram are summed over
-    chunks of ``_CHUNK`` weights, so the extra memory is O(grid_size + chunk) whatever the leaf's
-    size. When the mixture needs no gradient (it is frozen), XLA drops the histogram altogether.
-    """
-
-    def value(chunk):
-        k, t = _locate(table, low, scale, chunk)
-        return jnp.sum(table[k, 0] + t * table[k, 1])
-
-    return _chunk_sum(value, flat, jnp.sum(flat[:0]))  # a zero typed like flat (shard_map)
-
-
-def _grid_sum_fwd(table, low, scale, flat):
-    return _grid_sum(table, low, scale, flat), (table, low, scale, flat)
-
-
-def _grid_sum_bwd(res, g):
-    table, low, scale, flat = res
-    k, t = _locate(table, low, scale, flat)
-    d_flat = g * (table[k, 2] + t * table[k, 3])
-
-    empty = jnp.zeros((table.shape[0], 2), flat.dtype)
-
-    def histogram(chunk):  # [grid, 2]: per cell, the number of weights in it and the sum of their t
-        k, t = _locate(table, low, scale, chunk)
-        return empty.at[k].add(jnp.stack([jnp.ones_like(t), t], axis=1))
-
-    hist = _chunk_sum(histogram, flat, empty + jnp.sum(flat[:0]))  # typed like flat (shard_map)
-    d_table = jnp.concatenate([g * hist, jnp.zeros_like(hist)], axis=1)
-    return d_table, jnp.zeros_like(low), jnp.zeros_like(scale), d_flat
-
-
-def _chunk_sum(fn, flat, zero):
-    """``zero + sum of fn(chunk)`` over ``flat`` in chunks of ``_CHUNK`` sliced in place (no copy)."""
-    n = flat.shape[0]
-    full, total = n // _CHUNK, zero
-    if full:
-        chunk = lambda i: jax.lax.dynamic_slice(flat, (i * _CHUNK,), (_CHUNK,))  # noqa: E731
-        total = jax.lax.fori_loop(0, full, lambda i, acc: acc + fn(chunk(i)), total)
-    return total + fn(flat[full * _CHUNK :]) if n % _CHUNK else total
-
-
-_grid_sum.defvjp(_grid_sum_fwd, _grid_sum_bwd)
-
-
-def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bool = False, specs=None):
+def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bool = False, specs=None,
+             learn_mixture: bool = True):  # fmt: skip
     """Sum over all weights of log p(w_i | mixture).
 
     The log-density is computed exactly at ``config.grid_size`` points spanning [min w, max w] and
@@ -239,6 +191,8 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
 
     Args:
       exact: evaluate logsumexp over components for every weight instead (O(N * J) memory; for tests).
+      learn_mixture: False when the mixture gets no gradient (held fixed, ``stop_gradient``): the value
+        is then read with two gathers and no histogram is built (``interpolation.grid_sum``).
       specs: a ``PartitionSpec`` or None per leaf (``jax.tree.leaves`` order), under a mesh set with
         ``jax.set_mesh``: a sharded leaf is summed where it lives, block by block (``shard_map``);
         only the range, the per-device sums and, backwards, the grid's histogram cross devices. The
@@ -257,16 +211,17 @@ def log_prob(config: MixtureConfig, mixture: MixtureState, weights, *, exact: bo
     span = jnp.maximum(high - low, 1e-6)
     size = config.grid_size
     grid = low + span * jnp.arange(size + 1, dtype=jnp.float32) / size
-    values = log_density(config, mixture, grid)
-    slopes = jax.lax.stop_gradient(_log_density_slope(config, mixture, grid))
-    table = jnp.stack([values[:-1], values[1:] - values[:-1], slopes[:-1], slopes[1:] - slopes[:-1]], axis=1)
+    table = interpolation.table(*_density_table(config, mixture, grid))
     scale = size / span
     specs = [None] * len(leaves) if specs is None else list(specs)
-    return sum(_sharded_sum(table, low, scale, x, s) for x, s in zip(leaves, specs, strict=True))
+    return sum(
+        _sharded_sum(learn_mixture, table, low, scale, x, s) for x, s in zip(leaves, specs, strict=True)
+    )
 
 
-def _sharded_sum(table, low, scale, leaf, spec):
-    """``_grid_sum`` of ``leaf`` laid out by ``spec``: each device sums its block, then one psum."""
+def _sharded_sum(learn, table, low, scale, leaf, spec):
+    """``interpolation.grid_sum`` of ``leaf`` laid out by ``spec``: each device sums its block, then
+    one psum."""
     axes = tuple(
         a
         for entry in spec or ()
@@ -274,12 +229,12 @@ def _sharded_sum(table, low, scale, leaf, spec):
         for a in (entry if isinstance(entry, tuple) else (entry,))
     )
     if not axes:
-        return _grid_sum(table, low, scale, jnp.ravel(leaf))
+        return interpolation.grid_sum(learn, table, low, scale, jnp.ravel(leaf))
     from jax.sharding import PartitionSpec
 
     def local(table, low, scale, block):
         table, low, scale = (jax.lax.pcast(v, axes, to="varying") for v in (table, low, scale))  # bwd: psum
-        return jax.lax.psum(_grid_sum(table, low, scale, jnp.ravel(block)), axes)
+        return jax.lax.psum(interpolation.grid_sum(learn, table, low, scale, jnp.ravel(block)), axes)
 
     replicated = PartitionSpec()
     in_specs = (replicated, replicated, replicated, spec)

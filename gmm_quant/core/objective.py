@@ -41,15 +41,19 @@ def init_mixtures(plan: Plan, params, *, init_range=None) -> dict:
     }
 
 
-def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False, placement=None) -> jax.Array:
+def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False, placement=None,
+               learn_mixture: bool = True) -> jax.Array:  # fmt: skip
     """-log p(w, mixture) summed over every group of the plan; with a ``scale.placement.Placement``
-    (and its mesh set), sharded layers are summed where they live."""
+    (and its mesh set), sharded layers are summed where they live. ``learn_mixture`` False: the
+    mixtures take no gradient (the cheaper evaluation, ``mixture.log_prob``)."""
     total = jnp.zeros((), jnp.float32)
     for group, config in plan.mixtures.items():
         weights = plan.group_weights(params, group)
         specs = None if placement is None else [placement.spec(p) for p in plan.group_paths(group)]
         state = mixtures[group]
-        total = total - mx.log_prob(config, state, weights, exact=exact, specs=specs)
+        total = total - mx.log_prob(
+            config, state, weights, exact=exact, specs=specs, learn_mixture=learn_mixture
+        )
         total = total - mx.hyper_log_prob(config, state)
     return total
 
@@ -84,7 +88,8 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
         return complexity(plan, mixtures, params, placement=placement)
 
     def frozen(params, mixtures):  # no cotangent for the mixture: its histogram is never built
-        return prior(params, jax.lax.stop_gradient(mixtures))
+        stopped = jax.lax.stop_gradient(mixtures)
+        return complexity(plan, stopped, params, placement=placement, learn_mixture=False)
 
     def loss(task_loss, trainable, x, y, step, **mode):  # mode: a model's state and RNG in train mode
         task, aux = task_loss(trainable["params"], x, y, **mode)
