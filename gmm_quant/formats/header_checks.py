@@ -39,7 +39,7 @@ def _check_leaf(leaf, path) -> None:
     require(isinstance(shape, list) and all(map(_is_count, shape)), path, f"{name}: invalid shape {shape!r}")
     count = math.prod(shape)
     slices = leaf.get("slices", 1)
-    if leaf.get("kind") in ("codebook", "sparse"):
+    if leaf.get("kind") in ("codebook", "sparse", "ranged"):
         ok = _is_count(slices) and slices >= 1 and (slices == 1 or (shape and shape[0] == slices))
         require(ok, path, f"{name}: {slices!r} codebooks per slice for shape {shape}")
     if leaf.get("kind") == "codebook":
@@ -60,6 +60,19 @@ def _check_leaf(leaf, path) -> None:
             size = entry.get("nbytes") if isinstance(entry, dict) else None
             require(_is_count(size), path, f"{name} {stream} has no valid size")
             require(_is_count(entry.get("offset")), path, f"{name} {stream} has no valid offset")
+    elif leaf.get("kind") == "ranged":
+        require(count <= _MAX_WEIGHTS, path, f"{name}: {count} weights exceed the {_MAX_WEIGHTS} supported")
+        k, nnz = leaf.get("k"), leaf.get("nnz")
+        require(_is_count(k) and 1 <= k <= 256, path, f"{name}: invalid codebook size {k!r}")
+        require(
+            _is_count(nnz) and nnz <= count and (k > 1 or nnz == 0),
+            path,
+            f"{name}: invalid non-zero count {nnz!r}",
+        )
+        _check_span(leaf.get("centres"), path, f"{name} centres", 4 * (k - 1) * slices)
+        entry = leaf.get("data")
+        ok = isinstance(entry, dict) and _is_count(entry.get("nbytes")) and _is_count(entry.get("offset"))
+        require(ok, path, f"{name} data has no valid size")
     elif leaf.get("kind") == "coded":
         bits, scale, zero_point = leaf.get("bits"), leaf.get("scale"), leaf.get("zero_point")
         require(_is_count(bits) and 2 <= bits <= 8, path, f"{name}: invalid code width {bits!r}")

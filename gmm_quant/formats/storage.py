@@ -33,13 +33,17 @@ from gmm_quant._util.files import write_atomic
 from gmm_quant.core.codebook import Codebook, index_dtype
 from gmm_quant.core.float_codes import FloatCode
 from gmm_quant.core.rules import flatten, is_random_key, replace_leaves
-from gmm_quant.formats import sparse_streams
+from gmm_quant.formats import range_streams, sparse_streams
 from gmm_quant.formats.header_checks import STATE_ITEM_BYTES, CorruptFile, bits_for, check_header, require
 
 MAGIC = b"GMMQ"
-VERSION = 2  # written (3 when the file holds a model's state); 1, 2 and 3 are read
+VERSION = 4  # written; 1, 2, 3 and 4 are read
 STATE_VERSION = 3
-VERSIONS = (1, 2, 3)
+RANGED_VERSION = 4
+VERSIONS = (1, 2, 3, 4)
+# v4 stores only each stream's size: streams follow one another in the order listed here, leaf by
+# leaf, then the state's (their offsets are implied)
+_STREAMS = {"ranged": ("centres", "data"), "coded": ("data",), "float": ("data",)}
 _MAX_HEADER = 1 << 24
 _PREFIX = struct.Struct("<4sHI32s")
 
@@ -193,6 +197,11 @@ def load_model(path, model=None, *, trust_model: bool = False):
 
 def _codebook_entry(cb, add, version: int) -> dict:
     k, per_slice = cb.k, {"slices": cb.slices} if cb.slices > 1 else {}
+    if version >= RANGED_VERSION:  # the zero centre is implied; indices range-coded
+        nonzero = np.asarray(cb.centres, "<f4")[..., 1:]
+        nnz = int(np.count_nonzero(np.asarray(cb.indices)))
+        return {**per_slice, "kind": "ranged", "k": k, "nnz": nnz, "centres": add(nonzero.tobytes()),
+                "data": add(range_streams.encode(np.asarray(cb.indices), k))}  # fmt: skip
     centres = add(np.asarray(cb.centres, "<f4").tobytes())
     if version == 1:
         bits = bits_for(k)
@@ -247,12 +256,12 @@ def save_compressed(
         )
     chunks, leaves, offset = [], [], 0
 
-    def add(data: bytes) -> dict:
+    def add(data: bytes):
         nonlocal offset
         chunks.append(data)
         entry = {"offset": offset, "nbytes": len(data)}
         offset += len(data)
-        return entry
+        return len(data) if version >= RANGED_VERSION else entry
 
     for name, leaf in flatten(params).items():
         if name in codebooks:
@@ -339,11 +348,35 @@ def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
         meta = json.loads(text.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise CorruptFile(f"{path}: header is not valid JSON ({err})") from None
+    if version >= RANGED_VERSION and isinstance(meta, dict):
+        _place_streams(meta)
     check_header(meta, path)
     require(meta.get("version") == version, path, f"header says version {meta.get('version')!r}")
     if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
         raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
     return meta, payload
+
+
+def _place_streams(meta: dict) -> None:
+    """v4: turn every stream's size into ``{"offset", "nbytes"}`` from the order of the streams; an
+    entry that is no size is left for ``check_header`` to name."""
+    offset = 0
+
+    def place(owner, key):
+        nonlocal offset
+        size = owner.get(key)
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            owner[key] = {"offset": offset, "nbytes": size}
+            offset += size
+
+    leaves, state = meta.get("leaves"), meta.get("state")
+    for leaf in leaves if isinstance(leaves, list) else ():
+        kind = leaf.get("kind") if isinstance(leaf, dict) else None
+        for key in _STREAMS.get(kind, ()) if isinstance(kind, str) else ():
+            place(leaf, key)
+    for entry in state if isinstance(state, list) else ():
+        if isinstance(entry, dict):
+            place(entry, "data")
 
 
 def _slice(payload: bytes, entry: dict, path, name) -> bytes:
@@ -358,6 +391,10 @@ def _indices(leaf, payload, path, count) -> np.ndarray:
     if leaf["kind"] == "codebook":
         return unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
     try:
+        if leaf["kind"] == "ranged":
+            return range_streams.decode(
+                _slice(payload, leaf["data"], path, name), leaf["nnz"], leaf["k"], count
+            )
         gaps = sparse_streams.unpack(_slice(payload, leaf["gaps"], path, name), leaf["gaps_raw"])
         values = sparse_streams.unpack(_slice(payload, leaf["values"], path, name), leaf["nnz"])
         return sparse_streams.join(gaps, values, leaf["nnz"], shape, np.uint32).ravel()
@@ -376,10 +413,12 @@ def load_compressed(path) -> Compressed:
     for leaf in meta["leaves"]:
         name, shape = leaf["path"], tuple(leaf["shape"])
         count = math.prod(shape)
-        if leaf["kind"] in ("codebook", "sparse"):
+        if leaf["kind"] in ("codebook", "sparse", "ranged"):
             centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
-            if "slices" in leaf:
-                centres = centres.reshape(leaf["slices"], leaf["k"])
+            centres = centres.reshape(leaf.get("slices", 1), -1)
+            if leaf["kind"] == "ranged":  # the zero centre is implied
+                centres = np.concatenate([np.zeros((centres.shape[0], 1), np.float32), centres], axis=1)
+            centres = centres if "slices" in leaf else centres[0]
             indices = _indices(leaf, payload, path, count)
             if indices.size and indices.max() >= leaf["k"]:
                 raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
