@@ -77,3 +77,14 @@ def test_retrain_with_tightness_none_trains_exactly_its_epochs():
                gq.make_plan(params), epochs=2, warmup_epochs=1, tightness=None,
                on_epoch=lambda e, s, m: epochs.append(e))  # fmt: skip
     assert epochs == [0, 1]
+
+
+def test_a_file_records_only_the_changed_fields_and_they_rebuild_the_config():
+    from gmm_quant.run import config as cfgm
+    from gmm_quant.run import configs
+
+    for cfg in (cfgm.Config(), configs.load("vit_mnist"), cfgm.Config(keep_float=("a$",), tau=0.3)):
+        changed = cfgm.changed_fields(cfg)
+        assert cfgm.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in changed.items()}) == cfg
+        assert {"model", "dataset"} <= set(changed)
+        assert all(getattr(cfgm.Config(), k) != getattr(cfg, k) for k in set(changed) - {"model", "dataset"})

@@ -161,3 +161,23 @@ def test_fillers_bridge_long_gaps_and_point_at_zero():
     rebuilt[positions] = idx
     np.testing.assert_array_equal(rebuilt, flat)
     assert np.count_nonzero(idx) == 3  # every extra entry is a filler pointing at the zero centre
+
+
+def test_the_written_file_has_short_names_and_computes_exactly_as_the_readable_graph(tmp_path, mnist_test):
+    """export_onnx writes tensor names as base-36 counters (in a small model the converter's readable
+    names are a large part of the file): same outputs bit for bit, inputs and outputs keep their names."""
+    import onnxruntime as ort
+
+    apply_fn, params, codebooks = _compressed("lenet300_100", on_grid=False)
+    readable = export.to_onnx(apply_fn, params, codebooks, mnist_test[:8])
+    export.export_onnx(apply_fn, params, codebooks, mnist_test[:64], tmp_path / "m.onnx")
+    written = onnx.load(tmp_path / "m.onnx")
+    assert [v.name for v in written.graph.input] == ["input"] and [v.name for v in written.graph.output] == [
+        "output"
+    ]
+    inner = [n for node in written.graph.node for n in node.output if n != "output"]
+    assert inner and max(map(len, inner + [i.name for i in written.graph.initializer])) <= 2
+    assert len(written.SerializeToString()) < len(readable.SerializeToString())
+    x = mnist_test[:64].astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"input": x})[0]  # noqa: E731
+    np.testing.assert_array_equal(run(written), run(readable))

@@ -30,6 +30,7 @@ from gmm_quant.core.float_codes import grids
 from gmm_quant.core.rules import path_str
 from gmm_quant.formats import onnx_export, storage
 from gmm_quant.formats.onnx_export.encodings import ENCODERS, code_float_initializers
+from gmm_quant.formats.onnx_export.names import compact_names
 from gmm_quant.formats.onnx_export.runtime import quantises_activations, session
 from gmm_quant.formats.onnx_export.units import RESTORED
 from gmm_quant.training import data, modes
@@ -159,6 +160,7 @@ def export_onnx(
     model = build(removed)
     if remove_dead_units is None and restores_units(model):
         removed, model = False, build(False)
+    compact_names(model)  # the file holds short tensor names; the one verified is the one written
     diff = verify(model, apply_fn, params, sample, tolerance)
     data = model.SerializeToString()
     write_atomic(pathlib.Path(path), data)

@@ -206,6 +206,18 @@ def _compiles(pattern: str) -> bool:
     return True
 
 
+def changed_fields(cfg: Config) -> dict:
+    """The fields of ``cfg`` that differ from the defaults (``model`` and ``dataset`` always), JSON-ready:
+    what a ``.gqz`` records of its run, in a few dozen bytes (the workdir's config.json has them all);
+    ``Config(**changed_fields(cfg))`` rebuilds ``cfg`` under the same defaults."""
+    default = Config()
+    return {
+        f.name: list(v) if isinstance(v, tuple) else v
+        for f in dataclasses.fields(cfg)
+        if (v := getattr(cfg, f.name)) != getattr(default, f.name) or f.name in ("model", "dataset")
+    }
+
+
 def layer_thresholds(cfg: Config) -> list[tuple[str, float]]:
     """``layer_prune`` as [(regex, threshold)], each checked."""
     out = []

@@ -207,7 +207,7 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
         codebooks,
         final,
         model=cfg.model,
-        config=dataclasses.asdict(cfg),
+        config=cfgm.changed_fields(cfg),
         activations=model.activations,
         reuse=list(model.links),
         float_codes=model.float_codes,
