@@ -8,6 +8,7 @@ import pytest
 
 import gmm_quant as gq
 from gmm_quant.formats import export
+from gmm_quant.formats.onnx_export.names import compact_names
 
 CENTRES = np.array([0.0, -0.5, 0.25, 0.75], np.float32)
 
@@ -98,5 +99,6 @@ def test_the_written_file_keeps_dead_units_exactly_when_removing_them_would_rest
         model = onnx.load(tmp_path / "m.onnx")
         assert info["dead_units_removed"] == removed and not export.restores_units(model)
         expected = export.to_onnx(fn, params, codebooks, x[:8], encoding="sparse", remove_dead_units=removed)
+        compact_names(expected)  # as the file holds it
         assert info["bytes"] == len(expected.SerializeToString())
         np.testing.assert_allclose(export.run_onnx(model, x), np.asarray(fn(params, x)), atol=1e-5)
