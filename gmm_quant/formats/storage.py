@@ -41,11 +41,20 @@ VERSION = 4  # written; 1, 2, 3 and 4 are read
 STATE_VERSION = 3
 RANGED_VERSION = 4
 VERSIONS = (1, 2, 3, 4)
-# v4 stores only each stream's size: streams follow one another in the order listed here, leaf by
-# leaf, then the state's (their offsets are implied)
+# v4 stores only the size of each range-coded stream: streams follow one another in the order listed
+# here, leaf by leaf, then the state's; offsets and the other sizes follow from the header
 _STREAMS = {"ranged": ("centres", "data"), "coded": ("data",), "float": ("data",)}
+_IMPLIED = {"ranged": "centres", "coded": "data", "float": "data"}  # sizes the header implies
 _MAX_HEADER = 1 << 24
 _PREFIX = struct.Struct("<4sHI32s")
+
+
+def short_float32(value) -> float:
+    """The double with the shortest decimal form that still reads back as ``value``'s float32 exactly
+    (``0.00024079463`` rather than ``0.00024079463037196547``: a header of many scales is smaller)."""
+    exact = np.float32(value)
+    short = float(repr(exact).removeprefix("np.float32(").removesuffix(")"))
+    return short if np.float32(short) == exact else float(exact)
 
 
 def pack_bits(indices: np.ndarray, bits: int) -> bytes:
@@ -268,8 +277,8 @@ def save_compressed(
             entry = _codebook_entry(codebooks[name], add, version)
         elif float_codes and name in float_codes:
             c = float_codes[name]
-            entry = {"kind": "coded", "bits": c.bits, "scale": float(c.scale), "zero_point": c.zero_point,
-                     "data": add(pack_bits(c.codes, c.bits))}  # fmt: skip
+            entry = {"kind": "coded", "bits": c.bits, "scale": short_float32(c.scale),
+                     "zero_point": c.zero_point, "data": add(pack_bits(c.codes, c.bits))}  # fmt: skip
         else:
             entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
         leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
@@ -277,10 +286,15 @@ def save_compressed(
         {"path": name, "shape": list(v.shape), "dtype": v.dtype.name, "data": add(_state_bytes(v))}
         for name, v in state_leaves.items()
     ]
+    if version >= RANGED_VERSION:  # sizes the header implies are not written
+        for entry in leaves:
+            entry.pop(_IMPLIED.get(entry["kind"]), None)
+        for entry in stored_state:
+            entry.pop("data")
     payload = b"".join(chunks)
     header = json.dumps(
         {
-            "format": "gmm_quant",
+            **({"format": "gmm_quant"} if version < RANGED_VERSION else {}),  # v4: the magic says it
             "version": version,
             "model": model,
             "config": config,
@@ -362,10 +376,10 @@ def _place_streams(meta: dict) -> None:
     entry that is no size is left for ``check_header`` to name."""
     offset = 0
 
-    def place(owner, key):
+    def place(owner, key, implied=None):
         nonlocal offset
-        size = owner.get(key)
-        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        size = owner.get(key, implied)
+        if _is_size(size):
             owner[key] = {"offset": offset, "nbytes": size}
             offset += size
 
@@ -373,10 +387,34 @@ def _place_streams(meta: dict) -> None:
     for leaf in leaves if isinstance(leaves, list) else ():
         kind = leaf.get("kind") if isinstance(leaf, dict) else None
         for key in _STREAMS.get(kind, ()) if isinstance(kind, str) else ():
-            place(leaf, key)
+            place(leaf, key, _implied_size(leaf) if key == _IMPLIED[kind] else None)
     for entry in state if isinstance(state, list) else ():
         if isinstance(entry, dict):
-            place(entry, "data")
+            count, item = _count(entry.get("shape")), STATE_ITEM_BYTES.get(str(entry.get("dtype")))
+            place(entry, "data", None if count is None or item is None else count * item)
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count(shape):
+    ok = isinstance(shape, list) and all(map(_is_size, shape))
+    return math.prod(shape) if ok else None
+
+
+def _implied_size(leaf: dict):
+    """The size of a v4 leaf's stream that its header fields imply (None: they are not valid)."""
+    count, kind = _count(leaf.get("shape")), leaf["kind"]
+    if kind == "ranged":
+        k, slices = leaf.get("k"), leaf.get("slices", 1)
+        return 4 * (k - 1) * slices if _is_size(k) and k >= 1 and _is_size(slices) else None
+    if count is None:
+        return None
+    bits = leaf.get("bits")
+    if kind == "coded":
+        return (count * bits + 7) // 8 if _is_size(bits) and bits <= 64 else None
+    return 4 * count
 
 
 def _slice(payload: bytes, entry: dict, path, name) -> bytes:
