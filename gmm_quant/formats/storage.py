@@ -277,8 +277,9 @@ def save_compressed(
             entry = _codebook_entry(codebooks[name], add, version)
         elif float_codes and name in float_codes:
             c = float_codes[name]
-            entry = {"kind": "coded", "bits": c.bits, "scale": short_float32(c.scale),
-                     "zero_point": c.zero_point, "data": add(pack_bits(c.codes, c.bits))}  # fmt: skip
+            scale = short_float32(c.scale) if version >= RANGED_VERSION else float(c.scale)
+            entry = {"kind": "coded", "bits": c.bits, "scale": scale, "zero_point": c.zero_point,
+                     "data": add(pack_bits(c.codes, c.bits))}  # fmt: skip
         else:
             entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
         leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
