@@ -5,17 +5,19 @@ Layout (little-endian)::
     b"GMMQ"  u16 version  u32 header_length  32-byte sha256(header)  header (UTF-8 JSON)  payload
 
 The header lists every leaf: quantised leaves as ``centres`` (float32 [k], or [slices, k] with
-``slices`` for a stacked leaf coded per slice) and ``indices`` bit-packed at ceil(log2 k) bits per weight
-or entropy-coded (version 2); float leaves as raw float32, or (``coded``) as codes of 2-8 bits
-bit-packed with their ``scale`` and ``zero_point`` (``float_codes``). It also records the model name, the
-config and the payload's sha256, and which layers reuse another's weights (``reuse``: each shared
-matrix is stored once, at its source's path; a reusing layer stores only its transform). A model's
-variables other than its parameters (``state``: BatchNorm statistics, any ``nnx.Variable`` type, a
-Linen collection) are stored by path in their own dtype (version 3; a file without state is written as
-version 2, as before); random-number keys are not stored (a rebuilt model keeps its own). Loading
-checks the magic, the version, both checksums, every offset and every shape, and raises
-``CorruptFile`` naming the problem; it never returns silently wrong weights. Files are written
-atomically (temporary file, then rename).
+``slices`` for a stacked leaf coded per slice) and their indices: bit-packed at ceil(log2 k) bits per
+weight (version 1), as LZMA2-coded gap and value streams (2 and 3), or range-coded at the entropy of
+the layer's non-zero mask and indices with the zero centre implied (4, written by default:
+``range_streams``; a v4 header lists only the sizes it cannot imply, offsets follow from the order);
+float leaves as raw float32, or (``coded``) as codes of 2-8 bits bit-packed with their ``scale`` and
+``zero_point`` (``float_codes``). It also records the model name, the config (v4: the fields that
+differ from the defaults) and the payload's sha256, and which layers reuse another's weights
+(``reuse``: each shared matrix is stored once, at its source's path; a reusing layer stores only its
+transform). A model's variables other than its parameters (``state``: BatchNorm statistics, any
+``nnx.Variable`` type, a Linen collection) are stored by path in their own dtype (from version 3);
+random-number keys are not stored (a rebuilt model keeps its own). Loading checks the magic, the
+version, both checksums, every offset and every shape, and raises ``CorruptFile`` naming the problem;
+it never returns silently wrong weights. Files are written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -245,18 +247,18 @@ def save_compressed(
     """Write quantised leaves (``codebooks``) and all other leaves of ``params`` to ``path``.
 
     ``model`` names the model so the file can be loaded without a template: a project model name or
-    ``"package.module:factory"`` (see ``model_spec``). ``version`` 2 (the default) stores each layer's
-    non-zero positions and centre indices entropy-coded (``sparse_streams``); version 1 stores every
-    index bit-packed. ``activations`` ({layer: (scale, zero_point, bits)}) records activation
-    quantisation, re-attached when the file's model is rebuilt; ``reuse`` (``reuse.layers.Link``s)
-    the layers that reuse another's weights, re-linked likewise; ``float_codes`` ({path: FloatCode})
-    the float leaves stored as codes (their values in ``params`` must be the codes' values). ``state``
-    (a pytree: ``nnx.split(module, nnx.Param, ...)[2]``, a Linen ``{"batch_stats": ...}``) holds the
-    model's other variables, stored exactly in their own dtypes (random-number keys are skipped); a
-    file with state is version 3.
+    ``"package.module:factory"`` (see ``model_spec``). ``version`` 4 (the default) range-codes each
+    layer's non-zero mask and centre indices at their entropy (``range_streams``); 2 and 3 (what
+    earlier gmm_quant reads) code them with LZMA2 (``sparse_streams``); 1 bit-packs every index.
+    ``activations`` ({layer: (scale, zero_point, bits)}) records activation quantisation, re-attached
+    when the file's model is rebuilt; ``reuse`` (``reuse.layers.Link``s) the layers that reuse
+    another's weights, re-linked likewise; ``float_codes`` ({path: FloatCode}) the float leaves stored
+    as codes (their values in ``params`` must be the codes' values). ``state`` (a pytree:
+    ``nnx.split(module, nnx.Param, ...)[2]``, a Linen ``{"batch_stats": ...}``) holds the model's other
+    variables, stored exactly in their own dtypes (random-number keys are skipped), from version 3 on.
     """
     state_leaves = _state_leaves(state)
-    version = version or (STATE_VERSION if state_leaves else VERSION)
+    version = version or VERSION
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version}")
     if state_leaves and version < STATE_VERSION:
