@@ -1,6 +1,6 @@
 """The files a run ships against its Han count: ``model.gqz`` as written before (v3, the run's whole
-config in the header) and now (v4), ``model.onnx`` with the converter's readable tensor names (as
-written before) and with short ones (now); all from the same compressed model.
+config in the header) and now (v4), ``model.onnx`` with the converter's readable tensor names and
+with the short ones the file holds; all from the same compressed model.
 
     python bench/file_sizes.py runs/vit runs/charlm      # workdirs of finished runs; ~10 s each
 
@@ -51,7 +51,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdirs", nargs="+", type=pathlib.Path, help="workdirs of finished runs")
     args = ap.parse_args(argv)
-    columns = ".gqz v3 (before) | .gqz v4 (now) | ONNX readable names (before) | ONNX short names (now)"
+    columns = ".gqz v3 (before) | .gqz v4 (now) | ONNX, readable names | ONNX as written (short names)"
     print(f"| run | Han count | {columns} |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for workdir in args.workdirs:

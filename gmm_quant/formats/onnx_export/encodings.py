@@ -6,9 +6,10 @@ Runtime at load time, so inference runs plain dense kernels).
 * ``grid`` (centres exactly ``scale * (q - zero_point)``, see ``grid.py``): ``DequantizeLinear`` of
   UINT4 (or UINT8) codes. Refused with a clear error when a layer's centres are not on a grid.
 * ``sparse``: only the non-zeros, as the Han count stores them: position gaps (UINT4 or UINT8, a gap
-  too long for its type bridged by filler entries that point at the zero centre) and UINT4/UINT8 centre
-  indices; ``CumSum(gaps) - 1 -> ScatterElements(zeros, positions, Gather(centres, indices))
-  -> Reshape``. Per layer the smallest of the sparse forms and the dense ``codebook`` form is used.
+  too long for its type bridged by filler entries that point at the zero centre; the first one less
+  by one) and UINT4/UINT8 centre indices; ``CumSum(gaps) -> ScatterElements(zeros, positions,
+  Gather(centres, indices)) -> Reshape``, one vector of zeros per layer size. Per layer the smallest
+  of the sparse forms and the dense ``codebook`` form is used.
 
 A stacked leaf coded per slice (centres [slices, k]) gathers from its centres flattened, each index
 offset by ``k`` times its slice: a constant added in the graph (``codebook``), or computed from the
@@ -89,6 +90,15 @@ def _nbytes(count: int, limit: int) -> float:
     return count * (0.5 if limit <= 15 else 1.0)
 
 
+def _zeros(conv, size: int) -> str:
+    """A float32 vector of ``size`` zeros, one per size in the graph (layers of one size share it)."""
+    key = ("zeros", size)
+    if key not in conv._memo:
+        size_name = conv.const(np.asarray([size], np.int64))
+        conv._memo[key] = conv.node("Expand", [conv.const(np.zeros(1, np.float32)), size_name])
+    return conv._memo[key]
+
+
 def sparse_encoder(codebook):
     dense = codebook_encoder(codebook)
     k = codebook.k
@@ -104,12 +114,10 @@ def sparse_encoder(codebook):
         if sizes[limit] >= _nbytes(flat.size, k) or not options[limit][0].size:
             return dense(conv, path, perm)
         gaps, idx = options[limit]
+        gaps[0] -= 1  # positions = CumSum(gaps) - 1: the -1 folded into the first gap (always >= 1)
         conv.initializers.append(_codes_initializer(conv.fresh(base + "_gaps"), gaps, limit + 1))
         gaps64 = conv.node("Cast", [conv.initializers[-1].name], to=TensorProto.INT64)
-        one = conv.const(np.asarray(1, np.int64))
-        positions = conv.node(
-            "Sub", [conv.node("CumSum", [gaps64, conv.const(np.asarray(0, np.int64))]), one]
-        )
+        positions = conv.node("CumSum", [gaps64, conv.const(np.asarray(0, np.int64))])
         conv.initializers.append(_codes_initializer(conv.fresh(base + "_indices"), idx, k))
         as_int = conv.node("Cast", [conv.initializers[-1].name], to=TensorProto.INT64)
         if codebook.slices > 1:  # + k * (position // slice size): the row of the non-zero's slice
@@ -118,9 +126,7 @@ def sparse_encoder(codebook):
             as_int = conv.node("Add", [as_int, conv.node("Mul", [row, conv.const(np.asarray(k, np.int64))])])
         centres = conv.const(np.asarray(codebook.centres, np.float32).ravel(), base + "_centres")
         values = conv.node("Gather", [centres, as_int])
-        zeros = conv.const(np.zeros(1, np.float32))
-        size = conv.const(np.asarray([flat.size], np.int64))
-        empty = conv.node("Expand", [zeros, size])
+        empty = _zeros(conv, flat.size)
         flat_w = conv.node("ScatterElements", [empty, positions, values], axis=0)
         shape = np.asarray(np.transpose(np.asarray(codebook.indices), perm).shape, np.int64)
         return conv.node("Reshape", [flat_w, conv.const(shape, "shape")], hint=base)
