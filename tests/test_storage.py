@@ -303,15 +303,16 @@ def test_sparse_streams_invert_exactly(shape, density):
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_v2_round_trip_for_every_model(name, tmp_path):
+def test_v2_and_v4_round_trip_for_every_model(name, tmp_path):
     _graphdef, params = nnx.split(models.create(name), nnx.Param)
     plan = gq.make_plan(params)
     codebooks, snapped = gq.compress(plan, gq.init_mixtures(plan, params), params)
-    path = tmp_path / "m.gqz"
-    storage.save_compressed(path, codebooks, snapped, model=name, version=2)
-    restored = gq.core.rules.flatten(gq.load_compressed(path).params())
-    for key, leaf in gq.core.rules.flatten(snapped).items():
-        np.testing.assert_array_equal(restored[key], np.asarray(leaf))
+    for version in (2, 4):
+        path = tmp_path / f"v{version}.gqz"
+        storage.save_compressed(path, codebooks, snapped, model=name, version=version)
+        restored = gq.core.rules.flatten(gq.load_compressed(path).params())
+        for key, leaf in gq.core.rules.flatten(snapped).items():
+            np.testing.assert_array_equal(restored[key], np.asarray(leaf))
 
 
 def test_v4_is_written_by_default_and_comes_within_a_percent_of_the_entropy(sparse_model, tmp_path):
