@@ -179,3 +179,27 @@ def test_onnx_gathers_each_slice_from_its_own_row(tmp_path, encoding):
     assert ("ScatterElements" in ops) == (encoding == "sparse")
     out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x})[0]
     np.testing.assert_allclose(out, np.asarray(apply_fn(params, x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("encoding", ["codebook", "sparse"])
+def test_rows_coded_apart_survive_dead_unit_removal_and_flattened_contractions(tmp_path, encoding):
+    """A codebook per row of a dense kernel whose dead input rows the exporter drops, and a [3, 4, 5]
+    kernel contracted over its first two axes (flattened to 2-D offline): ONNX Runtime matches JAX."""
+    rng = np.random.default_rng(3)
+    hidden = np.where(rng.random((12, 8)) < 0.5, rng.normal(0, 0.5, (12, 8)), 0.0).astype(np.float32)
+    hidden[:, 2] = 0.0  # a hidden unit without incoming weights: a dead row of the next kernel
+    rows = [np.asarray([0.0, -0.3 - 0.1 * r, 0.2 + 0.05 * r], np.float32) for r in range(8)]
+    blocks = [np.asarray([0.0, -0.4 + 0.1 * s, 0.3 + 0.1 * s], np.float32) for s in range(3)]
+    out = np.stack([rng.choice(r, 4) for r in rows]).astype(np.float32)
+    stack = np.stack([rng.choice(b, (4, 5)) for b in blocks]).astype(np.float32)
+    codebooks = {"out": cbm.make_sliced(out, rows), "stack": cbm.make_sliced(stack, blocks)}
+    params = {"hidden": hidden, **{p: cb.dequantize() for p, cb in codebooks.items()}}
+
+    def apply_fn(p, x):
+        h = jnp.maximum(x @ p["hidden"], 0.0) @ p["out"]
+        return h + jnp.einsum("nla,lab->nb", x.reshape(-1, 3, 4), p["stack"])[:, :4]
+
+    x = rng.normal(size=(32, 12)).astype(np.float32)
+    gq.export_onnx(apply_fn, params, codebooks, x, tmp_path / "m.onnx", encoding=encoding)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, np.asarray(apply_fn(params, x)), atol=1e-5)

@@ -67,7 +67,10 @@ def _flat_weight(w, k: int):
     if isinstance(w, WeightRef) and w.codebook is not None and w.make is not None:
         cb = w.codebook
         rows = int(np.prod(w.shape[:k]))
-        flat = cb._replace(indices=np.asarray(cb.indices).reshape(rows, -1))
+        if cb.slices > 1 and rows % cb.slices:  # a codebook per slice cannot follow this reshape
+            return None
+        centres = np.repeat(cb.centres, rows // cb.slices, axis=0) if cb.slices > 1 else cb.centres
+        flat = cb._replace(centres=centres, indices=np.asarray(cb.indices).reshape(rows, -1))
         return WeightRef(w.path, w.make(flat), flat.indices.shape, flat, w.make)
     if isinstance(w, Sym | Narrow):
         return None

@@ -54,7 +54,9 @@ class WeightRef:
         self._cache = {}
 
     def subset(self, rows, cols) -> WeightRef:
-        cb = self.codebook._replace(indices=np.asarray(self.codebook.indices)[rows][:, cols])
+        cb = self.codebook
+        centres = cb.centres[rows] if cb.slices > 1 else cb.centres  # a codebook per row: kept rows'
+        cb = cb._replace(centres=centres, indices=np.asarray(cb.indices)[rows][:, cols])
         return WeightRef(f"{self.path}/live", self.make(cb), cb.indices.shape, cb, self.make)
 
     def materialise(self, conv, perm) -> Sym:
