@@ -37,16 +37,26 @@ class SearchResult(NamedTuple):
     compression_ratio: float
     study: object
     apply_fn: object = None  # the compressed model's apply_fn (a Stateful holds its trained state)
+    file_bytes: int | None = None  # its shipped file's size, when the search had a size target
 
 
 class BudgetError(ValueError):
     """Bad search input, found before any training."""
 
 
-def check_inputs(budget, trials, val) -> None:
-    if not isinstance(budget, int | float) or not math.isfinite(budget) or budget < 0:
+def check_inputs(budget, trials, val, max_bytes=None, target="gqz") -> None:
+    from gmm_quant.search import targets
+
+    problem = targets.problem(max_bytes, target)
+    if problem:
+        raise BudgetError(problem)
+    if budget is None and max_bytes is None:
+        raise BudgetError("give an accuracy budget, a file size target (max_bytes), or both")
+    if budget is None:
+        pass
+    elif not isinstance(budget, int | float) or not math.isfinite(budget) or budget < 0:
         raise BudgetError(f"budget must be a finite number of percentage points >= 0, got {budget!r}")
-    if not isinstance(trials, int) or trials < 1:
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise BudgetError(f"trials must be a whole number >= 1, got {trials!r}")
     if val is not None and len(val[1]) == 0:
         raise BudgetError("the search needs a validation split (val_fraction > 0 or a val set)")
@@ -73,8 +83,10 @@ def make_judge(metric: str, apply_fn, params, val):
     return rise, 0.0
 
 
-def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None, metric="error"):
-    """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit."""
+def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None, metric="error",
+            max_bytes=None, target="gqz"):  # fmt: skip
+    """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit
+    (none when ``budget`` is None: a size target alone)."""
     plan = build_plan(base, params)
     layers = plan.quantised()
     judge, baseline = make_judge(metric, apply_fn, params, val)
@@ -85,7 +97,8 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
         table = sensitivity.layer_sensitivity(apply_fn, params, layers, val, ks=(3,), fractions=(),
                                               measure=judge)  # fmt: skip
         sizes = {p: int(np.size(v)) for p, v in flatten(params).items() if p in layers}
-        sensitive = space_lib.sensitive_layers(table, budget / 100, sizes)
+        sensitive = space_lib.sensitive_layers(table, (1.0 if budget is None else budget) / 100, sizes)
+    limit = math.inf if budget is None else baseline + budget / 100
     return study_lib.Search(
         apply_fn,
         params,
@@ -95,11 +108,13 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
         space,
         layers,
         sensitive,
-        baseline + budget / 100,
-        budget / 100,
+        limit,
+        0.0 if budget is None else budget / 100,
         graphdef,
         metric,
         judge,
+        max_bytes,
+        target,
     )
 
 
@@ -132,9 +147,12 @@ def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=
 
 def _check_same_search(study, search: study_lib.Search) -> None:
     """A study resumed (or shared) must have been made with the same limit and dimensions."""
-    recorded = {"limit": round(search.limit, 9), "dimensions": list(search.space.dimensions)}
+    limit = round(search.limit, 9) if math.isfinite(search.limit) else None
+    recorded = {"limit": limit, "dimensions": list(search.space.dimensions)}
     if search.metric != "error":  # recorded only when not the default: older studies resume
         recorded["metric"] = search.metric
+    if search.max_bytes is not None:
+        recorded["max_bytes"] = [search.max_bytes, search.target]
     saved = {k: study.user_attrs[k] for k in recorded if k in study.user_attrs}
     if saved and saved != recorded:
         raise BudgetError(
@@ -161,24 +179,49 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
         budget=search.budget,
         graphdef=search.graphdef,
         judge=search.judge,
+        **study_lib.sized(search),
     )
-    return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study, apply_fn)
+    return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study, apply_fn,
+                        outcome.file_bytes)  # fmt: skip
 
 
 def compress_to_budget(
-    apply_fn, params, train, val, *, budget, trials=20, base: Config | None = None, dimensions=None,
+    apply_fn, params, train, val, *, budget=None, trials=20, base: Config | None = None, dimensions=None,
     storage=None, study_name="gmm_quant", timeout=None, patience=None, seed=0, progress=True, metric="error",
+    max_bytes=None, target="gqz",
 ) -> SearchResult:  # fmt: skip
-    """Search settings that compress ``params`` most within ``budget`` points of validation error.
+    """Search settings that compress ``params`` most within ``budget`` points of validation error;
+    with ``max_bytes``, the most accurate model whose shipped file (``target`` "gqz" or "onnx",
+    measured on the real file of every trial) is at most that many bytes (and within ``budget``, if
+    given too). No trial meeting them: ``SearchResult.config`` is None (``closest`` says by how much).
 
     ``base`` gives every setting the search does not vary (default ``Config()``); ``dimensions``
     names what it varies (default ``space.DEFAULT_DIMENSIONS``); ``storage`` a database URL for a
     study that survives the process and is shared by workers (default: in memory).
     """
-    check_inputs(budget, trials, val)
+    check_inputs(budget, trials, val, max_bytes, target)
     space = space_lib.Space(tuple(dimensions or space_lib.DEFAULT_DIMENSIONS))
     base = base or Config()
-    search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space, metric=metric)
+    search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space, metric=metric,
+                     max_bytes=max_bytes, target=target)  # fmt: skip
     study = study_lib.open_study(storage, study_name, seed)
     optimize(search, study, trials=trials, timeout=timeout, patience=patience, progress=progress)
     return best_model(search, study)
+
+
+def closest(study) -> str:
+    """One line on the trial nearest to meeting a search's targets, when none met them."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return "no trial finished"
+    best = min(done, key=study_lib.constraint)
+    parts = []
+    if best.constraints.get("bytes", 0) > 0:
+        size = best.user_attrs["file_bytes"]
+        parts.append(f"its file is {size:,} bytes, {100 * best.constraints['bytes']:.1f}% over the target")
+    if best.constraints.get(study_lib.CONSTRAINT, 0) > 0:
+        parts.append(f"its validation error {100 * best.user_attrs['val_error']:.2f}% is "
+                     f"{100 * best.constraints[study_lib.CONSTRAINT]:.2f} points over the limit")  # fmt: skip
+    return f"no trial met the targets; the closest, trial {best.number}: " + "; ".join(parts)

@@ -20,8 +20,12 @@ import sys
 import warnings
 from typing import NamedTuple
 
+import jax
+import numpy as np
+
 from gmm_quant.run.config import Config
 from gmm_quant.search import space as space_lib
+from gmm_quant.search import targets
 from gmm_quant.search.trial import run_trial
 
 CONSTRAINT = "budget"  # the trial's constraint: val error - limit (<= 0 is within the budget)
@@ -85,8 +89,9 @@ def retry_orphans(study) -> list[int]:
 
 
 def constraint(trial) -> float:
-    """Validation error minus the limit (<= 0: within the budget); inf for a trial without one."""
-    return trial.constraints.get(CONSTRAINT, math.inf)
+    """The worst of the trial's constraints (validation error minus the limit; with a size target, its
+    file's bytes minus the target): <= 0 is feasible; inf for a trial without one."""
+    return max(trial.constraints.values(), default=math.inf)
 
 
 def feasible(study) -> list:
@@ -135,6 +140,8 @@ class Search(NamedTuple):
     graphdef: object = None  # of the NNX model, when there is one (feature-map distillation needs it)
     metric: str = "error"  # or "perplexity": the judged value is then the perplexity's relative rise
     judge: object = None  # (apply_fn, params, x, y) -> judged value; None: the error rate
+    max_bytes: float | None = None  # the shipped file's size target (search.targets); None: none
+    target: str = "gqz"  # which file: "gqz" or "onnx"
 
 
 def objective(search: Search):
@@ -155,7 +162,7 @@ def objective(search: Search):
             outcome, *_ = run_trial(
                 cfg, search.apply_fn, search.pretrained, search.train, search.val,
                 limit=search.limit, budget=search.budget, report=report, graphdef=search.graphdef,
-                judge=search.judge,
+                judge=search.judge, **sized(search),
             )  # fmt: skip
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -168,9 +175,25 @@ def objective(search: Search):
         trial.set_constraint(CONSTRAINT, outcome.val_error - search.limit)
         trial.set_user_attr("rescued", outcome.rescued)
         trial.set_user_attr("config", config_json(outcome.config))
-        return outcome.compression_ratio
+        if search.max_bytes is None:
+            return outcome.compression_ratio
+        trial.set_user_attr("compression_ratio", outcome.compression_ratio)
+        trial.set_user_attr("file_bytes", outcome.file_bytes)
+        trial.set_constraint(targets.CONSTRAINT, outcome.file_bytes / search.max_bytes - 1.0)  # a fraction
+        return -outcome.val_error  # the most accurate model whose file fits
 
     return run
+
+
+def sized(search: Search) -> dict:
+    """``run_trial``'s keywords for a search with a size target: measure the file, score rungs by it."""
+    if search.max_bytes is None:
+        return {}
+    original = 4 * sum(int(np.size(v)) for v in jax.tree.leaves(search.pretrained))
+    return {
+        "file_bytes": targets.measure(search.target, search.val[0][:64], search.base.model),
+        "rung_score": targets.rung_score(original, search.max_bytes),
+    }
 
 
 def config_json(cfg: Config) -> dict:

@@ -35,6 +35,7 @@ class Outcome(NamedTuple):
     compression_ratio: float
     config: Config
     rescued: bool
+    file_bytes: int | None = None  # the shipped file's size, when the search has a size target
 
 
 def score(compression_ratio: float, val_error: float, limit: float, budget: float) -> float:
@@ -76,15 +77,19 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
 
 
 def run_trial(
-    cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None, judge=None
-):
+    cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None, judge=None,
+    file_bytes=None, rung_score=None,
+):  # fmt: skip
     """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
 
     ``limit`` is the highest acceptable judged value (validation error, a fraction, unless ``judge``
     says otherwise), ``budget`` the allowed increase. Returns ``(Outcome, codebooks, params, apply_fn)``
     (``apply_fn`` holds the trained model's state when it is a ``training.modes.Stateful``).
+    ``file_bytes(cfg, codebooks, model)`` measures the shipped file (``targets.measure``);
+    ``rung_score(cr, judged)`` replaces ``score`` at the rungs (``targets.rung_score``).
     """
     judge = judge or loop.error_rate
+    rung_score = rung_score or (lambda cr, err: score(cr, err, limit, budget))
     plan = build_plan(cfg, pretrained)
     rungs = sorted({max(1, round(f * cfg.retrain_epochs)) for f in RUNGS} - {cfg.retrain_epochs})
 
@@ -93,7 +98,7 @@ def run_trial(
             mixtures, params = state.trainable["mixtures"], state.trainable["params"]
             err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment, judge,
                                          cfg.float_bits)  # fmt: skip
-            report(score(cr, err, limit, budget), epoch + 1)
+            report(rung_score(cr, err), epoch + 1)
 
     ctx = stages.Context(cfg, train, val, memory_runner(cfg, train, on_epoch))
     record = stages.Record()
@@ -114,4 +119,5 @@ def run_trial(
     final = model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
     cr = accounting.summarize(tuned, flat, float_codes=model.float_codes)  # costs depend on widths only
-    return Outcome(error, cr["compression_ratio"], cfg, rescued), tuned, final, model.apply_fn
+    size = None if file_bytes is None else file_bytes(cfg, tuned, model)
+    return Outcome(error, cr["compression_ratio"], cfg, rescued, size), tuned, final, model.apply_fn

@@ -1,0 +1,69 @@
+"""A size target for the search (issue 28): the most accurate model whose shipped file fits."""
+
+import math
+import pathlib
+
+import pytest
+from flax import nnx
+
+import models
+from gmm_quant.formats import storage
+from gmm_quant.run.config import Config, changed_fields
+from gmm_quant.search import budget as budget_lib
+from gmm_quant.search import compress_to_budget
+from gmm_quant.search import study as study_lib
+from gmm_quant.training import data, pipeline
+
+BASE = Config(retrain_epochs=4, finetune_epochs=1, batch_size=64, warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds, val = data.split_validation(data.load("digits"), 0.1, 0)
+    graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    params = pipeline.pretrain(apply_fn, params, (ds.x_train, ds.y_train), epochs=5, batch_size=64)
+    return apply_fn, params, (ds.x_train, ds.y_train), val
+
+
+@pytest.mark.parametrize("target", ["gqz", "onnx"])
+def test_the_best_trial_is_the_most_accurate_whose_real_file_fits(digits, tmp_path, target):
+    result = compress_to_budget(*digits, max_bytes=40_000, target=target, trials=3, base=BASE,
+                                dimensions=("tau",), progress=False)  # fmt: skip
+    trials = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    assert len(trials) == 3 and all(t.user_attrs["file_bytes"] > 0 for t in trials)
+    fits = [t for t in trials if t.user_attrs["file_bytes"] <= 40_000]
+    assert fits, "no trial fitted 40 KB: the test's target is too tight for its model"
+    assert result.val_error == min(t.user_attrs["val_error"] for t in fits)
+    assert result.file_bytes <= 40_000
+    if target == "gqz":  # the file the result writes is the one measured
+        path = tmp_path / "m.gqz"
+        config = changed_fields(result.config)
+        storage.save_compressed(path, result.codebooks, result.params, model=BASE.model, config=config)
+        assert pathlib.Path(path).stat().st_size == result.file_bytes
+
+
+def test_a_target_no_trial_meets_says_by_how_much_the_closest_missed(digits):
+    result = compress_to_budget(*digits, max_bytes=100, trials=1, base=BASE, dimensions=("tau",),
+                                progress=False)  # fmt: skip
+    assert result.config is None
+    line = budget_lib.closest(result.study)
+    assert line.startswith("no trial met the targets; the closest, trial 0: its file is ")
+    size = result.study.trials[0].user_attrs["file_bytes"]
+    assert f"{size:,} bytes, {100 * (size / 100 - 1):.1f}% over the target" in line
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_bytes": 0}, "max_bytes must be"), ({"max_bytes": -5}, "max_bytes must be"),
+     ({"max_bytes": math.nan}, "max_bytes must be"), ({"max_bytes": True}, "max_bytes must be"),
+     ({"max_bytes": 1000, "target": "tflite"}, "target must be one of"),
+     ({}, "give an accuracy budget, a file size target")],
+)  # fmt: skip
+def test_bad_targets_are_refused_before_training(digits, kwargs, message, monkeypatch):
+    monkeypatch.setattr(study_lib, "run_trial", lambda *a, **k: pytest.fail("a trial ran"))
+    with pytest.raises(budget_lib.BudgetError, match=message):
+        compress_to_budget(*digits, trials=1, progress=False, **kwargs)
