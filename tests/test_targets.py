@@ -67,3 +67,28 @@ def test_bad_targets_are_refused_before_training(digits, kwargs, message, monkey
     monkeypatch.setattr(study_lib, "run_trial", lambda *a, **k: pytest.fail("a trial ran"))
     with pytest.raises(budget_lib.BudgetError, match=message):
         compress_to_budget(*digits, trials=1, progress=False, **kwargs)
+
+
+def test_the_command_ships_a_final_file_of_the_size_its_trial_measured(tmp_path, capsys):
+    from gmm_quant.cli import tune
+
+    argv = ["--config", "tiny", "--no-progress", "--retrain-epochs", "4", "--max-bytes", "30000",
+            "--trials", "2", "--workdir", str(tmp_path / "w")]  # fmt: skip
+    assert tune.main(argv) == 0
+    out = capsys.readouterr().out
+    summary = __import__("json").loads((tmp_path / "w" / "search.json").read_text())
+    best = summary["best_trial"]
+    rows = (tmp_path / "w" / "trials.csv").read_text().splitlines()
+    measured = int(rows[1 + best].split(",")[rows[0].split(",").index("file_bytes")])
+    assert (tmp_path / "w" / "final" / "model.gqz").stat().st_size == measured <= 30000
+    assert "fits the size target" in out or "bound by the size target" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf"])
+def test_the_command_refuses_a_size_target_no_file_can_meet_in_one_line(tmp_path, capsys, value):
+    from gmm_quant.cli import tune
+
+    assert tune.main(["--config", "tiny", "--max-bytes", value, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_bytes must be a finite number of bytes > 0" in err[0]
+    assert not (tmp_path / "w").exists()

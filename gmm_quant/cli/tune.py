@@ -1,17 +1,19 @@
-"""Command line: compress to an accuracy budget.
+"""Command line: compress to an accuracy budget, or to a file size.
 
     python -m gmm_quant.tune --config lenet5_caffe --data-dir ../shared/data \\
         --max-error-increase 0.10 --trials 40 --workdir runs/tune-lenet5
+    python -m gmm_quant.tune --config lenet300_100 --data-dir ../shared/data --max-bytes 16000 --target onnx
 
 Pretrains (or takes ``--pretrained``), then runs an Optuna study in ``WORKDIR/study.db`` whose trials
 each retrain -> compress -> fine-tune from the pretrained model and are judged on the validation split;
 the objective is the compression ratio (Han) with the validation error at most the pretrained model's
-plus the budget. Writes ``best_config.json`` (reproduce with ``python -m gmm_quant.train --config-file
-WORKDIR/best_config.json --pretrained WORKDIR``), ``trials.csv``, ``pareto.png``, ``search.json`` and
-the final model trained with the best settings in ``WORKDIR/final`` (model.gqz, model.onnx,
-metrics.json, where the test error is reported for the first time). Running the command again resumes
-the study; ``--storage URL`` shares one study between machines (every worker runs the same command
-with the same URL and its own work directory).
+plus the budget; with ``--max-bytes`` it is the validation error, with the trial's real file (written
+as the final run writes it) at most that size. Writes ``best_config.json`` (reproduce with ``python -m
+gmm_quant.train --config-file WORKDIR/best_config.json --pretrained WORKDIR``), ``trials.csv``,
+``pareto.png``, ``search.json`` and the final model trained with the best settings in
+``WORKDIR/final`` (model.gqz, model.onnx, metrics.json, where the test error is reported for the
+first time). Running the command again resumes the study; ``--storage URL`` shares one study between
+machines (every worker runs the same command with the same URL and its own work directory).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gmm_quant.run import config as cfgm
 def parser():
     ap = cli.Parser(prog="python -m gmm_quant.tune", description=__doc__.splitlines()[0])
     add_config_flags(ap)
-    budget = ap.add_mutually_exclusive_group(required=True)
+    budget = ap.add_mutually_exclusive_group()
     budget.add_argument(
         "--max-error-increase",
         type=float,
@@ -45,6 +47,11 @@ def parser():
     budget.add_argument("--max-rmse-increase", type=float, metavar="PERCENT",
                         help="budget of a regression model (--task regress): the validation RMSE may rise "
                         "by at most this many percent")  # fmt: skip
+    ap.add_argument("--max-bytes", type=float, default=None, metavar="N",
+                    help="size target: the most accurate model whose shipped file (--target) is at most N "
+                    "bytes, with or without an accuracy budget")  # fmt: skip
+    ap.add_argument("--target", choices=("gqz", "onnx"), default="gqz",
+                    help="the file --max-bytes bounds: model.gqz (default) or model.onnx")  # fmt: skip
     ap.add_argument("--trials", type=int, default=20, help="finished trials to reach (default 20)")
     ap.add_argument("--workdir", default=None, help="default runs/tune-CONFIG")
     add_input_flags(ap)
@@ -72,7 +79,7 @@ def check_args(args) -> None:
     from gmm_quant.search import Space
     from gmm_quant.search.budget import check_inputs
 
-    check_inputs(budget_of(args)[0], args.trials, val=None)
+    check_inputs(budget_of(args)[0], args.trials, None, args.max_bytes, args.target)
     for name in ("timeout", "patience", "heartbeat"):
         value = getattr(args, name)
         if value is not None and not value > 0:

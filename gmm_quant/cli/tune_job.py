@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 
@@ -40,7 +41,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     run.check_data(cfg, ds, len(val[1]))
     inputs.check_fits(cfg, apply_fn, params, ds)
     budget, metric = budget_of(args)
-    budget_lib.check_inputs(budget, args.trials, val)
+    budget_lib.check_inputs(budget, args.trials, val, args.max_bytes, args.target)
     if args.pretrained is not None:
         params, state = pretrained_weights(args.pretrained, params, modes.state_of(apply_fn))
         apply_fn = modes.with_state(apply_fn, state)
@@ -56,7 +57,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
             apply_fn, params = _pretrain(cfg, workdir, apply_fn, train, val, params, not args.no_progress)
         base = dataclasses.replace(cfg, pretrain_epochs=0)
         search = budget_lib.prepare(apply_fn, params, train, val, budget=budget, base=base, space=space,
-                                    graphdef=graphdef, metric=metric)  # fmt: skip
+                                    graphdef=graphdef, metric=metric, max_bytes=args.max_bytes,
+                                    target=args.target)  # fmt: skip
         storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
         seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
         study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat)
@@ -84,6 +86,16 @@ WHAT = {
 }
 
 
+def _bound_by(study, best, search) -> str:
+    """Which target decided the choice: the size, when a more accurate trial's file did not fit."""
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    better = [t for t in done if t.user_attrs["val_error"] < best.user_attrs["val_error"]]
+    size = f"{best.user_attrs['file_bytes']:,} of {search.max_bytes:,.0f} bytes ({search.target})"
+    if any(t.user_attrs["file_bytes"] > search.max_bytes for t in better):
+        return f"bound by the size target: {size}; more accurate trials did not fit"
+    return f"the most accurate trial fits the size target: {size}"
+
+
 def budget_of(args) -> tuple[float, str]:
     """(budget, metric) from --max-error-increase or --max-perplexity-increase."""
     if args.max_perplexity_increase is not None:
@@ -94,7 +106,7 @@ def budget_of(args) -> tuple[float, str]:
 
 
 def _finish(workdir, search, study, args, seconds) -> str:
-    limit, baseline = 100 * search.limit, 100 * (search.limit - search.budget)
+    limit, baseline = 100 * search.limit, 100 * search.baseline
     what, column = WHAT[search.metric]
     rows = outputs.trial_rows(study)
     outputs.write_table(rows, workdir / "trials.csv")
@@ -103,10 +115,16 @@ def _finish(workdir, search, study, args, seconds) -> str:
     best = study_lib.feasible(study)
     summary = {
         "metric": search.metric, "budget_points": budget_of(args)[0], "pretrained_val_error": baseline / 100,
-        "limit_val_error": search.limit, "trials": len(rows), "seconds_this_run": seconds,
+        "limit_val_error": search.limit if math.isfinite(search.limit) else None, "trials": len(rows),
+        "seconds_this_run": seconds,
+        **({"max_bytes": search.max_bytes, "target": search.target} if search.max_bytes else {}),
     }  # fmt: skip
     if best:
         lines += _best(workdir, best[0], baseline, args, summary, what)
+        if search.max_bytes:
+            lines.append(_bound_by(study, best[0], search))
+    elif search.max_bytes:
+        lines.append(budget_lib.closest(study))
     else:
         lines.append(f"no trial met the budget ({what} <= {limit:.2f}%): more trials, or a larger budget")
     write_atomic(workdir / "search.json", json.dumps(summary, indent=1).encode())
@@ -124,10 +142,10 @@ def _best(workdir, best, baseline, args, summary, what) -> list[str]:
     outputs.write_config(values, workdir / "best_config.json")
     source = args.pretrained or str(workdir)
     command = f"python -m gmm_quant.train --config-file {workdir}/best_config.json --pretrained {source}"
-    summary.update(best_trial=best.number, best_compression_ratio=best.value, best_val_error=err)
+    cr = best.user_attrs.get("compression_ratio", best.value)  # a size target's objective is the error
+    summary.update(best_trial=best.number, best_compression_ratio=cr, best_val_error=err)
     summary["reproduce"] = command
-    lines = [f"best: trial {best.number}, {best.value:.1f}x at {what} {100 * err:.2f}% "
-             f"(pretrained {baseline:.2f}%)"]  # fmt: skip
+    lines = [f"best: trial {best.number}, {cr:.1f}x at {what} {100 * err:.2f}% (pretrained {baseline:.2f}%)"]
     if not args.no_final:
         metrics = run.train_and_evaluate(
             study_lib.config_from_json(values), workdir / "final", data_dir=args.data_dir,

@@ -115,6 +115,7 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
         judge,
         max_bytes,
         target,
+        baseline,
     )
 
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 from gmm_quant._util.files import write_atomic
 from gmm_quant.search import study as study_lib
 
 
 def trial_rows(study) -> list[dict]:
-    """One row per trial: number, state, CR, validation error (%), within budget, rescued, params."""
+    """One row per trial: number, state, CR, validation error (%), within budget (and, with a size
+    target, the file's bytes), rescued, params."""
     rows = []
     for t in study.trials:
         err = t.user_attrs.get("val_error")
+        cr = t.user_attrs.get("compression_ratio", t.value)  # a size target's objective is the error
+        size = {"file_bytes": t.user_attrs.get("file_bytes")} if "max_bytes" in study.user_attrs else {}
         rows.append({
             "trial": t.number,
             "state": t.state.name.lower(),
-            "compression_ratio": round(t.value, 2) if t.state.name == "COMPLETE" else None,
+            "compression_ratio": round(cr, 2) if t.state.name == "COMPLETE" else None,
+            **size,
             "pruned_at_epoch": max(t.intermediate_values) if t.state.name == "PRUNED" else None,
             "val_error_percent": round(100 * err, 3) if err is not None else None,
             "within_budget": (study_lib.constraint(t) <= 0) if err is not None else None,
@@ -42,10 +47,15 @@ def write_table(rows: list[dict], path) -> None:
 
 
 def format_table(rows: list[dict], limit_percent: float, label: str = "val err %") -> str:
-    lines = [f"{'trial':>5} {'state':<9} {'CR':>8} {label:>10}  within budget ({limit_percent:.2f}%)"]
+    sized = bool(rows) and "file_bytes" in rows[0]
+    within = "within targets" if sized else f"within budget ({limit_percent:.2f}%)"
+    size_head = f" {'bytes':>9}" if sized else ""
+    lines = [f"{'trial':>5} {'state':<9} {'CR':>8} {label:>10}{size_head}  {within}"]
     for r in rows:
         cr = f"{r['compression_ratio']:.1f}x" if r["compression_ratio"] is not None else "-"
         err = f"{r['val_error_percent']:.2f}" if r["val_error_percent"] is not None else "-"
+        if sized:
+            err += f" {r['file_bytes']:>9,}" if r["file_bytes"] is not None else f" {'-':>9}"
         ok = {True: "yes", False: "no", None: "-"}[r["within_budget"]]
         if r["rescued"]:
             ok += " (after longer fine-tuning)"
@@ -79,7 +89,8 @@ def plot_pareto(rows, limit_percent, baseline_percent, path, label="validation e
                 ax.scatter(*zip(*points, strict=True), s=18, color=colour, label=f"trial, {label}")
         front = pareto_front(done)
         ax.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
-    ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
+    if math.isfinite(limit_percent):  # a size target alone has no error limit
+        ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
     ax.axhline(baseline_percent, color="gray", linestyle=":", label=f"pretrained ({baseline_percent:.2f}%)")
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (Han et al.)")

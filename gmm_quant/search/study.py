@@ -142,6 +142,7 @@ class Search(NamedTuple):
     judge: object = None  # (apply_fn, params, x, y) -> judged value; None: the error rate
     max_bytes: float | None = None  # the shipped file's size target (search.targets); None: none
     target: str = "gqz"  # which file: "gqz" or "onnx"
+    baseline: float = math.nan  # the pretrained model's judged value (validation error)
 
 
 def objective(search: Search):
