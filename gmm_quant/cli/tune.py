@@ -30,6 +30,8 @@ from gmm_quant.cli.train import (
 )
 from gmm_quant.run import config as cfgm
 
+THREADS = 2  # search.targets.THREADS (not imported: the flags load without the search)
+
 
 def parser():
     ap = cli.Parser(prog="python -m gmm_quant.tune", description=__doc__.splitlines()[0])
@@ -52,6 +54,11 @@ def parser():
                     "bytes, with or without an accuracy budget")  # fmt: skip
     ap.add_argument("--target", choices=("gqz", "onnx"), default="gqz",
                     help="the file --max-bytes bounds: model.gqz (default) or model.onnx")  # fmt: skip
+    ap.add_argument("--max-latency-ms", type=float, default=None, metavar="T",
+                    help="latency target: the model.onnx answers a batch of --latency-batch in at most T ms "
+                    f"in ONNX Runtime on this machine (median after warm-up, {THREADS} threads)")  # fmt: skip
+    ap.add_argument("--latency-batch", type=int, default=1, metavar="B",
+                    help="batch size the latency target is measured on (default 1)")  # fmt: skip
     ap.add_argument("--trials", type=int, default=20, help="finished trials to reach (default 20)")
     ap.add_argument("--workdir", default=None, help="default runs/tune-CONFIG")
     add_input_flags(ap)
@@ -79,7 +86,8 @@ def check_args(args) -> None:
     from gmm_quant.search import Space
     from gmm_quant.search.budget import check_inputs
 
-    check_inputs(budget_of(args)[0], args.trials, None, args.max_bytes, args.target)
+    check_inputs(budget_of(args)[0], args.trials, None, args.max_bytes, args.target, args.max_latency_ms,
+                 args.latency_batch)  # fmt: skip
     for name in ("timeout", "patience", "heartbeat"):
         value = getattr(args, name)
         if value is not None and not value > 0:

@@ -41,7 +41,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     run.check_data(cfg, ds, len(val[1]))
     inputs.check_fits(cfg, apply_fn, params, ds)
     budget, metric = budget_of(args)
-    budget_lib.check_inputs(budget, args.trials, val, args.max_bytes, args.target)
+    budget_lib.check_inputs(budget, args.trials, val, args.max_bytes, args.target, args.max_latency_ms,
+                            args.latency_batch)  # fmt: skip
     if args.pretrained is not None:
         params, state = pretrained_weights(args.pretrained, params, modes.state_of(apply_fn))
         apply_fn = modes.with_state(apply_fn, state)
@@ -58,7 +59,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
         base = dataclasses.replace(cfg, pretrain_epochs=0)
         search = budget_lib.prepare(apply_fn, params, train, val, budget=budget, base=base, space=space,
                                     graphdef=graphdef, metric=metric, max_bytes=args.max_bytes,
-                                    target=args.target)  # fmt: skip
+                                    target=args.target, max_latency_ms=args.max_latency_ms,
+                                    latency_batch=args.latency_batch)  # fmt: skip
         storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
         seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
         study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat)
@@ -87,13 +89,21 @@ WHAT = {
 
 
 def _bound_by(study, best, search) -> str:
-    """Which target decided the choice: the size, when a more accurate trial's file did not fit."""
+    """Which target decided the choice: the one a more accurate trial missed."""
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     better = [t for t in done if t.user_attrs["val_error"] < best.user_attrs["val_error"]]
-    size = f"{best.user_attrs['file_bytes']:,} of {search.max_bytes:,.0f} bytes ({search.target})"
-    if any(t.user_attrs["file_bytes"] > search.max_bytes for t in better):
-        return f"bound by the size target: {size}; more accurate trials did not fit"
-    return f"the most accurate trial fits the size target: {size}"
+    met, missed = [], []
+    if search.max_bytes is not None:
+        size = f"size {best.user_attrs['file_bytes']:,} of {search.max_bytes:,.0f} bytes ({search.target})"
+        over = any(t.constraints.get("bytes", 0) > 0 for t in better)
+        (missed if over else met).append(size)
+    if search.max_latency_ms is not None:
+        ms = f"latency {best.user_attrs['latency_ms']:.3f} of {search.max_latency_ms:g} ms"
+        over = any(t.constraints.get("latency", 0) > 0 for t in better)
+        (missed if over else met).append(ms)
+    if missed:
+        return f"bound by the target ({'; '.join(missed)}): more accurate trials missed it"
+    return f"the most accurate trial meets the targets: {'; '.join(met)}"
 
 
 def budget_of(args) -> tuple[float, str]:
@@ -118,12 +128,14 @@ def _finish(workdir, search, study, args, seconds) -> str:
         "limit_val_error": search.limit if math.isfinite(search.limit) else None, "trials": len(rows),
         "seconds_this_run": seconds,
         **({"max_bytes": search.max_bytes, "target": search.target} if search.max_bytes else {}),
+        **({"max_latency_ms": search.max_latency_ms, "latency_batch": search.latency_batch}
+           if search.max_latency_ms else {}),
     }  # fmt: skip
     if best:
         lines += _best(workdir, best[0], baseline, args, summary, what)
-        if search.max_bytes:
+        if study_lib.deploys(search):
             lines.append(_bound_by(study, best[0], search))
-    elif search.max_bytes:
+    elif study_lib.deploys(search):
         lines.append(budget_lib.closest(study))
     else:
         lines.append(f"no trial met the budget ({what} <= {limit:.2f}%): more trials, or a larger budget")

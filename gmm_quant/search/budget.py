@@ -38,20 +38,21 @@ class SearchResult(NamedTuple):
     study: object
     apply_fn: object = None  # the compressed model's apply_fn (a Stateful holds its trained state)
     file_bytes: int | None = None  # its shipped file's size, when the search had a size target
+    latency_ms: float | None = None  # its ONNX Runtime latency, when the search had a latency target
 
 
 class BudgetError(ValueError):
     """Bad search input, found before any training."""
 
 
-def check_inputs(budget, trials, val, max_bytes=None, target="gqz") -> None:
+def check_inputs(budget, trials, val, max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1):
     from gmm_quant.search import targets
 
-    problem = targets.problem(max_bytes, target)
+    problem = targets.problem(max_bytes, target, max_latency_ms, latency_batch)
     if problem:
         raise BudgetError(problem)
-    if budget is None and max_bytes is None:
-        raise BudgetError("give an accuracy budget, a file size target (max_bytes), or both")
+    if budget is None and max_bytes is None and max_latency_ms is None:
+        raise BudgetError("give an accuracy budget, a deploy target (max_bytes, max_latency_ms), or both")
     if budget is None:
         pass
     elif not isinstance(budget, int | float) or not math.isfinite(budget) or budget < 0:
@@ -84,7 +85,7 @@ def make_judge(metric: str, apply_fn, params, val):
 
 
 def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None, metric="error",
-            max_bytes=None, target="gqz"):  # fmt: skip
+            max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1):  # fmt: skip
     """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit
     (none when ``budget`` is None: a size target alone)."""
     plan = build_plan(base, params)
@@ -116,6 +117,8 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
         max_bytes,
         target,
         baseline,
+        max_latency_ms,
+        latency_batch,
     )
 
 
@@ -154,6 +157,8 @@ def _check_same_search(study, search: study_lib.Search) -> None:
         recorded["metric"] = search.metric
     if search.max_bytes is not None:
         recorded["max_bytes"] = [search.max_bytes, search.target]
+    if search.max_latency_ms is not None:
+        recorded["max_latency_ms"] = [search.max_latency_ms, search.latency_batch]
     saved = {k: study.user_attrs[k] for k in recorded if k in study.user_attrs}
     if saved and saved != recorded:
         raise BudgetError(
@@ -183,28 +188,31 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
         **study_lib.sized(search),
     )
     return SearchResult(cfg, codebooks, params, outcome.val_error, outcome.compression_ratio, study, apply_fn,
-                        outcome.file_bytes)  # fmt: skip
+                        outcome.file_bytes, outcome.latency_ms)  # fmt: skip
 
 
 def compress_to_budget(
     apply_fn, params, train, val, *, budget=None, trials=20, base: Config | None = None, dimensions=None,
     storage=None, study_name="gmm_quant", timeout=None, patience=None, seed=0, progress=True, metric="error",
-    max_bytes=None, target="gqz",
+    max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1,
 ) -> SearchResult:  # fmt: skip
     """Search settings that compress ``params`` most within ``budget`` points of validation error;
     with ``max_bytes``, the most accurate model whose shipped file (``target`` "gqz" or "onnx",
-    measured on the real file of every trial) is at most that many bytes (and within ``budget``, if
-    given too). No trial meeting them: ``SearchResult.config`` is None (``closest`` says by how much).
+    measured on the real file of every trial) is at most that many bytes, and with ``max_latency_ms``
+    whose ONNX file answers a batch of ``latency_batch`` in at most that many ms in ONNX Runtime here
+    (and within ``budget``, if given too). No trial meeting them: ``SearchResult.config`` is None
+    (``closest`` says by how much).
 
     ``base`` gives every setting the search does not vary (default ``Config()``); ``dimensions``
     names what it varies (default ``space.DEFAULT_DIMENSIONS``); ``storage`` a database URL for a
     study that survives the process and is shared by workers (default: in memory).
     """
-    check_inputs(budget, trials, val, max_bytes, target)
+    check_inputs(budget, trials, val, max_bytes, target, max_latency_ms, latency_batch)
     space = space_lib.Space(tuple(dimensions or space_lib.DEFAULT_DIMENSIONS))
     base = base or Config()
     search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space, metric=metric,
-                     max_bytes=max_bytes, target=target)  # fmt: skip
+                     max_bytes=max_bytes, target=target, max_latency_ms=max_latency_ms,
+                     latency_batch=latency_batch)  # fmt: skip
     study = study_lib.open_study(storage, study_name, seed)
     optimize(search, study, trials=trials, timeout=timeout, patience=patience, progress=progress)
     return best_model(search, study)
@@ -222,6 +230,9 @@ def closest(study) -> str:
     if best.constraints.get("bytes", 0) > 0:
         size = best.user_attrs["file_bytes"]
         parts.append(f"its file is {size:,} bytes, {100 * best.constraints['bytes']:.1f}% over the target")
+    if best.constraints.get("latency", 0) > 0:
+        ms = best.user_attrs["latency_ms"]
+        parts.append(f"it takes {ms:.3f} ms, {100 * best.constraints['latency']:.1f}% over the target")
     if best.constraints.get(study_lib.CONSTRAINT, 0) > 0:
         parts.append(f"its validation error {100 * best.user_attrs['val_error']:.2f}% is "
                      f"{100 * best.constraints[study_lib.CONSTRAINT]:.2f} points over the limit")  # fmt: skip

@@ -19,6 +19,8 @@ def trial_rows(study) -> list[dict]:
         err = t.user_attrs.get("val_error")
         cr = t.user_attrs.get("compression_ratio", t.value)  # a size target's objective is the error
         size = {"file_bytes": t.user_attrs.get("file_bytes")} if "max_bytes" in study.user_attrs else {}
+        if "max_latency_ms" in study.user_attrs:
+            size["latency_ms"] = t.user_attrs.get("latency_ms")
         rows.append({
             "trial": t.number,
             "state": t.state.name.lower(),
@@ -47,15 +49,17 @@ def write_table(rows: list[dict], path) -> None:
 
 
 def format_table(rows: list[dict], limit_percent: float, label: str = "val err %") -> str:
-    sized = bool(rows) and "file_bytes" in rows[0]
-    within = "within targets" if sized else f"within budget ({limit_percent:.2f}%)"
-    size_head = f" {'bytes':>9}" if sized else ""
+    sized, timed = bool(rows) and "file_bytes" in rows[0], bool(rows) and "latency_ms" in rows[0]
+    within = "within targets" if sized or timed else f"within budget ({limit_percent:.2f}%)"
+    size_head = (f" {'bytes':>9}" if sized else "") + (f" {'ms':>8}" if timed else "")
     lines = [f"{'trial':>5} {'state':<9} {'CR':>8} {label:>10}{size_head}  {within}"]
     for r in rows:
         cr = f"{r['compression_ratio']:.1f}x" if r["compression_ratio"] is not None else "-"
         err = f"{r['val_error_percent']:.2f}" if r["val_error_percent"] is not None else "-"
         if sized:
             err += f" {r['file_bytes']:>9,}" if r["file_bytes"] is not None else f" {'-':>9}"
+        if timed:
+            err += f" {r['latency_ms']:>8.3f}" if r["latency_ms"] is not None else f" {'-':>8}"
         ok = {True: "yes", False: "no", None: "-"}[r["within_budget"]]
         if r["rescued"]:
             ok += " (after longer fine-tuning)"

@@ -143,6 +143,8 @@ class Search(NamedTuple):
     max_bytes: float | None = None  # the shipped file's size target (search.targets); None: none
     target: str = "gqz"  # which file: "gqz" or "onnx"
     baseline: float = math.nan  # the pretrained model's judged value (validation error)
+    max_latency_ms: float | None = None  # ONNX Runtime latency target (search.targets); None: none
+    latency_batch: int = 1  # the batch it is measured on
 
 
 def objective(search: Search):
@@ -176,25 +178,37 @@ def objective(search: Search):
         trial.set_constraint(CONSTRAINT, outcome.val_error - search.limit)
         trial.set_user_attr("rescued", outcome.rescued)
         trial.set_user_attr("config", config_json(outcome.config))
-        if search.max_bytes is None:
+        if not deploys(search):
             return outcome.compression_ratio
         trial.set_user_attr("compression_ratio", outcome.compression_ratio)
-        trial.set_user_attr("file_bytes", outcome.file_bytes)
-        trial.set_constraint(targets.CONSTRAINT, outcome.file_bytes / search.max_bytes - 1.0)  # a fraction
-        return -outcome.val_error  # the most accurate model whose file fits
+        if search.max_bytes is not None:
+            trial.set_user_attr("file_bytes", outcome.file_bytes)
+            trial.set_constraint(
+                targets.CONSTRAINT, outcome.file_bytes / search.max_bytes - 1.0
+            )  # a fraction
+        if search.max_latency_ms is not None:
+            trial.set_user_attr("latency_ms", outcome.latency_ms)
+            trial.set_constraint(targets.LATENCY, outcome.latency_ms / search.max_latency_ms - 1.0)
+        return -outcome.val_error  # the most accurate model that meets the targets
 
     return run
 
 
+def deploys(search: Search) -> bool:
+    """Whether the search has a deploy target (size or latency): its objective is then the error."""
+    return search.max_bytes is not None or search.max_latency_ms is not None
+
+
 def sized(search: Search) -> dict:
-    """``run_trial``'s keywords for a search with a size target: measure the file, score rungs by it."""
-    if search.max_bytes is None:
+    """``run_trial``'s keywords for a search with deploy targets: measure them, score rungs by them."""
+    if not deploys(search):
         return {}
     original = 4 * sum(int(np.size(v)) for v in jax.tree.leaves(search.pretrained))
-    return {
-        "file_bytes": targets.measure(search.target, search.val[0][:64], search.base.model),
-        "rung_score": targets.rung_score(original, search.max_bytes),
-    }
+    measure = targets.measure(
+        search.target, search.val[0][:64], search.base.model, max_bytes=search.max_bytes,
+        max_latency_ms=search.max_latency_ms, latency_batch=search.latency_batch,
+    )  # fmt: skip
+    return {"measure": measure, "rung_score": targets.rung_score(original, search.max_bytes)}
 
 
 def config_json(cfg: Config) -> dict:

@@ -36,6 +36,7 @@ class Outcome(NamedTuple):
     config: Config
     rescued: bool
     file_bytes: int | None = None  # the shipped file's size, when the search has a size target
+    latency_ms: float | None = None  # its ONNX Runtime latency, when the search has a latency target
 
 
 def score(compression_ratio: float, val_error: float, limit: float, budget: float) -> float:
@@ -78,14 +79,14 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
 
 def run_trial(
     cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None, judge=None,
-    file_bytes=None, rung_score=None,
+    measure=None, rung_score=None,
 ):  # fmt: skip
     """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
 
     ``limit`` is the highest acceptable judged value (validation error, a fraction, unless ``judge``
     says otherwise), ``budget`` the allowed increase. Returns ``(Outcome, codebooks, params, apply_fn)``
     (``apply_fn`` holds the trained model's state when it is a ``training.modes.Stateful``).
-    ``file_bytes(cfg, codebooks, model)`` measures the shipped file (``targets.measure``);
+    ``measure(cfg, codebooks, model)`` measures the shipped file (``targets.measure``);
     ``rung_score(cr, judged)`` replaces ``score`` at the rungs (``targets.rung_score``).
     """
     judge = judge or loop.error_rate
@@ -119,5 +120,8 @@ def run_trial(
     final = model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
     cr = accounting.summarize(tuned, flat, float_codes=model.float_codes)  # costs depend on widths only
-    size = None if file_bytes is None else file_bytes(cfg, tuned, model)
-    return Outcome(error, cr["compression_ratio"], cfg, rescued, size), tuned, final, model.apply_fn
+    got = {} if measure is None else measure(cfg, tuned, model)
+    outcome = Outcome(
+        error, cr["compression_ratio"], cfg, rescued, got.get("file_bytes"), got.get("latency_ms")
+    )
+    return outcome, tuned, final, model.apply_fn

@@ -12,11 +12,11 @@ def quantises_activations(model) -> bool:
     return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
-def session(model, optimized_path=None, integer_kernels=None):
+def session(model, optimized_path=None, integer_kernels=None, threads=None):
     """An onnxruntime CPU session for ``model`` (ModelProto or bytes), run as it is best run
     (``optimized_path``: where ORT writes the graph it actually runs, to see its kernels;
     ``integer_kernels``: force ORT's QDQ fusion on or off, default on exactly when the model
-    quantises activations).
+    quantises activations; ``threads``: ORT's intra-op threads, default its own choice).
 
     Weights only quantised: ORT constant-folds ``Cast -> Gather(centres)`` by itself, but keeps
     ``DequantizeLinear`` for its QDQ int8 kernels unless ``session.disable_quant_qdq`` is set: without
@@ -30,6 +30,8 @@ def session(model, optimized_path=None, integer_kernels=None):
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     integer_kernels = quantises_activations(proto) if integer_kernels is None else integer_kernels
     if not integer_kernels:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
