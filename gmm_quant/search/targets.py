@@ -79,7 +79,12 @@ def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency
     ``latency_batch`` rows of ``sample`` (with ``max_latency_ms``)."""
     import numpy as np
 
-    batch = np.resize(np.asarray(sample, np.float32), (latency_batch, *np.shape(sample)[1:]))
+    rows = np.resize(np.asarray(sample), (latency_batch, *np.shape(sample)[1:]))  # repeated to size
+
+    def batch():  # the graph's input dtype (token ids stay integers)
+        from gmm_quant.formats.export import model_input
+
+        return model_input(rows)
 
     def measured(cfg, codebooks, model) -> dict:
         out = {}
@@ -97,7 +102,7 @@ def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency
                 if max_bytes is not None and target == "onnx":
                     out["file_bytes"] = path.stat().st_size
                 if max_latency_ms is not None:
-                    out["latency_ms"] = judged_latency(path.read_bytes(), batch, max_latency_ms)
+                    out["latency_ms"] = judged_latency(path.read_bytes(), batch(), max_latency_ms)
         return out
 
     return measured
