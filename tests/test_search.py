@@ -22,7 +22,7 @@ from gmm_quant.search import Space, compress_to_budget
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import Outcome
-from gmm_quant.training import data, pipeline
+from gmm_quant.training import data
 from tests.cli_runs import ROOT, default_sigint, one_line
 
 TUNE = [sys.executable, "-m", "gmm_quant.tune", "--config", "tiny", "--no-progress", "--retrain-epochs", "8",
@@ -63,18 +63,6 @@ def test_the_base_point_reproduces_the_base_config():
     out = space_lib.suggest(optuna.trial.FixedTrial(point), Space(), base, LAYERS, [])
     assert out["tau"] == base.tau and out["gamma"] == base.gamma and out["zero_gamma"] == base.zero_gamma
     assert out["own_mixture"] == () and out["distill_alpha"] == 0 and not out["quantise_biases"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    ds, val = data.split_validation(data.load("digits"), 0.1, 0)
-    graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p)(x)
-
-    params = pipeline.pretrain(apply_fn, params, (ds.x_train, ds.y_train), epochs=5, batch_size=64)
-    return apply_fn, params, (ds.x_train, ds.y_train), val
 
 
 def fake_trials(monkeypatch, outcomes):

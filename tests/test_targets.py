@@ -4,29 +4,14 @@ import math
 import pathlib
 
 import pytest
-from flax import nnx
 
-import models
 from gmm_quant.formats import storage
 from gmm_quant.run.config import Config, changed_fields
 from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import compress_to_budget
 from gmm_quant.search import study as study_lib
-from gmm_quant.training import data, pipeline
 
 BASE = Config(retrain_epochs=4, finetune_epochs=1, batch_size=64, warmup_epochs=1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    ds, val = data.split_validation(data.load("digits"), 0.1, 0)
-    graphdef, params = nnx.split(models.create("digits_mlp", 0), nnx.Param)
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p)(x)
-
-    params = pipeline.pretrain(apply_fn, params, (ds.x_train, ds.y_train), epochs=5, batch_size=64)
-    return apply_fn, params, (ds.x_train, ds.y_train), val
 
 
 @pytest.mark.parametrize("target", ["gqz", "onnx"])
