@@ -172,33 +172,38 @@ def test_a_three_trial_search_writes_a_config_that_reproduces_its_best(tmp_path)
     assert metrics["compression_ratio"] == pytest.approx(summary["best_compression_ratio"], rel=1e-12)
 
 
-def wait_for_running_trial(db, after_complete=1, timeout=300):  # generous: a loaded machine
+def wait_for_running_trial(proc, db, after_finished=1, timeout=300):  # generous: a loaded machine
+    """The number of a trial running after `after_finished` trials ended (complete or pruned)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.5)
+        if proc.poll() is not None:  # the search ended before a trial could be caught running
+            raise AssertionError(f"tune exited with {proc.returncode} before a trial was caught running")
         if not db.exists():
             continue
         try:
             trials = optuna.load_study(study_name="gmm_quant", storage=f"sqlite:///{db}").trials
-        except Exception:  # the study is being created
+        except Exception:  # the study is being created, or the database is locked for a write
             continue
         states = [t.state.name for t in trials]
-        if states.count("COMPLETE") >= after_complete and "RUNNING" in states:
+        ended = states.count("COMPLETE") + states.count("PRUNED")
+        if ended >= after_finished and "RUNNING" in states:
             return next(t.number for t in trials if t.state.name == "RUNNING")
     raise AssertionError("no trial started")
 
 
 def test_a_search_killed_or_interrupted_mid_trial_resumes_and_retries_that_trial(tmp_path):
     workdir, db = tmp_path / "w", tmp_path / "w" / "study.db"
-    quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    log = tmp_path / "stderr.txt"  # a file, not a pipe nobody reads while waiting (a full pipe blocks tune)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": log.open("w")}
     proc = tune(workdir, "--trials", "4", "--no-final", **quiet)
-    wait_for_running_trial(db)
+    wait_for_running_trial(proc, db)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "run the same command to resume" in one_line(err)
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, log.read_text()
+    assert "run the same command to resume" in one_line(log.read_text())
     proc = tune(workdir, "--trials", "4", "--no-final", **quiet)
-    wait_for_running_trial(db, after_complete=2)
+    wait_for_running_trial(proc, db, after_finished=2)
     proc.kill()
     proc.wait()
     storage = f"sqlite:///{db}"
