@@ -71,7 +71,13 @@ def parser():
         "--timeout", type=float, default=None, help="stop starting trials after this many seconds"
     )
     ap.add_argument("--patience", type=int, default=None, help="stop when the best is this many trials old")
-    ap.add_argument("--dimensions", default=None, help="what trials vary, comma-separated (see search.space)")
+    ap.add_argument(
+        "--dimensions",
+        default=None,
+        help="what trials vary, comma-separated, from gmm_quant.search.DIMENSIONS (default: "
+        "search.space.DEFAULT_DIMENSIONS; with --max-bytes / --max-latency-ms also the "
+        "deployment choices the model supports: float_bits, activation_mode, heads)",
+    )
     ap.add_argument("--heartbeat", type=int, default=60, help="seconds between a trial's liveness signals")
     ap.add_argument("--no-final", action="store_true", help="do not train the final model")
     ap.add_argument("--overwrite", action="store_true", help="delete an earlier search in this workdir first")

@@ -33,9 +33,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
             raise cfgm.ConfigError(f"config field {name!r}: the search does not prune heads or reuse layers")
     workdir = pathlib.Path(workdir)
     wd.check_usable(workdir, overwrite=args.overwrite)
-    space = space_lib.Space(
-        tuple(d for d in (args.dimensions or "").split(",") if d) or space_lib.DEFAULT_DIMENSIONS
-    )
+    named = tuple(d for d in (args.dimensions or "").split(",") if d)
+    space = space_lib.Space(named) if named else None  # None: the defaults (budget_lib.prepare)
     apply_fn, params, graphdef = inputs.build_model(cfg)
     ds, val = data.split_validation(inputs.load_data(cfg, args.data_dir), cfg.val_fraction, cfg.seed)
     run.check_data(cfg, ds, len(val[1]))
@@ -43,6 +42,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     budget, metric = budget_of(args)
     budget_lib.check_inputs(budget, args.trials, val, args.max_bytes, args.target, args.max_latency_ms,
                             args.latency_batch)  # fmt: skip
+    deploys = args.max_bytes is not None or args.max_latency_ms is not None
+    space = budget_lib.resolve_space(space, graphdef, params, deploys)  # before anything is written
     if args.pretrained is not None:
         params, state = pretrained_weights(args.pretrained, params, modes.state_of(apply_fn))
         apply_fn = modes.with_state(apply_fn, state)
@@ -120,7 +121,9 @@ def _finish(workdir, search, study, args, seconds) -> str:
     what, column = WHAT[search.metric]
     rows = outputs.trial_rows(study)
     outputs.write_table(rows, workdir / "trials.csv")
-    outputs.plot_pareto(rows, limit, baseline, workdir / "pareto.png", label=f"{what} (%)")
+    marks = {"file_bytes": search.max_bytes, "latency_ms": search.max_latency_ms}
+    outputs.plot_pareto(rows, limit, baseline, workdir / "pareto.png", label=f"{what} (%)",
+                        targets={k: v for k, v in marks.items() if v is not None})  # fmt: skip
     lines = [outputs.format_table(rows, limit, column)]
     best = study_lib.feasible(study)
     summary = {

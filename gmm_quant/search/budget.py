@@ -86,8 +86,10 @@ def make_judge(metric: str, apply_fn, params, val):
 
 def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None, metric="error",
             max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1):  # fmt: skip
-    """The search's fixed inputs: layers, the sensitivity-bounded keep_float candidates, the limit
-    (none when ``budget`` is None: a size target alone)."""
+    """The search's fixed inputs: the space (``space`` None: the default dimensions, with a deploy
+    target the deployment ones the model supports), layers, the sensitivity-bounded keep_float
+    candidates, the limit (none when ``budget`` is None: a size target alone)."""
+    space = resolve_space(space, graphdef, params, max_bytes is not None or max_latency_ms is not None)
     plan = build_plan(base, params)
     layers = plan.quantised()
     judge, baseline = make_judge(metric, apply_fn, params, val)
@@ -122,13 +124,43 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
     )
 
 
+def resolve_space(space, graphdef, params, deploys: bool) -> space_lib.Space:
+    """The space asked for (a ``BudgetError`` if it names a deployment choice the model does not
+    support), or the default one (``space`` None; with a deploy target, ``deploys``, the deployment
+    choices the model supports join it)."""
+    supported = space_lib.deploy_dimensions(*_model_supports(graphdef, params))
+    if space is None:
+        extra = supported if deploys else ()
+        return space_lib.Space(space_lib.DEFAULT_DIMENSIONS + extra)
+    missing = [d for d in space.dimensions if d in space_lib.DEPLOY_DIMENSIONS and d not in supported]
+    if missing:
+        why = {"activation_mode": "no Linear layer, or model state (BatchNorm statistics, random streams)",
+               "heads": "no nnx.MultiHeadAttention layer"}[missing[0]]  # fmt: skip
+        raise BudgetError(f"search dimension {missing[0]!r} does not apply to this model: {why}")
+    return space
+
+
+def _model_supports(graphdef, params) -> tuple[bool, bool]:
+    """(activation quantisation, attention heads): what the structural deployment choices need; a
+    model with state (graphdef None) takes neither."""
+    if graphdef is None:
+        return False, False
+    from flax import nnx
+
+    from gmm_quant.surgery import activations, heads
+
+    model = nnx.merge(graphdef, params)
+    return bool(activations.points(model)), bool(heads.heads_kept(model))
+
+
 def optimize(search: study_lib.Search, study, *, trials, timeout=None, patience=None, progress=True):
     """Run trials until ``trials`` have finished in the study, ``timeout`` seconds, or convergence."""
     _check_same_search(study, search)
     done = len(study_lib.finished_trials(study))
     if not study.trials:
         study.enqueue_trial(
-            space_lib.base_point(search.space, search.layers, search.sensitive), skip_if_exists=True
+            space_lib.base_point(search.space, search.layers, search.sensitive, search.base),
+            skip_if_exists=True,
         )
     bar = tqdm(total=trials, initial=min(done, trials), desc="trials", disable=not progress, unit="trial")
 
@@ -194,7 +226,7 @@ def best_model(search: study_lib.Search, study) -> SearchResult:
 def compress_to_budget(
     apply_fn, params, train, val, *, budget=None, trials=20, base: Config | None = None, dimensions=None,
     storage=None, study_name="gmm_quant", timeout=None, patience=None, seed=0, progress=True, metric="error",
-    max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1,
+    max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1, graphdef=None,
 ) -> SearchResult:  # fmt: skip
     """Search settings that compress ``params`` most within ``budget`` points of validation error;
     with ``max_bytes``, the most accurate model whose shipped file (``target`` "gqz" or "onnx",
@@ -204,15 +236,18 @@ def compress_to_budget(
     (``closest`` says by how much).
 
     ``base`` gives every setting the search does not vary (default ``Config()``); ``dimensions``
-    names what it varies (default ``space.DEFAULT_DIMENSIONS``); ``storage`` a database URL for a
-    study that survives the process and is shared by workers (default: in memory).
+    names what it varies (default ``space.DEFAULT_DIMENSIONS``, and with a target the deployment
+    choices the model supports: ``space.deploy_dimensions``); ``storage`` a database URL for a
+    study that survives the process and is shared by workers (default: in memory); ``graphdef`` (of
+    an NNX model without state: ``nnx.split(model, nnx.Param)``) lets trials change its structure
+    (attention heads, activation quantisation).
     """
     check_inputs(budget, trials, val, max_bytes, target, max_latency_ms, latency_batch)
-    space = space_lib.Space(tuple(dimensions or space_lib.DEFAULT_DIMENSIONS))
+    space = space_lib.Space(tuple(dimensions)) if dimensions else None
     base = base or Config()
     search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space, metric=metric,
                      max_bytes=max_bytes, target=target, max_latency_ms=max_latency_ms,
-                     latency_batch=latency_batch)  # fmt: skip
+                     latency_batch=latency_batch, graphdef=graphdef)  # fmt: skip
     study = study_lib.open_study(storage, study_name, seed)
     optimize(search, study, trials=trials, timeout=timeout, patience=patience, progress=progress)
     return best_model(search, study)

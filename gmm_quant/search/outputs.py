@@ -69,42 +69,68 @@ def format_table(rows: list[dict], limit_percent: float, label: str = "val err %
     return "\n".join(lines)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (CR, error) points no other point beats on both (higher CR and lower error), by CR."""
-    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points)]
+def pareto_front(points: list[tuple[float, float]], higher_x: bool = True) -> list[tuple[float, float]]:
+    """The (x, error) points no other point beats on both (lower error, and higher x — a CR — or with
+    ``higher_x`` False lower x — bytes, milliseconds), sorted by x."""
+    sign = 1 if higher_x else -1
+    front = [
+        p for p in points
+        if not any(q != p and sign * q[0] >= sign * p[0] and q[1] <= p[1] for q in points)
+    ]  # fmt: skip
     return sorted(set(front))
 
 
-def plot_pareto(rows, limit_percent, baseline_percent, path, label="validation error (%)") -> None:
-    """Validation error (or what ``label`` names) vs CR of every completed trial, the budget line and
-    the Pareto front."""
+VIEWS = {  # row key -> (axis label, higher is better, log scale)
+    "compression_ratio": ("compression ratio (Han et al.)", True, True),
+    "file_bytes": ("shipped file (bytes)", False, True),
+    "latency_ms": ("ONNX Runtime latency (ms)", False, False),
+}
+
+
+def plot_pareto(
+    rows, limit_percent, baseline_percent, path, label="validation error (%)", targets=None
+) -> None:
+    """Validation error (or what ``label`` names) of every completed trial against its CR and, when
+    the trials measured them, its file's bytes and its latency: one panel each, with the budget line,
+    the targets ``{"file_bytes": N, "latency_ms": T}`` as vertical lines and each panel's Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [(r["compression_ratio"], r["val_error_percent"]) for r in rows if r["state"] == "complete"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if done:
-        ok = [p for p in done if p[1] <= limit_percent]
-        over = [p for p in done if p[1] > limit_percent]
-        for points, colour, label in ((ok, "tab:green", "within budget"), (over, "tab:gray", "over budget")):
-            if points:
-                ax.scatter(*zip(*points, strict=True), s=18, color=colour, label=f"trial, {label}")
-        front = pareto_front(done)
-        ax.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
-    if math.isfinite(limit_percent):  # a size target alone has no error limit
-        ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
-    ax.axhline(baseline_percent, color="gray", linestyle=":", label=f"pretrained ({baseline_percent:.2f}%)")
-    ax.set_xscale("log")
-    ax.set_xlabel("compression ratio (Han et al.)")
-    ax.set_ylabel(label)
-    ax.legend(fontsize=8)
+    views = [k for k in VIEWS if k == "compression_ratio" or (rows and k in rows[0])]
+    fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views), 4), squeeze=False)
+    for ax, key in zip(axes[0], views, strict=True):
+        _panel(ax, rows, key, limit_percent, baseline_percent, (targets or {}).get(key))
+        ax.set_ylabel(label)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+def _panel(ax, rows, key, limit_percent, baseline_percent, target) -> None:
+    name, higher, log = VIEWS[key]
+    done = [(r[key], r["val_error_percent"]) for r in rows if r["state"] == "complete" and r[key] is not None]
+    if done:
+        ok = [p for p in done if p[1] <= limit_percent]
+        over = [p for p in done if p[1] > limit_percent]
+        for points, colour, what in ((ok, "tab:green", "within budget"), (over, "tab:gray", "over budget")):
+            if points:
+                ax.scatter(*zip(*points, strict=True), s=18, color=colour, label=f"trial, {what}")
+        front = pareto_front(done, higher)
+        step = "steps-pre" if higher else "steps-post"  # the best error within each x
+        ax.plot(*zip(*front, strict=True), color="tab:orange", drawstyle=step, label="Pareto front")
+    if math.isfinite(limit_percent):  # a size target alone has no error limit
+        ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
+    ax.axhline(baseline_percent, color="gray", linestyle=":", label=f"pretrained ({baseline_percent:.2f}%)")
+    if target is not None:
+        ax.axvline(target, color="tab:purple", linestyle="--", label=f"target ({target:,g})")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(name)
+    ax.legend(fontsize=8)
 
 
 def write_config(values: dict, path) -> None:

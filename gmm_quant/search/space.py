@@ -4,6 +4,13 @@ Every dimension is named; a trial's suggestions become Config fields, so the bes
 as a config file that ``python -m gmm_quant.train --config-file`` reproduces. Multiplicative
 dimensions (``tau``, ``hyperprior``, ``retrain_epochs``) scale the base config's value, so one space
 serves models whose good tau differs by orders of magnitude.
+
+With a deploy target (a file size or a latency) the deployment choices join the default dimensions,
+those the model supports (``deploy_dimensions``): the float leaves' bits, the activation mode (integer
+kernels, which need the ``grid`` encoding: the run exports it so) and the share of attention heads
+removed. Each trial exports its model and measures the real file and latency (``targets``). The weight
+encoding is not a dimension: the exporter already keeps, per layer, the smallest of the sparse and
+dense codebook forms (ONNX Runtime decodes both at load, so they run the same kernels).
 """
 
 from __future__ import annotations
@@ -26,7 +33,14 @@ DIMENSIONS = (
     "distill",  # distillation from the pretrained model (alpha 0.5) on or off
     "retrain_epochs",  # base retraining length x 0.5, 1 or 2
     "quantise_biases",  # biases keep float32 or get codebooks of their own
+    "float_bits",  # deployment: leaves outside the prior float32 or 4/6/8-bit codes
+    "activation_mode",  # deployment: float activations, W8A8 or W4A8 (Linear layers, no model state)
+    "heads",  # deployment: remove 0, 1/4 or 1/2 of each attention layer's heads (lowest weight norms)
 )
+DEPLOY_DIMENSIONS = ("float_bits", "activation_mode", "heads")
+FLOAT_BITS = (0, 4, 6, 8)
+ACTIVATION_MODES = ("", "w8a8", "w4a8")
+HEAD_RATIOS = (0.0, 0.25, 0.5)
 DEFAULT_DIMENSIONS = (
     "tau", "hyperprior", "precision", "own_mixture", "layer_prune", "distill", "quantise_biases",
 )  # fmt: skip
@@ -95,12 +109,37 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
         out["retrain_epochs"] = max(1, math.ceil(base.retrain_epochs * scale))
     if "quantise_biases" in space:
         out["quantise_biases"] = trial.suggest_categorical("quantise_biases", [False, True])
+    if "float_bits" in space:
+        out["float_bits"] = trial.suggest_categorical("float_bits", _with(FLOAT_BITS, base.float_bits))
+    if "activation_mode" in space:
+        modes = _with(ACTIVATION_MODES, base.activation_mode)
+        out["activation_mode"] = trial.suggest_categorical("activation_mode", modes)
+    if "heads" in space:
+        out["head_ratio"] = trial.suggest_categorical("head_ratio", _with(HEAD_RATIOS, base.head_ratio))
     return out
 
 
-def base_point(space: Space, layers: list[str], sensitive: list[str]) -> dict:
+def _with(choices: tuple, base_value) -> list:
+    """The choices, the base config's value among them (so the base point is one of them)."""
+    return list(choices) if base_value in choices else [*choices, base_value]
+
+
+def deploy_dimensions(supports_activations: bool, has_heads: bool) -> tuple[str, ...]:
+    """The deployment dimensions a model supports: float bits always; the activation mode with Linear
+    layers and no model state (BatchNorm statistics); heads with attention layers."""
+    out = ["float_bits"]
+    if supports_activations:
+        out.append("activation_mode")
+    if has_heads:
+        out.append("heads")
+    return tuple(out)
+
+
+def base_point(space: Space, layers: list[str], sensitive: list[str], base: Config | None = None) -> dict:
     """Optuna parameters that reproduce the base config (enqueued as a new study's first trial)."""
+    base = base or Config()
     point = {"tau_x": 1.0, "hyperprior_x": 1.0, "precision_x": 1.0, "distill": False, "retrain_x": 1.0}
+    point.update(float_bits=base.float_bits, activation_mode=base.activation_mode, head_ratio=base.head_ratio)
     point["quantise_biases"] = False
     point.update({f"own/{p}": False for p in layers})
     point.update({f"float/{p}": False for p in sensitive})

@@ -97,7 +97,8 @@ def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency
                 from gmm_quant.formats import export
 
                 path = pathlib.Path(tmp) / "model.onnx"
-                export.export_onnx(model.apply_fn, model.params, codebooks, sample, path,
+                encoding = "grid" if cfg.weight_bits else export.ENCODING  # as the run exports it
+                export.export_onnx(model.apply_fn, model.params, codebooks, sample, path, encoding=encoding,
                                    float_codes=model.float_codes)  # fmt: skip
                 if max_bytes is not None and target == "onnx":
                     out["file_bytes"] = path.stat().st_size

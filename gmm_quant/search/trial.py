@@ -18,7 +18,7 @@ import numpy as np
 
 from gmm_quant.core import accounting, codebook, float_codes
 from gmm_quant.core.rules import flatten
-from gmm_quant.run import stages
+from gmm_quant.run import model_stages, stages
 from gmm_quant.run.config import Config
 from gmm_quant.run.plan import build_plan
 from gmm_quant.training import loop, pipeline
@@ -91,22 +91,23 @@ def run_trial(
     """
     judge = judge or loop.error_rate
     rung_score = rung_score or (lambda cr, err: score(cr, err, limit, budget))
-    plan = build_plan(cfg, pretrained)
     rungs = sorted({max(1, round(f * cfg.retrain_epochs)) for f in RUNGS} - {cfg.retrain_epochs})
 
     def on_epoch(epoch, state):
         if report is not None and epoch + 1 in rungs:
             mixtures, params = state.trainable["mixtures"], state.trainable["params"]
-            err, cr = compressed_metrics(apply_fn, plan, mixtures, params, val, cfg.assignment, judge,
+            err, cr = compressed_metrics(start.apply_fn, plan, mixtures, params, val, cfg.assignment, judge,
                                          cfg.float_bits)  # fmt: skip
             report(rung_score(cr, err), epoch + 1)
 
     ctx = stages.Context(cfg, train, val, memory_runner(cfg, train, on_epoch))
-    record = stages.Record()
-    mixtures, retrained, record = stages.retrain(
-        ctx, plan, stages.Model(apply_fn, pretrained, graphdef), record
+    start, record = model_stages.prune_heads(
+        ctx, stages.Model(apply_fn, pretrained, graphdef), stages.Record()
     )
+    plan = build_plan(cfg, start.params)
+    mixtures, retrained, record = stages.retrain(ctx, plan, start, record)
     codebooks, snapped, record = stages.compress(ctx, plan, mixtures, retrained, record)
+    snapped, record = model_stages.quantise_activations(ctx, snapped, record)
     tuned, model, record = stages.finetune(ctx, codebooks, snapped, record, cfg.finetune_epochs)
     error, rescued = judge(model.apply_fn, model.params, *val), False
     if error > limit and cfg.finetune_epochs:  # fine-tuned longer from the same snapped model
@@ -119,7 +120,7 @@ def run_trial(
             cfg, tuned, model, error, rescued = longer, tuned2, model2, error2, True
     final = model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
-    cr = accounting.summarize(tuned, flat, float_codes=model.float_codes)  # costs depend on widths only
+    cr = accounting.summarize(tuned, flat, removed=model.removed, float_codes=model.float_codes)
     got = {} if measure is None else measure(cfg, tuned, model)
     outcome = Outcome(
         error, cr["compression_ratio"], cfg, rescued, got.get("file_bytes"), got.get("latency_ms")
