@@ -4,7 +4,7 @@ from flax import nnx
 
 import gmm_quant as gq
 import models
-from gmm_quant.formats import storage
+from gmm_quant.formats import gqz_layout, storage
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=["v1", "v2", "v4"])
@@ -44,7 +44,9 @@ def test_indices_are_bit_packed(compressed_model):
 @pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
 def test_pack_unpack(bits):
     values = np.random.default_rng(bits).integers(0, 2**bits, 1001)
-    np.testing.assert_array_equal(storage.unpack_bits(storage.pack_bits(values, bits), bits, 1001), values)
+    np.testing.assert_array_equal(
+        gqz_layout.unpack_bits(gqz_layout.pack_bits(values, bits), bits, 1001), values
+    )
 
 
 def _corrupt(path, tmp_path, how):
@@ -114,7 +116,7 @@ def test_write_is_atomic(compressed_model, tmp_path, monkeypatch):
 
 
 def _version(path):
-    return storage._PREFIX.unpack_from(path.read_bytes())[1]
+    return gqz_layout.PREFIX.unpack_from(path.read_bytes())[1]
 
 
 def _rewrite_header(path, tmp_path, edit, name="edited.gqz"):
@@ -125,16 +127,16 @@ def _rewrite_header(path, tmp_path, edit, name="edited.gqz"):
     from gmm_quant.formats import sparse_streams
 
     raw = path.read_bytes()
-    _magic, version, length, _digest = storage._PREFIX.unpack_from(raw)
-    header = raw[storage._PREFIX.size : storage._PREFIX.size + length]
+    _magic, version, length, _digest = gqz_layout.PREFIX.unpack_from(raw)
+    header = raw[gqz_layout.PREFIX.size : gqz_layout.PREFIX.size + length]
     if version > 1:
         header = sparse_streams.unpack(header, 1 << 24)
-    payload = raw[storage._PREFIX.size + length :]
+    payload = raw[gqz_layout.PREFIX.size + length :]
     new = edit(json.loads(header))
     new = new if isinstance(new, bytes) else json.dumps(new).encode()
     if version > 1:
         new = sparse_streams.pack(new)
-    prefix = storage._PREFIX.pack(storage.MAGIC, version, len(new), hashlib.sha256(new).digest())
+    prefix = gqz_layout.PREFIX.pack(gqz_layout.MAGIC, version, len(new), hashlib.sha256(new).digest())
     out = tmp_path / name
     out.write_bytes(prefix + new + payload)
     return out

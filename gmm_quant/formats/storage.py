@@ -18,6 +18,7 @@ transform). A model's variables other than its parameters (``state``: BatchNorm 
 random-number keys are not stored (a rebuilt model keeps its own). Loading checks the magic, the
 version, both checksums, every offset and every shape, and raises ``CorruptFile`` naming the problem;
 it never returns silently wrong weights. Files are written atomically (temporary file, then rename).
+The bytes side (prefix, header, stream placement, bit packing) is ``gqz_layout``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
 import warnings
 from typing import NamedTuple
 
@@ -35,41 +35,20 @@ from gmm_quant._util.files import write_atomic
 from gmm_quant.core.codebook import Codebook, index_dtype
 from gmm_quant.core.float_codes import FloatCode
 from gmm_quant.core.rules import flatten, is_random_key, replace_leaves
+from gmm_quant.formats import gqz_layout as layout
 from gmm_quant.formats import range_streams, sparse_streams
-from gmm_quant.formats.header_checks import STATE_ITEM_BYTES, CorruptFile, bits_for, check_header, require
+from gmm_quant.formats.gqz_layout import (
+    MAGIC,
+    RANGED_VERSION,
+    VERSIONS,
+    pack_bits,
+    short_float32,
+    unpack_bits,
+)
+from gmm_quant.formats.header_checks import STATE_ITEM_BYTES, CorruptFile, bits_for
 
-MAGIC = b"GMMQ"
 VERSION = 4  # written; 1, 2, 3 and 4 are read
 STATE_VERSION = 3
-RANGED_VERSION = 4
-VERSIONS = (1, 2, 3, 4)
-# v4 stores only the size of each range-coded stream: streams follow one another in the order listed
-# here, leaf by leaf, then the state's; offsets and the other sizes follow from the header
-_STREAMS = {"ranged": ("centres", "data"), "coded": ("data",), "float": ("data",)}
-_IMPLIED = {"ranged": "centres", "coded": "data", "float": "data"}  # sizes the header implies
-_MAX_HEADER = 1 << 24
-_PREFIX = struct.Struct("<4sHI32s")
-
-
-def short_float32(value) -> float:
-    """The double with the shortest decimal form that still reads back as ``value``'s float32 exactly
-    (``0.00024079463`` rather than ``0.00024079463037196547``: a header of many scales is smaller)."""
-    exact = np.float32(value)
-    short = float(repr(exact).removeprefix("np.float32(").removesuffix(")"))
-    return short if np.float32(short) == exact else float(exact)
-
-
-def pack_bits(indices: np.ndarray, bits: int) -> bytes:
-    """Pack unsigned integers < 2**bits into a little-endian bit stream."""
-    flat = np.asarray(indices, np.uint32).ravel()
-    planes = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.ravel(), bitorder="little").tobytes()
-
-
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little", count=count * bits)
-    weights = (1 << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
-    return planes.reshape(count, bits).astype(np.uint32) @ weights
 
 
 class Compressed(NamedTuple):
@@ -286,12 +265,12 @@ def save_compressed(
             entry = {"kind": "float", "data": add(np.asarray(leaf, "<f4").tobytes())}
         leaves.append({"path": name, "shape": list(np.shape(leaf)), **entry})
     stored_state = [
-        {"path": name, "shape": list(v.shape), "dtype": v.dtype.name, "data": add(_state_bytes(v))}
+        {"path": name, "shape": list(v.shape), "dtype": v.dtype.name, "data": add(layout.state_bytes(v))}
         for name, v in state_leaves.items()
     ]
     if version >= RANGED_VERSION:  # sizes the header implies are not written
         for entry in leaves:
-            entry.pop(_IMPLIED.get(entry["kind"]), None)
+            entry.pop(layout.IMPLIED.get(entry["kind"]), None)
         for entry in stored_state:
             entry.pop("data")
     payload = b"".join(chunks)
@@ -311,7 +290,7 @@ def save_compressed(
     ).encode()
     if version > 1:
         header = sparse_streams.pack(header)
-    prefix = _PREFIX.pack(MAGIC, version, len(header), hashlib.sha256(header).digest())
+    prefix = layout.PREFIX.pack(MAGIC, version, len(header), hashlib.sha256(header).digest())
     write_atomic(path, prefix + header + payload)
 
 
@@ -332,145 +311,34 @@ def _state_leaves(state) -> dict:
     return out
 
 
-def _state_bytes(value: np.ndarray) -> bytes:
-    if value.dtype.name == "bfloat16":  # ml_dtypes: stored as its 16-bit pattern
-        value = value.view(np.uint16)
-    return np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
-
-
-def _state_value(entry: dict, payload: bytes, path) -> np.ndarray:
-    name, shape, dtype = entry["path"], tuple(entry["shape"]), entry["dtype"]
-    raw = _slice(payload, entry["data"], path, name)
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return np.frombuffer(raw, "<u2").view(ml_dtypes.bfloat16).reshape(shape).copy()
-    return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
-
-
-def _read_header(raw: bytes, path) -> tuple[dict, bytes]:
-    if len(raw) < _PREFIX.size:
-        raise CorruptFile(f"{path}: truncated ({len(raw)} bytes), not a gmm_quant compressed file")
-    magic, version, length, digest = _PREFIX.unpack_from(raw)
-    if magic != MAGIC:
-        raise CorruptFile(f"{path}: not a gmm_quant compressed file (magic {magic!r})")
-    if version not in VERSIONS:
-        raise CorruptFile(f"{path}: format version {version}, this gmm_quant reads versions {VERSIONS}")
-    header = raw[_PREFIX.size : _PREFIX.size + length]
-    if len(header) != length or hashlib.sha256(header).digest() != digest:
-        raise CorruptFile(f"{path}: header checksum mismatch (file truncated or corrupt)")
-    payload = raw[_PREFIX.size + length :]
-    try:
-        text = sparse_streams.unpack(header, _MAX_HEADER) if version > 1 else header
-        meta = json.loads(text.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
-        raise CorruptFile(f"{path}: header is not valid JSON ({err})") from None
-    if version >= RANGED_VERSION and isinstance(meta, dict):
-        _place_streams(meta)
-    check_header(meta, path)
-    require(meta.get("version") == version, path, f"header says version {meta.get('version')!r}")
-    if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
-        raise CorruptFile(f"{path}: payload checksum mismatch (file truncated or corrupt)")
-    return meta, payload
-
-
-def _place_streams(meta: dict) -> None:
-    """v4: turn every stream's size into ``{"offset", "nbytes"}`` from the order of the streams; an
-    entry that is no size is left for ``check_header`` to name."""
-    offset = 0
-
-    def place(owner, key, implied=None):
-        nonlocal offset
-        size = owner.get(key, implied)
-        if _is_size(size):
-            owner[key] = {"offset": offset, "nbytes": size}
-            offset += size
-
-    leaves, state = meta.get("leaves"), meta.get("state")
-    for leaf in leaves if isinstance(leaves, list) else ():
-        kind = leaf.get("kind") if isinstance(leaf, dict) else None
-        for key in _STREAMS.get(kind, ()) if isinstance(kind, str) else ():
-            place(leaf, key, _implied_size(leaf) if key == _IMPLIED[kind] else None)
-    for entry in state if isinstance(state, list) else ():
-        if isinstance(entry, dict):
-            count, item = _count(entry.get("shape")), STATE_ITEM_BYTES.get(str(entry.get("dtype")))
-            place(entry, "data", None if count is None or item is None else count * item)
-
-
-def _is_size(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _count(shape):
-    ok = isinstance(shape, list) and all(map(_is_size, shape))
-    return math.prod(shape) if ok else None
-
-
-def _implied_size(leaf: dict):
-    """The size of a v4 leaf's stream that its header fields imply (None: they are not valid)."""
-    count, kind = _count(leaf.get("shape")), leaf["kind"]
-    if kind == "ranged":
-        k, slices = leaf.get("k"), leaf.get("slices", 1)
-        return 4 * (k - 1) * slices if _is_size(k) and k >= 1 and _is_size(slices) else None
-    if count is None:
-        return None
-    bits = leaf.get("bits")
-    if kind == "coded":
-        return (count * bits + 7) // 8 if _is_size(bits) and bits <= 64 else None
-    return 4 * count
-
-
-def _slice(payload: bytes, entry: dict, path, name) -> bytes:
-    start, size = entry["offset"], entry["nbytes"]
-    if start + size > len(payload):
-        raise CorruptFile(f"{path}: leaf {name} points outside the payload")
-    return payload[start : start + size]
-
-
-def _indices(leaf, payload, path, count) -> np.ndarray:
-    name, shape = leaf["path"], tuple(leaf["shape"])
-    if leaf["kind"] == "codebook":
-        return unpack_bits(_slice(payload, leaf["indices"], path, name), leaf["bits"], count)
-    try:
-        if leaf["kind"] == "ranged":
-            return range_streams.decode(
-                _slice(payload, leaf["data"], path, name), leaf["nnz"], leaf["k"], count
-            )
-        gaps = sparse_streams.unpack(_slice(payload, leaf["gaps"], path, name), leaf["gaps_raw"])
-        values = sparse_streams.unpack(_slice(payload, leaf["values"], path, name), leaf["nnz"])
-        return sparse_streams.join(gaps, values, leaf["nnz"], shape, np.uint32).ravel()
-    except MemoryError:
-        raise CorruptFile(f"{path}: {name}: {math.prod(shape)} weights do not fit in memory") from None
-    except ValueError as err:
-        raise CorruptFile(f"{path}: {name}: {err}") from None
-
-
 def load_compressed(path) -> Compressed:
     """Read a ``.gqz`` file; raises ``CorruptFile`` with the reason if anything is wrong."""
     with open(path, "rb") as f:
         raw = f.read()
-    meta, payload = _read_header(raw, path)
+    meta, payload = layout.read_header(raw, path)
     codebooks, floats, coded = {}, {}, {}
     for leaf in meta["leaves"]:
         name, shape = leaf["path"], tuple(leaf["shape"])
         count = math.prod(shape)
         if leaf["kind"] in ("codebook", "sparse", "ranged"):
-            centres = np.frombuffer(_slice(payload, leaf["centres"], path, name), "<f4").astype(np.float32)
+            centres = np.frombuffer(layout.slice_of(payload, leaf["centres"], path, name), "<f4").astype(
+                np.float32
+            )
             centres = centres.reshape(leaf.get("slices", 1), -1)
             if leaf["kind"] == "ranged":  # the zero centre is implied
                 centres = np.concatenate([np.zeros((centres.shape[0], 1), np.float32), centres], axis=1)
             centres = centres if "slices" in leaf else centres[0]
-            indices = _indices(leaf, payload, path, count)
+            indices = layout.indices_of(leaf, payload, path, count)
             if indices.size and indices.max() >= leaf["k"]:
                 raise CorruptFile(f"{path}: indices of {name} exceed its codebook")
             codebooks[name] = Codebook(centres, indices.astype(index_dtype(leaf["k"])).reshape(shape))
         elif leaf["kind"] == "coded":
-            codes = unpack_bits(_slice(payload, leaf["data"], path, name), leaf["bits"], count)
+            codes = unpack_bits(layout.slice_of(payload, leaf["data"], path, name), leaf["bits"], count)
             coded[name] = FloatCode(codes.astype(np.uint8).reshape(shape), np.float32(leaf["scale"]),
                                     leaf["zero_point"], leaf["bits"])  # fmt: skip
             floats[name] = coded[name].dequantize()
         else:
-            data = np.frombuffer(_slice(payload, leaf["data"], path, name), "<f4")
+            data = np.frombuffer(layout.slice_of(payload, leaf["data"], path, name), "<f4")
             if data.size != count:
                 raise CorruptFile(f"{path}: {name} holds {data.size} values, shape {shape} needs {count}")
             floats[name] = data.astype(np.float32).reshape(shape)
@@ -478,7 +346,9 @@ def load_compressed(path) -> Compressed:
     from gmm_quant.surgery.reuse.links import Link
 
     links = tuple(Link(*v) for v in meta.get("reuse", []))
-    state = {e["path"]: _state_value(e, payload, path) for e in meta["state"]} if "state" in meta else None
+    state = (
+        {e["path"]: layout.state_value(e, payload, path) for e in meta["state"]} if "state" in meta else None
+    )
     return Compressed(
         codebooks, floats, meta.get("model"), meta.get("config"), acts or None, links, coded, state
     )
