@@ -127,3 +127,27 @@ def test_the_pareto_plot_gains_a_panel_per_measured_target(tmp_path):
     outputs.plot_pareto([row], 3.0, 1.5, tmp_path / "b.png")
     wide, narrow = Image.open(tmp_path / "a.png").size, Image.open(tmp_path / "b.png").size
     assert wide[0] == pytest.approx(3 * narrow[0], rel=0.02) and wide[1] == narrow[1]
+
+
+def test_a_trial_whose_file_does_not_verify_fails_and_the_search_goes_on(digits, monkeypatch, capsys):
+    """ONNX Runtime disagreeing with JAX (as a W4A8 ViT's can, by a code step in a few rows) makes the
+    model unshippable: that trial fails, is not retried as if interrupted, and the others complete."""
+    from gmm_quant.formats import export
+
+    real, calls = export.export_onnx, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise export.ExportMismatch("ONNX Runtime differs from the fake-quantised JAX model")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", flaky)
+    base = dataclasses.replace(VIT, model="digits_mlp", keep_float=())
+    result = budget_lib.compress_to_budget(*digits, max_bytes=60_000, target="onnx", trials=3, base=base,
+                                           dimensions=("tau",), progress=False)  # fmt: skip
+    states = [t.state.name for t in result.study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert "does not verify" in result.study.trials[1].user_attrs["unshippable"]
+    assert "trial 1 failed (its ONNX file does not verify" in capsys.readouterr().err
+    assert study_lib.retry_orphans(result.study) == []  # a resumed search does not run it again

@@ -31,7 +31,8 @@ from gmm_quant.search.trial import run_trial
 CONSTRAINT = "budget"  # the trial's constraint: val error - limit (<= 0 is within the budget)
 
 
-CATCH = (FloatingPointError,)  # a trial that diverges (NaN) is recorded as failed; the search goes on
+# a trial that diverges (NaN) or whose file does not verify is recorded as failed; the search goes on
+CATCH = (FloatingPointError, targets.Unshippable)
 
 
 class StorageError(ValueError):
@@ -77,8 +78,9 @@ def retry_orphans(study) -> list[int]:
     from optuna.trial import TrialState
 
     retried = {t.user_attrs.get("retry_of") for t in study.trials}
-    # failed and not by diverging: interrupted (Ctrl-C can land anywhere in Optuna's trial loop)
-    interrupted = [t for t in study.trials if t.state == TrialState.FAIL and "diverged" not in t.user_attrs]
+    # failed, not by diverging nor an unverified file: interrupted (Ctrl-C can land anywhere in Optuna's loop)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    interrupted = [t for t in failed if not {"diverged", "unshippable"} & set(t.user_attrs)]
     orphans = [t for t in study.trials if t.state == TrialState.RUNNING]
     for t in orphans:
         study.tell(t.number, state=TrialState.FAIL)
@@ -171,7 +173,9 @@ def objective(search: Search):
             trial.set_user_attr("interrupted", True)
             raise
         except CATCH as err:
-            trial.set_user_attr("diverged", str(err))
+            trial.set_user_attr(
+                "unshippable" if isinstance(err, targets.Unshippable) else "diverged", str(err)
+            )
             print(f"trial {trial.number} failed ({err}); the search goes on", file=sys.stderr)
             raise
         trial.set_user_attr("val_error", outcome.val_error)

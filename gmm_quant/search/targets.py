@@ -27,6 +27,12 @@ RUNS = 30  # timed runs after as many warm-up runs (median); twice that when re-
 RECHECK = 0.1  # a latency within 10% of the target is measured again before it is judged
 
 
+class Unshippable(RuntimeError):
+    """A trial's model whose ONNX file does not verify (ONNX Runtime disagrees with JAX beyond the
+    exporter's tolerance): the final run could not ship it either, so the trial fails and the search
+    goes on."""
+
+
 def _positive(value) -> bool:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return ok and value > 0
@@ -98,8 +104,11 @@ def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency
 
                 path = pathlib.Path(tmp) / "model.onnx"
                 encoding = "grid" if cfg.weight_bits else export.ENCODING  # as the run exports it
-                export.export_onnx(model.apply_fn, model.params, codebooks, sample, path, encoding=encoding,
-                                   float_codes=model.float_codes)  # fmt: skip
+                try:
+                    export.export_onnx(model.apply_fn, model.params, codebooks, sample, path,
+                                       encoding=encoding, float_codes=model.float_codes)  # fmt: skip
+                except export.ExportMismatch as err:
+                    raise Unshippable(f"its ONNX file does not verify: {err}") from None
                 if max_bytes is not None and target == "onnx":
                     out["file_bytes"] = path.stat().st_size
                 if max_latency_ms is not None:
