@@ -2,7 +2,8 @@
 
 ``space`` (what a trial may change), ``trial`` (one retrain -> compress -> fine-tune, in memory),
 ``study`` (storage, sampler, pruner, stopping), ``budget`` (``compress_to_budget``, the library
-call), ``outputs`` (best config file, trials table, Pareto plot). ``python -m gmm_quant.tune`` wraps it
+call), ``targets`` (a shipped file's size and latency, measured per trial), ``outputs`` (best config
+file, trials table, Pareto plots). ``python -m gmm_quant.tune`` wraps it
 (``gmm_quant.cli.tune``). Names load on first use: importing this package imports no optuna.
 """
 
@@ -12,6 +13,7 @@ _NAMES = {
     "SearchResult": "gmm_quant.search.budget",
     "compress_to_budget": "gmm_quant.search.budget",
     "DEFAULT_DIMENSIONS": "gmm_quant.search.space",
+    "DEPLOY_DIMENSIONS": "gmm_quant.search.space",
     "DIMENSIONS": "gmm_quant.search.space",
     "Space": "gmm_quant.search.space",
 }
