@@ -121,7 +121,7 @@ def test_the_pareto_front_keeps_the_points_nothing_beats_on_both(points, higher,
 def test_the_pareto_plot_gains_a_panel_per_measured_target(tmp_path):
     from PIL import Image
 
-    row = {"state": "complete", "compression_ratio": 20.0, "val_error_percent": 2.0}
+    row = {"state": "complete", "compression_ratio": 20.0, "val_error_percent": 2.0, "within_budget": True}
     rows = [dict(row, file_bytes=9000 + i, latency_ms=1.0 + i, compression_ratio=20.0 + i) for i in range(3)]
     outputs.plot_pareto(rows, 3.0, 1.5, tmp_path / "a.png", targets={"file_bytes": 9500})
     outputs.plot_pareto([row], 3.0, 1.5, tmp_path / "b.png")

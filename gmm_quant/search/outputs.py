@@ -101,7 +101,7 @@ def plot_pareto(
     views = [k for k in VIEWS if k == "compression_ratio" or (rows and k in rows[0])]
     fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views), 4), squeeze=False)
     for ax, key in zip(axes[0], views, strict=True):
-        _panel(ax, rows, key, limit_percent, baseline_percent, (targets or {}).get(key))
+        _panel(ax, rows, key, limit_percent, baseline_percent, targets or {})
         ax.set_ylabel(label)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -110,13 +110,16 @@ def plot_pareto(
     write_atomic(path, buf.getvalue())
 
 
-def _panel(ax, rows, key, limit_percent, baseline_percent, target) -> None:
+def _panel(ax, rows, key, limit_percent, baseline_percent, targets: dict) -> None:
+    """One view: a trial is green when it is feasible (within the budget and every target)."""
     name, higher, log = VIEWS[key]
-    done = [(r[key], r["val_error_percent"]) for r in rows if r["state"] == "complete" and r[key] is not None]
+    rows = [r for r in rows if r["state"] == "complete" and r[key] is not None]
+    done = [(r[key], r["val_error_percent"]) for r in rows]
     if done:
-        ok = [p for p in done if p[1] <= limit_percent]
-        over = [p for p in done if p[1] > limit_percent]
-        for points, colour, what in ((ok, "tab:green", "within budget"), (over, "tab:gray", "over budget")):
+        ok = [p for p, r in zip(done, rows, strict=True) if r["within_budget"]]
+        over = [p for p, r in zip(done, rows, strict=True) if not r["within_budget"]]
+        words = ("meets the targets", "misses them") if targets else ("within budget", "over budget")
+        for points, colour, what in ((ok, "tab:green", words[0]), (over, "tab:gray", words[1])):
             if points:
                 ax.scatter(*zip(*points, strict=True), s=18, color=colour, label=f"trial, {what}")
         front = pareto_front(done, higher)
@@ -125,8 +128,8 @@ def _panel(ax, rows, key, limit_percent, baseline_percent, target) -> None:
     if math.isfinite(limit_percent):  # a size target alone has no error limit
         ax.axhline(limit_percent, color="tab:red", linestyle="--", label=f"budget ({limit_percent:.2f}%)")
     ax.axhline(baseline_percent, color="gray", linestyle=":", label=f"pretrained ({baseline_percent:.2f}%)")
-    if target is not None:
-        ax.axvline(target, color="tab:purple", linestyle="--", label=f"target ({target:,g})")
+    if key in targets:
+        ax.axvline(targets[key], color="tab:purple", linestyle="--", label=f"target ({targets[key]:,g})")
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(name)
