@@ -45,6 +45,10 @@ from gmm_quant.training import data
         (["--pi-zero", "1.5"], "'pi_zero'"),
         (["--retrain-epochs", "two"], "'retrain_epochs'"),
         (["--prune-threshold", "100000"], "'prune_threshold'"),
+        (
+            ["--task", "regress", "--distill-alpha", "0.5"],
+            "'task' = 'regress': distillation is for classifiers",
+        ),
     ],
 )
 def test_bad_values_are_refused_in_one_line_before_anything_is_created(tmp_path, capsys, flags, message):
