@@ -13,6 +13,7 @@ from gmm_quant.search import outputs, targets
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import run_trial
+from gmm_quant.surgery.heads import attention_layers
 from gmm_quant.training import data, pipeline
 
 VIT = dataclasses.replace(
@@ -62,7 +63,7 @@ def test_a_trial_removes_heads_quantises_activations_and_measures_that_file(vit)
     graph of that model (integer products, its outputs ONNX Runtime's within tolerance of JAX's)."""
     apply_fn, params, graphdef, train, val = vit
     cfg = dataclasses.replace(VIT, head_ratio=0.5, activation_mode="w8a8", float_bits=6)
-    measure = targets.measure("onnx", val[0][:64], "vit_digits", max_bytes=1e6, max_latency_ms=1e3)
+    measure = targets.measure("onnx", val[0][:64], max_bytes=1e6, max_latency_ms=1e3)
     seen = {}
 
     def measured(cfg_, codebooks, model):
@@ -72,7 +73,7 @@ def test_a_trial_removes_heads_quantises_activations_and_measures_that_file(vit)
     outcome, codebooks, final, fn = run_trial(cfg, apply_fn, params, train, val, limit=1.0, budget=1.0,
                                               graphdef=graphdef, measure=measured)  # fmt: skip
     kept = nnx.merge(seen["model"].graphdef, final)
-    heads = {p: a.num_heads for p, a in _attention(kept).items()}
+    heads = {p: a.num_heads for p, a in attention_layers(kept).items()}
     assert heads and set(heads.values()) == {2}
     assert seen["model"].activations and seen["model"].float_codes  # W8A8 calibrated, leaves coded
     from gmm_quant.formats import export
@@ -88,12 +89,6 @@ def test_a_trial_removes_heads_quantises_activations_and_measures_that_file(vit)
     assert 0 < outcome.file_bytes < 1e6 and 0 < outcome.latency_ms < 1e3
     whole = sum(int(np.size(v)) for v in jax.tree.leaves(params))
     assert outcome.compression_ratio > 1 and sum(int(np.size(v)) for v in jax.tree.leaves(final)) < whole
-
-
-def _attention(module):
-    from gmm_quant.surgery import heads
-
-    return heads.attention_layers(module)
 
 
 def test_a_search_with_a_size_target_varies_the_deployment_choices(digits):

@@ -29,8 +29,7 @@ from gmm_quant.cli.train import (
     value_flags,
 )
 from gmm_quant.run import config as cfgm
-
-THREADS = 2  # search.targets.THREADS (not imported: the flags load without the search)
+from gmm_quant.search.targets import THREADS  # light: the search's heavy modules load on use
 
 
 def parser():

@@ -34,7 +34,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
     workdir = pathlib.Path(workdir)
     wd.check_usable(workdir, overwrite=args.overwrite)
     named = tuple(d for d in (args.dimensions or "").split(",") if d)
-    space = space_lib.Space(named) if named else None  # None: the defaults (budget_lib.prepare)
+    space = space_lib.Space(named) if named else None  # None: the defaults (budget_lib.resolve_space)
     apply_fn, params, graphdef = inputs.build_model(cfg)
     ds, val = data.split_validation(inputs.load_data(cfg, args.data_dir), cfg.val_fraction, cfg.seed)
     run.check_data(cfg, ds, len(val[1]))

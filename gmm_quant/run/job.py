@@ -202,23 +202,13 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     cfg, final = ctx.cfg, model.params
     flat = {p: np.asarray(v) for p, v in flatten(final).items()}
     model_path = workdir / "model.gqz"
-    storage.save_compressed(
-        model_path,
-        codebooks,
-        final,
-        model=cfg.model,
-        config=cfgm.changed_fields(cfg),
-        activations=model.activations,
-        reuse=list(model.links),
-        float_codes=model.float_codes,
-        state=modes.state_of(model.apply_fn),
-    )
+    file_bytes = save_model_file(model_path, cfg, codebooks, model)
     extra = {
         "model": cfg.model,
         "dataset": cfg.dataset,
         "task": cfg.task,
         "seconds": record.times,
-        "file_bytes": model_path.stat().st_size,
+        "file_bytes": file_bytes,
         "gzip_ratio": accounting.gzip_ratio(flat),
         "validation": {"fraction": cfg.val_fraction, "seed": cfg.seed, "examples": len(ctx.val[1])},
         **{f"val_{report.metric_name(cfg.task)}_{k}": v for k, v in record.val_errors.items()},
@@ -233,12 +223,35 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     if model.reuse_table:
         extra["reuse_choice"] = model.reuse_table
     if onnx_sample is not None:
-        extra["onnx"] = _export(
-            model_path, workdir, onnx_sample, "grid" if cfg.weight_bits else None, cfg.model
-        )
+        extra["onnx"] = _export(model_path, workdir, onnx_sample, onnx_encoding(cfg), cfg.model)
     metrics = report.metrics_dict(record.errors, summary, extra, metric=report.metric_name(cfg.task))
     report.write_metrics(workdir, metrics)
     return metrics
+
+
+def save_model_file(path, cfg: cfgm.Config, codebooks, model) -> int:
+    """Write ``model`` (a ``stages.Model``) as a run ships it, to ``path`` (its ``model.gqz``): its
+    name, the config fields that differ from the defaults, the activation scales, reuse links, float
+    codes and state; returns the file's bytes (what a size target judges)."""
+    storage.save_compressed(
+        path,
+        codebooks,
+        model.params,
+        model=cfg.model,
+        config=cfgm.changed_fields(cfg),
+        activations=model.activations,
+        reuse=list(model.links),
+        float_codes=model.float_codes,
+        state=modes.state_of(model.apply_fn),
+    )
+    return path.stat().st_size
+
+
+def onnx_encoding(cfg: cfgm.Config) -> str | None:
+    """The weight encoding of a run's ``model.onnx``: ``grid`` when the config puts the weights on a
+    grid (``grid_bits`` or an activation mode: what integer kernels take), else None (the exporter's
+    default)."""
+    return "grid" if cfg.weight_bits else None
 
 
 def _export(model_path, workdir, sample, encoding, model):

@@ -86,10 +86,8 @@ def make_judge(metric: str, apply_fn, params, val):
 
 def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None, metric="error",
             max_bytes=None, target="gqz", max_latency_ms=None, latency_batch=1):  # fmt: skip
-    """The search's fixed inputs: the space (``space`` None: the default dimensions, with a deploy
-    target the deployment ones the model supports), layers, the sensitivity-bounded keep_float
-    candidates, the limit (none when ``budget`` is None: a size target alone)."""
-    space = resolve_space(space, graphdef, params, max_bytes is not None or max_latency_ms is not None)
+    """The search's fixed inputs in ``space`` (``resolve_space``'s): layers, the sensitivity-bounded
+    keep_float candidates, the limit (none when ``budget`` is None: a size target alone)."""
     plan = build_plan(base, params)
     layers = plan.quantised()
     judge, baseline = make_judge(metric, apply_fn, params, val)
@@ -244,6 +242,7 @@ def compress_to_budget(
     """
     check_inputs(budget, trials, val, max_bytes, target, max_latency_ms, latency_batch)
     space = space_lib.Space(tuple(dimensions)) if dimensions else None
+    space = resolve_space(space, graphdef, params, max_bytes is not None or max_latency_ms is not None)
     base = base or Config()
     search = prepare(apply_fn, params, train, val, budget=budget, base=base, space=space, metric=metric,
                      max_bytes=max_bytes, target=target, max_latency_ms=max_latency_ms,

@@ -209,7 +209,7 @@ def sized(search: Search) -> dict:
         return {}
     original = 4 * sum(int(np.size(v)) for v in jax.tree.leaves(search.pretrained))
     measure = targets.measure(
-        search.target, search.val[0][:64], search.base.model, max_bytes=search.max_bytes,
+        search.target, search.val[0][:64], max_bytes=search.max_bytes,
         max_latency_ms=search.max_latency_ms, latency_batch=search.latency_batch,
     )  # fmt: skip
     return {"measure": measure, "rung_score": targets.rung_score(original, search.max_bytes)}

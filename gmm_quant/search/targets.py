@@ -79,11 +79,13 @@ def judged_latency(onnx_bytes: bytes, batch, max_latency_ms: float) -> float:
     return first
 
 
-def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency_ms=None, latency_batch=1):
+def measure(target: str, sample, *, max_bytes=None, max_latency_ms=None, latency_batch=1):
     """``(cfg, codebooks, model) -> {"file_bytes", "latency_ms"}``: the size of the file ``target``
     names, written as a run writes it (with ``max_bytes``), and the ONNX file's latency on a batch of
     ``latency_batch`` rows of ``sample`` (with ``max_latency_ms``)."""
     import numpy as np
+
+    from gmm_quant.run import job  # the run's own file writers: a trial's file is the final run's
 
     rows = np.resize(np.asarray(sample), (latency_batch, *np.shape(sample)[1:]))  # repeated to size
 
@@ -96,14 +98,14 @@ def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency
         out = {}
         with tempfile.TemporaryDirectory() as tmp:
             if max_bytes is not None and target == "gqz":
-                out["file_bytes"] = _gqz_bytes(
-                    pathlib.Path(tmp) / "model.gqz", cfg, codebooks, model, model_name
+                out["file_bytes"] = job.save_model_file(
+                    pathlib.Path(tmp) / "model.gqz", cfg, codebooks, model
                 )
             if target == "onnx" or max_latency_ms is not None:
                 from gmm_quant.formats import export
 
                 path = pathlib.Path(tmp) / "model.onnx"
-                encoding = "grid" if cfg.weight_bits else export.ENCODING  # as the run exports it
+                encoding = job.onnx_encoding(cfg) or export.ENCODING
                 try:
                     export.export_onnx(model.apply_fn, model.params, codebooks, sample, path,
                                        encoding=encoding, float_codes=model.float_codes)  # fmt: skip
@@ -116,19 +118,6 @@ def measure(target: str, sample, model_name=None, *, max_bytes=None, max_latency
         return out
 
     return measured
-
-
-def _gqz_bytes(path, cfg, codebooks, model, model_name) -> int:
-    from gmm_quant.formats import storage
-    from gmm_quant.run.config import changed_fields
-    from gmm_quant.training import modes
-
-    storage.save_compressed(
-        path, codebooks, model.params, model=model_name or cfg.model, config=changed_fields(cfg),
-        activations=model.activations, reuse=list(model.links), float_codes=model.float_codes,
-        state=modes.state_of(model.apply_fn),
-    )  # fmt: skip
-    return path.stat().st_size
 
 
 def rung_score(original_bytes: float, max_bytes: float | None):
