@@ -21,7 +21,8 @@ import optax
 
 from gmm_quant._util.partials import carrying
 from gmm_quant.core import mixture as mx
-from gmm_quant.core.rules import Plan
+from gmm_quant.core import unit_prior
+from gmm_quant.core.rules import Plan, flatten
 
 
 class LearningRates(NamedTuple):
@@ -45,7 +46,8 @@ def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False, place
                learn_mixture: bool = True) -> jax.Array:  # fmt: skip
     """-log p(w, mixture) summed over every group of the plan; with a ``scale.placement.Placement``
     (and its mesh set), sharded layers are summed where they live. ``learn_mixture`` False: the
-    mixtures take no gradient (the cheaper evaluation, ``mixture.log_prob``)."""
+    mixtures take no gradient (the cheaper evaluation, ``mixture.log_prob``). Leaves whose rule has a
+    ``unit_prior`` add that strength times the unit prior's -log p (``core.unit_prior``)."""
     total = jnp.zeros((), jnp.float32)
     for group, config in plan.mixtures.items():
         weights = plan.group_weights(params, group)
@@ -55,6 +57,11 @@ def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False, place
             config, state, weights, exact=exact, specs=specs, learn_mixture=learn_mixture
         )
         total = total - mx.hyper_log_prob(config, state)
+    units = {p: r.unit_prior for p, r in plan.rules.items() if r.unit_prior > 0 and not r.keep_float}
+    if units:
+        flat = flatten(params)
+        for path, strength in units.items():
+            total = total + strength * unit_prior.neg_log_prob(flat[path])
     return total
 
 

@@ -35,6 +35,9 @@ class Rule:
         slice: every block's own surviving centres, pruned and fine-tuned on its own, as if the blocks
         were separate layers; the Han count and the file pay one codebook per slice. False: one
         codebook for the whole stack.
+      unit_prior: strength of the unit prior (``core.unit_prior``) on these leaves' input and output
+        units, added to the complexity (so scaled by tau / N); 0: none. Leaves of fewer than 2
+        dimensions take none.
     """
 
     pattern: str
@@ -44,6 +47,7 @@ class Rule:
     merge_kl: float | None = None
     per_layer: bool = False
     per_slice: bool = False
+    unit_prior: float = 0.0
 
     def __post_init__(self):
         try:
@@ -54,6 +58,8 @@ class Rule:
             raise ValueError(f"prune_threshold must be >= 0, got {self.prune_threshold}")
         if self.merge_kl is not None and self.merge_kl < 0:
             raise ValueError(f"merge_kl must be >= 0 or None, got {self.merge_kl}")
+        if not 0 <= self.unit_prior < float("inf"):
+            raise ValueError(f"unit_prior must be a finite number >= 0, got {self.unit_prior}")
 
     def threshold_count(self, size: int) -> float:
         """The member count at or below which a component is pruned in a layer of ``size`` weights."""

@@ -72,6 +72,7 @@ class Config:
     own_mixture: tuple[str, ...] = ()  # regexes of layers that each get a mixture of their own
     per_slice: tuple[str, ...] = ()  # regexes of stacked weights (blocks on axis 0): a codebook per block
     quantise_biases: bool = False  # biases get a prior and a codebook too (one mixture per bias)
+    unit_prior: tuple[str, ...] = ()  # "REGEX=STRENGTH": a group prior drives those kernels' units to 0
     distill_alpha: float = 0.0  # > 0: the pretrained model teaches retraining and fine-tuning (KL weight)
     distill_temperature: float = 4.0  # softmax temperature of the distillation term
     distill_features: str = ""  # regex of module paths whose outputs the student matches (relative MSE)
@@ -166,6 +167,7 @@ def validate(cfg: Config) -> Config:
     _check(fbits == 0 or 2 <= fbits <= 8, "float_bits", "must be 0 (float32) or 2..8", fbits)
     _check(cfg.prune_threshold >= 0, "prune_threshold", "must be >= 0", cfg.prune_threshold)
     layer_thresholds(cfg)
+    unit_strengths(cfg)
     modes = ("", *ACTIVATION_MODES)
     _check(cfg.activation_mode in modes, "activation_mode", f"choose one of {modes}", cfg.activation_mode)
     if cfg.activation_mode:
@@ -220,16 +222,25 @@ def changed_fields(cfg: Config) -> dict:
 
 def layer_thresholds(cfg: Config) -> list[tuple[str, float]]:
     """``layer_prune`` as [(regex, threshold)], each checked."""
+    return _layer_values(cfg, "layer_prune", "THRESHOLD")
+
+
+def unit_strengths(cfg: Config) -> list[tuple[str, float]]:
+    """``unit_prior`` as [(regex, strength)], each checked."""
+    return _layer_values(cfg, "unit_prior", "STRENGTH")
+
+
+def _layer_values(cfg: Config, name: str, what: str) -> list[tuple[str, float]]:
     out = []
-    for item in cfg.layer_prune:
+    for item in getattr(cfg, name):
         pattern, sep, value = item.rpartition("=")
         try:
-            threshold = float(value)
+            number = float(value)
         except ValueError:
-            threshold = float("nan")
-        ok = bool(sep) and _compiles(pattern) and math.isfinite(threshold) and threshold >= 0
-        _check(ok, "layer_prune", "each item must be REGEX=THRESHOLD with a threshold >= 0", item)
-        out.append((pattern, threshold))
+            number = float("nan")
+        ok = bool(sep) and _compiles(pattern) and math.isfinite(number) and number >= 0
+        _check(ok, name, f"each item must be REGEX={what} with a {what.lower()} >= 0", item)
+        out.append((pattern, number))
     return out
 
 

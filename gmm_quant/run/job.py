@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from gmm_quant.core import accounting, codebook
+from gmm_quant.core import accounting, codebook, unit_prior
 from gmm_quant.core.rules import flatten, replace_leaves
 from gmm_quant.formats import storage
 from gmm_quant.run import checkpoint as ckpt
@@ -217,6 +217,7 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     }
     if model.heads:
         extra["heads"] = model.heads
+    extra["units"] = live_units(codebooks)
     extra["retrain_epochs"] = record.retrain_epochs
     if model.links:
         extra["reuse"] = [dataclasses.asdict(link) for link in model.links]
@@ -227,6 +228,18 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     metrics = report.metrics_dict(record.errors, summary, extra, metric=report.metric_name(cfg.task))
     report.write_metrics(workdir, metrics)
     return metrics
+
+
+def live_units(codebooks: dict) -> dict:
+    """{path: {"outputs": [live, of], "inputs": [live, of]}} of every codebook of 2 or more
+    dimensions: the units with a non-zero weight (``core.unit_prior.live_units``)."""
+    out = {}
+    for path, cb in codebooks.items():
+        indices = np.asarray(cb.indices)
+        live = unit_prior.live_units(indices)  # an index is 0 exactly where the weight is 0
+        if live:
+            out[path] = {"outputs": [live[0], indices.shape[-1]], "inputs": [live[1], indices.shape[-2]]}
+    return out
 
 
 def save_model_file(path, cfg: cfgm.Config, codebooks, model) -> int:

@@ -82,6 +82,12 @@ def format_table(metrics: dict) -> str:
         files = {"model.gqz": metrics["file_bytes"], "model.onnx": (metrics.get("onnx") or {}).get("bytes")}
         shown = [f"{name} {n:,} bytes ({original / n:.1f}x)" for name, n in files.items() if n]
         lines.append("files on disk: " + "   ".join(shown))
+    units = {p: u for p, u in (metrics.get("units") or {}).items() if u["outputs"][0] < u["outputs"][1]
+             or u["inputs"][0] < u["inputs"][1]}  # fmt: skip
+    if units:
+        shown = "  ".join(f"{p} {u['inputs'][0]}/{u['inputs'][1]} -> {u['outputs'][0]}/{u['outputs'][1]}"
+                          for p, u in units.items())  # fmt: skip
+        lines.append(f"live units (inputs -> outputs): {shown}")
     if metrics.get("heads"):
         kept = "  ".join(f"{p} {len(h['kept'])}/{h['of']}" for p, h in metrics["heads"].items())
         lines.append(f"attention heads kept: {kept}")
