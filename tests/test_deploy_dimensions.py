@@ -38,7 +38,7 @@ def vit():
 def test_a_deploy_target_adds_the_choices_the_model_supports(vit, digits):
     _, params, graphdef, *_ = vit
     with_target = budget_lib.resolve_space(None, graphdef, params, deploys=True).dimensions
-    assert with_target == (*space_lib.DEFAULT_DIMENSIONS, "float_bits", "activation_mode", "heads")
+    assert with_target == (*space_lib.DEFAULT_DIMENSIONS, "units", "float_bits", "activation_mode", "heads")
     assert budget_lib.resolve_space(None, graphdef, params, deploys=False).dimensions == (
         space_lib.DEFAULT_DIMENSIONS
     )
@@ -98,8 +98,9 @@ def test_a_search_with_a_size_target_varies_the_deployment_choices(digits):
         graphdef=nnx.split(models.create("digits_mlp", 0), nnx.Param)[0],
     )  # fmt: skip
     params = [t.params for t in result.study.trials]
-    assert all({"float_bits", "activation_mode"} <= set(p) and "head_ratio" not in p for p in params)
+    assert all({"units", "float_bits", "activation_mode"} <= set(p) and "head_ratio" not in p for p in params)
     assert params[0]["float_bits"] == 0 and params[0]["activation_mode"] == ""  # the base point first
+    assert params[0]["units"] is False
     assert result.study.user_attrs["dimensions"][-2:] == ["float_bits", "activation_mode"]
 
 

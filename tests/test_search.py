@@ -65,6 +65,27 @@ def test_the_base_point_reproduces_the_base_config():
     assert out["own_mixture"] == () and out["distill_alpha"] == 0 and not out["quantise_biases"]
 
 
+def test_the_units_dimension_turns_the_unit_prior_on_or_scales_the_base_configs():
+    dims = Space(("units",))
+    on = space_lib.suggest(
+        optuna.trial.FixedTrial({"units": True, "unit_strength": 0.5}), dims, Config(), LAYERS, []
+    )
+    off = space_lib.suggest(optuna.trial.FixedTrial({"units": False}), dims, Config(), LAYERS, [])
+    assert on["unit_prior"] == (".*=0.5",) and off["unit_prior"] == ()
+    _, p = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+    plan = build_plan(cfgm.validate(Config(**on)), p)
+    assert [plan.rules[layer].unit_prior for layer in LAYERS] == [0.5, 0.5, 0.5]
+    base = Config(unit_prior=("layers/0/=2", "layers/1/=0.5"))
+    scaled = space_lib.suggest(optuna.trial.FixedTrial({"unit_x": 0.1}), dims, base, LAYERS, [])
+    assert scaled["unit_prior"] == ("layers/0/=0.2", "layers/1/=0.05")
+    for cfg in (Config(), base):  # the base point is the base config's unit prior
+        point = space_lib.base_point(dims, LAYERS, [], cfg)
+        assert (
+            space_lib.suggest(optuna.trial.FixedTrial(point), dims, cfg, LAYERS, [])["unit_prior"]
+            == cfg.unit_prior
+        )
+
+
 def fake_trials(monkeypatch, outcomes):
     """Replace a trial's training by the given outcomes (Exception instances are raised)."""
     calls = []

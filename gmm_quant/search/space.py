@@ -6,7 +6,8 @@ dimensions (``tau``, ``hyperprior``, ``retrain_epochs``) scale the base config's
 serves models whose good tau differs by orders of magnitude.
 
 With a deploy target (a file size or a latency) the deployment choices join the default dimensions,
-those the model supports (``deploy_dimensions``): the float leaves' bits, the activation mode (integer
+those the model supports (``deploy_dimensions``): the unit prior (units it zeroes leave the exported
+graph), the float leaves' bits, the activation mode (integer
 kernels, which need the ``grid`` encoding: the run exports it so) and the share of attention heads
 removed. Each trial exports its model and measures the real file and latency (``targets``). The weight
 encoding is not a dimension: the exporter already keeps, per layer, the smallest of the sparse and
@@ -33,11 +34,12 @@ DIMENSIONS = (
     "distill",  # distillation from the pretrained model (alpha 0.5) on or off
     "retrain_epochs",  # base retraining length x 0.5, 1 or 2
     "quantise_biases",  # biases keep float32 or get codebooks of their own
+    "units",  # unit prior (structured sparsity): off, or on at [0.1, 3] (log); or the base's x [0.1, 10]
     "float_bits",  # deployment: leaves outside the prior float32 or 4/6/8-bit codes
     "activation_mode",  # deployment: float activations, W8A8 or W4A8 (Linear layers, no model state)
     "heads",  # deployment: remove 0, 1/4 or 1/2 of each attention layer's heads (lowest weight norms)
 )
-DEPLOY_DIMENSIONS = ("float_bits", "activation_mode", "heads")
+DEPLOY_DIMENSIONS = ("units", "float_bits", "activation_mode", "heads")
 FLOAT_BITS = (0, 4, 6, 8)
 ACTIVATION_MODES = ("", "w8a8", "w4a8")
 HEAD_RATIOS = (0.0, 0.25, 0.5)
@@ -109,6 +111,8 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
         out["retrain_epochs"] = max(1, math.ceil(base.retrain_epochs * scale))
     if "quantise_biases" in space:
         out["quantise_biases"] = trial.suggest_categorical("quantise_biases", [False, True])
+    if "units" in space:
+        out["unit_prior"] = _unit_prior(trial, base)
     if "float_bits" in space:
         out["float_bits"] = trial.suggest_categorical("float_bits", _with(FLOAT_BITS, base.float_bits))
     if "activation_mode" in space:
@@ -119,15 +123,28 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
     return out
 
 
+def _unit_prior(trial, base: Config) -> tuple[str, ...]:
+    """The base config's unit prior items with their strengths scaled (x [1/10, 10], log); without
+    any, off or on over every quantised leaf at a strength in [0.1, 3] (log)."""
+    if base.unit_prior:
+        scale = trial.suggest_float("unit_x", 0.1, 10.0, log=True)
+        items = [item.rpartition("=") for item in base.unit_prior]
+        return tuple(f"{pattern}={float(value) * scale:.6g}" for pattern, _, value in items)
+    if not trial.suggest_categorical("units", [False, True]):
+        return ()
+    return (f".*={trial.suggest_float('unit_strength', 0.1, 3.0, log=True):.6g}",)
+
+
 def _with(choices: tuple, base_value) -> list:
     """The choices, the base config's value among them (so the base point is one of them)."""
     return list(choices) if base_value in choices else [*choices, base_value]
 
 
 def deploy_dimensions(supports_activations: bool, has_heads: bool) -> tuple[str, ...]:
-    """The deployment dimensions a model supports: float bits always; the activation mode with Linear
-    layers and no model state (BatchNorm statistics); heads with attention layers."""
-    out = ["float_bits"]
+    """The deployment dimensions a model supports: the unit prior (whole units removed from the file)
+    and float bits always; the activation mode with Linear layers and no model state (BatchNorm
+    statistics); heads with attention layers."""
+    out = ["units", "float_bits"]
     if supports_activations:
         out.append("activation_mode")
     if has_heads:
@@ -141,6 +158,7 @@ def base_point(space: Space, layers: list[str], sensitive: list[str], base: Conf
     point = {"tau_x": 1.0, "hyperprior_x": 1.0, "precision_x": 1.0, "distill": False, "retrain_x": 1.0}
     point.update(float_bits=base.float_bits, activation_mode=base.activation_mode, head_ratio=base.head_ratio)
     point["quantise_biases"] = False
+    point.update({"unit_x": 1.0} if base.unit_prior else {"units": False})
     point.update({f"own/{p}": False for p in layers})
     point.update({f"float/{p}": False for p in sensitive})
     point.update({f"prune/{p}": 1e-5 for p in layers})
