@@ -239,7 +239,7 @@ def _layer_values(cfg: Config, name: str, what: str) -> list[tuple[str, float]]:
         except ValueError:
             number = float("nan")
         ok = bool(sep) and _compiles(pattern) and math.isfinite(number) and number >= 0
-        _check(ok, name, f"each item must be REGEX={what} with a {what.lower()} >= 0", item)
+        _check(ok, name, f"each item must be REGEX={what} with a finite {what.lower()} >= 0", item)
         out.append((pattern, number))
     return out
 
