@@ -1,10 +1,12 @@
 """The budget search: its space, its stopping and failure rules, the data it sees, resume, workers."""
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -193,6 +195,28 @@ def test_a_three_trial_search_writes_a_config_that_reproduces_its_best(tmp_path)
     assert metrics["compression_ratio"] == pytest.approx(summary["best_compression_ratio"], rel=1e-12)
 
 
+def test_two_workers_creating_one_database_at_once_both_open_it(tmp_path, monkeypatch):
+    calls = []
+
+    class Racing(optuna.storages.RDBStorage):  # the other worker created the tables before our CREATE
+        def __init__(self, url, **kw):
+            calls.append(url)
+            if len(calls) == 1:
+                raise RuntimeError("(sqlite3.OperationalError) table studies already exists\n[SQL: CREATE]")
+            super().__init__(url, **kw)
+
+    class Broken(optuna.storages.RDBStorage):
+        def __init__(self, url, **kw):
+            raise OSError("disk\nI/O")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    study = study_lib.open_study(f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(calls) == 2 and study.study_name == "gmm_quant"
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Broken)
+    with pytest.raises(study_lib.StorageError, match=r"^cannot open the study storage .*: disk$"):
+        study_lib.open_study(f"sqlite:///{tmp_path / 'other.db'}")
+
+
 def wait_for_running_trial(proc, db, after_finished=1, timeout=300):  # generous: a loaded machine
     """The number of a trial running after `after_finished` trials ended (complete or pruned)."""
     deadline = time.time() + timeout
@@ -202,14 +226,16 @@ def wait_for_running_trial(proc, db, after_finished=1, timeout=300):  # generous
             raise AssertionError(f"tune exited with {proc.returncode} before a trial was caught running")
         if not db.exists():
             continue
+        # read-only: optuna.load_study would create the tables, racing tune creating them
         try:
-            trials = optuna.load_study(study_name="gmm_quant", storage=f"sqlite:///{db}").trials
-        except Exception:  # the study is being created, or the database is locked for a write
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+                trials = con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+        except sqlite3.Error:  # the study is being created, or the database is locked for a write
             continue
-        states = [t.state.name for t in trials]
+        states = [state for _, state in trials]
         ended = states.count("COMPLETE") + states.count("PRUNED")
         if ended >= after_finished and "RUNNING" in states:
-            return next(t.number for t in trials if t.state.name == "RUNNING")
+            return next(number for number, state in trials if state == "RUNNING")
     raise AssertionError("no trial started")
 
 

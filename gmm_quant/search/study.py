@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import sys
+import time
 import warnings
 from typing import NamedTuple
 
@@ -46,19 +47,7 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in our one line
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if storage is not None:
-        try:
-            sqlite = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
-            storage = optuna.storages.RDBStorage(
-                storage,
-                engine_kwargs=sqlite,
-                heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-        except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open"
-            raise StorageError(
-                f"cannot open the study storage {storage!r}: {str(err).splitlines()[0]}"
-            ) from None
+        storage = _database(storage, heartbeat)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
     # prune only the bottom quarter at a rung: rung scores are noisy (the objective is what counts)
     pruner = optuna.pruners.PercentilePruner(75.0, n_startup_trials=startup_trials)  # keeps the top 75%
@@ -66,6 +55,29 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
         storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
         load_if_exists=True,
     )  # fmt: skip
+
+
+def _database(url: str, heartbeat: float, attempts: int = 3):
+    """Optuna's storage at ``url``. Two workers opening a new database at once both create its
+    tables, and the later one fails with "table ... already exists": it tries again (the tables are
+    then there) before the error becomes a ``StorageError``."""
+    import optuna
+
+    sqlite = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=sqlite,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open"
+            if "already exists" in str(err) and attempt < attempts - 1:
+                time.sleep(0.5)
+                continue
+            raise StorageError(f"cannot open the study storage {url!r}: {str(err).splitlines()[0]}") from None
 
 
 def retry_orphans(study) -> list[int]:
