@@ -21,6 +21,7 @@ from gmm_quant.run import config as cfgm
 from gmm_quant.run.config import Config
 from gmm_quant.run.plan import build_plan
 from gmm_quant.search import Space, compress_to_budget
+from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
 from gmm_quant.search.trial import Outcome
@@ -77,6 +78,14 @@ def test_the_units_dimension_turns_the_unit_prior_on_or_scales_the_base_configs(
     _, p = nnx.split(models.create("digits_mlp", 0), nnx.Param)
     plan = build_plan(cfgm.validate(Config(**on)), p)
     assert [plan.rules[layer].unit_prior for layer in LAYERS] == [0.5, 0.5, 0.5]
+    graphdef, p = nnx.split(models.create("digits_mlp", 0), nnx.Param)
+    hidden = budget_lib.hidden_layers(
+        lambda q, x: nnx.merge(graphdef, q)(x), p, LAYERS, np.zeros((1, 8, 8, 1))
+    )
+    assert hidden == LAYERS[:2]  # the classes' layer keeps its output units
+    trial = optuna.trial.FixedTrial({"units": True, "unit_strength": 0.5})
+    cfg = cfgm.validate(Config(**space_lib.suggest(trial, dims, Config(), LAYERS, [], hidden=hidden)))
+    assert [build_plan(cfg, p).rules[layer].unit_prior for layer in LAYERS] == [0.5, 0.5, 0.0]
     base = Config(unit_prior=("layers/0/=2", "layers/1/=0.5"))
     scaled = space_lib.suggest(optuna.trial.FixedTrial({"unit_x": 0.1}), dims, base, LAYERS, [])
     assert scaled["unit_prior"] == ("layers/0/=0.2", "layers/1/=0.05")

@@ -119,7 +119,17 @@ def prepare(apply_fn, params, train, val, *, budget, base, space, graphdef=None,
         baseline,
         max_latency_ms,
         latency_batch,
+        hidden_layers(apply_fn, params, layers, val[0][:1]) if "units" in space else None,
     )
+
+
+def hidden_layers(apply_fn, params, layers: list[str], sample) -> list[str]:
+    """The quantised leaves of 2 or more dimensions whose output units are not the model's: those
+    whose last axis differs from the output's (the classes, the vocabulary), which a unit prior
+    must not remove."""
+    width = np.shape(apply_fn(params, sample))[-1]
+    flat = flatten(params)
+    return [p for p in layers if np.ndim(flat[p]) >= 2 and np.shape(flat[p])[-1] != width]
 
 
 def resolve_space(space, graphdef, params, deploys: bool) -> space_lib.Space:

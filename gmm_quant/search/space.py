@@ -80,8 +80,9 @@ def sensitive_layers(sensitivity: dict, budget: float, sizes: dict, share: float
     ]
 
 
-def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: list[str]) -> dict:
-    """Config overrides for this trial (Optuna's define-by-run API)."""
+def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: list[str], hidden=None) -> dict:
+    """Config overrides for this trial (Optuna's define-by-run API); ``hidden``: the layers the
+    ``units`` dimension acts on (None: every quantised leaf)."""
     out = {}
     if "tau" in space:
         out["tau"] = base.tau * trial.suggest_float("tau_x", 0.2, 5.0, log=True)
@@ -112,7 +113,7 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
     if "quantise_biases" in space:
         out["quantise_biases"] = trial.suggest_categorical("quantise_biases", [False, True])
     if "units" in space:
-        out["unit_prior"] = _unit_prior(trial, base)
+        out["unit_prior"] = _unit_prior(trial, base, hidden)
     if "float_bits" in space:
         out["float_bits"] = trial.suggest_categorical("float_bits", _with(FLOAT_BITS, base.float_bits))
     if "activation_mode" in space:
@@ -123,16 +124,17 @@ def suggest(trial, space: Space, base: Config, layers: list[str], sensitive: lis
     return out
 
 
-def _unit_prior(trial, base: Config) -> tuple[str, ...]:
+def _unit_prior(trial, base: Config, hidden) -> tuple[str, ...]:
     """The base config's unit prior items with their strengths scaled (x [1/10, 10], log); without
-    any, off or on over every quantised leaf at a strength in [0.1, 3] (log)."""
+    any, off or on over the ``hidden`` layers (None: every leaf) at a strength in [0.1, 3] (log)."""
     if base.unit_prior:
         scale = trial.suggest_float("unit_x", 0.1, 10.0, log=True)
         items = [item.rpartition("=") for item in base.unit_prior]
         return tuple(f"{pattern}={float(value) * scale:.6g}" for pattern, _, value in items)
-    if not trial.suggest_categorical("units", [False, True]):
+    if not trial.suggest_categorical("units", [False, True]) or hidden == []:
         return ()
-    return (f".*={trial.suggest_float('unit_strength', 0.1, 3.0, log=True):.6g}",)
+    pattern = ".*" if hidden is None else "^(?:" + "|".join(map(re.escape, hidden)) + ")$"
+    return (f"{pattern}={trial.suggest_float('unit_strength', 0.1, 3.0, log=True):.6g}",)
 
 
 def _with(choices: tuple, base_value) -> list:

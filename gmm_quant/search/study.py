@@ -159,6 +159,7 @@ class Search(NamedTuple):
     baseline: float = math.nan  # the pretrained model's judged value (validation error)
     max_latency_ms: float | None = None  # ONNX Runtime latency target (search.targets); None: none
     latency_batch: int = 1  # the batch it is measured on
+    hidden: list | None = None  # the layers the unit prior may thin (not the output's); None: all
 
 
 def objective(search: Search):
@@ -167,7 +168,8 @@ def objective(search: Search):
 
     def run(trial):
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        overrides = space_lib.suggest(trial, search.space, search.base, search.layers, search.sensitive)
+        overrides = space_lib.suggest(trial, search.space, search.base, search.layers, search.sensitive,
+                                      hidden=search.hidden)  # fmt: skip
         cfg = dataclasses.replace(search.base, **overrides)
 
         def report(value, step):
