@@ -3,8 +3,11 @@
 A unit of a weight ``W`` of two or more dimensions is a slice along one of its last two axes: an
 output unit is everything feeding one output feature (a column of a dense kernel ``[in, out]``, a
 filter of a convolution kernel ``[kh, kw, in, out]``), an input unit everything reading one input
-feature (a row, an input channel). Each unit ``g`` of ``d_g`` weights gets the group normal-Jeffreys
-prior of Bayesian Compression (Louizos, Ullrich & Welling 2017) with its scale integrated out,
+feature (a row, an input channel). For an attention projection stored ``[in, heads, head_dim]``
+(``nnx.MultiHeadAttention``'s query, key and value) the last two axes are the heads and the head
+dimensions, so its "input units" are whole heads. Each unit ``g`` of ``d_g`` weights gets the group
+normal-Jeffreys prior of Bayesian Compression (Louizos, Ullrich & Welling 2017) with its scale
+integrated out,
 ``p(w_g) ∝ ||w_g||^(-d_g)``, kept finite at zero by a floor on the unit's mean square::
 
     -log p(W) = sum over units g of  d_g / 2 * log(mean(w_g ** 2) + floor ** 2)     (+ a constant)
