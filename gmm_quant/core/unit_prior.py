@@ -7,8 +7,7 @@ feature (a row, an input channel). For an attention projection stored ``[in, hea
 (``nnx.MultiHeadAttention``'s query, key and value) the last two axes are the heads and the head
 dimensions, so its "input units" are whole heads. Each unit ``g`` of ``d_g`` weights gets the group
 normal-Jeffreys prior of Bayesian Compression (Louizos, Ullrich & Welling 2017) with its scale
-integrated out,
-``p(w_g) ∝ ||w_g||^(-d_g)``, kept finite at zero by a floor on the unit's mean square::
+integrated out, ``p(w_g) ∝ ||w_g||^(-d_g)``, kept finite at zero by a floor on the unit's mean square::
 
     -log p(W) = sum over units g of  d_g / 2 * log(mean(w_g ** 2) + floor ** 2)     (+ a constant)
 
