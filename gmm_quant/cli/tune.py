@@ -75,7 +75,7 @@ def parser():
         default=None,
         help="what trials vary, comma-separated, from gmm_quant.search.DIMENSIONS (default: "
         "search.space.DEFAULT_DIMENSIONS; with --max-bytes / --max-latency-ms also the "
-        "deployment choices the model supports: float_bits, activation_mode, heads)",
+        "deployment choices the model supports: units, float_bits, activation_mode, heads)",
     )
     ap.add_argument("--heartbeat", type=int, default=60, help="seconds between a trial's liveness signals")
     ap.add_argument("--no-final", action="store_true", help="do not train the final model")
