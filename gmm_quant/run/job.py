@@ -217,7 +217,7 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     }
     if model.heads:
         extra["heads"] = model.heads
-    extra["units"] = live_units(codebooks)
+    extra["units"] = unit_table(codebooks)
     extra["retrain_epochs"] = record.retrain_epochs
     if model.links:
         extra["reuse"] = [dataclasses.asdict(link) for link in model.links]
@@ -230,7 +230,7 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     return metrics
 
 
-def live_units(codebooks: dict) -> dict:
+def unit_table(codebooks: dict) -> dict:
     """{path: {"outputs": [live, of], "inputs": [live, of]}} of every codebook of 2 or more
     dimensions: the units with a non-zero weight (``core.unit_prior.live_units``)."""
     out = {}

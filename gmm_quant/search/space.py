@@ -7,11 +7,11 @@ serves models whose good tau differs by orders of magnitude.
 
 With a deploy target (a file size or a latency) the deployment choices join the default dimensions,
 those the model supports (``deploy_dimensions``): the unit prior (units it zeroes leave the exported
-graph), the float leaves' bits, the activation mode (integer
-kernels, which need the ``grid`` encoding: the run exports it so) and the share of attention heads
-removed. Each trial exports its model and measures the real file and latency (``targets``). The weight
-encoding is not a dimension: the exporter already keeps, per layer, the smallest of the sparse and
-dense codebook forms (ONNX Runtime decodes both at load, so they run the same kernels).
+graph), the float leaves' bits, the activation mode (integer kernels, which need the ``grid`` encoding:
+the run exports it so) and the share of attention heads removed. Each trial exports its model and
+measures the real file and latency (``targets``). The weight encoding is not a dimension: the exporter
+already keeps, per layer, the smallest of the sparse and dense codebook forms (ONNX Runtime decodes both
+at load, so they run the same kernels).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import dataclasses
 import math
 import re
 
-from gmm_quant.run.config import Config
+from gmm_quant.run.config import Config, unit_strengths
 
 DIMENSIONS = (
     "tau",  # prior strength: base tau x [1/5, 5], log-uniform
@@ -129,8 +129,7 @@ def _unit_prior(trial, base: Config, hidden) -> tuple[str, ...]:
     any, off or on over the ``hidden`` layers (None: every leaf) at a strength in [0.1, 3] (log)."""
     if base.unit_prior:
         scale = trial.suggest_float("unit_x", 0.1, 10.0, log=True)
-        items = [item.rpartition("=") for item in base.unit_prior]
-        return tuple(f"{pattern}={float(value) * scale:.6g}" for pattern, _, value in items)
+        return tuple(f"{pattern}={strength * scale:.6g}" for pattern, strength in unit_strengths(base))
     if not trial.suggest_categorical("units", [False, True]) or hidden == []:
         return ()
     pattern = ".*" if hidden is None else "^(?:" + "|".join(map(re.escape, hidden)) + ")$"
