@@ -51,6 +51,7 @@ _API = {
     "prune_heads": "gmm_quant.surgery.heads",
     "heads_kept": "gmm_quant.surgery.heads",
     "calibrate_activations": ("gmm_quant.surgery.activations", "calibrate"),
+    "disconnect_dead_units": ("gmm_quant.surgery.dead_units", "disconnect"),
     "Link": "gmm_quant.surgery.reuse.links",
     "attach_reuse": ("gmm_quant.surgery.reuse.layers", "attach"),
     "choose_reuse": ("gmm_quant.surgery.reuse.choose", "choose"),

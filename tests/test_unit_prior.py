@@ -152,3 +152,34 @@ def test_a_dead_unit_is_gone_from_the_onnx_graph_and_the_outputs_are_unchanged(t
     gq.save_compressed(tmp_path / "m.gqz", codebooks, snapped)
     loaded = gq.load_compressed(tmp_path / "m.gqz").params(snapped)
     np.testing.assert_array_equal(np.asarray(apply_fn(loaded, x)), np.asarray(apply_fn(snapped, x)))
+
+
+def test_weights_reading_dead_units_leave_the_model_the_han_count_and_the_file(trained, tmp_path):
+    apply_fn, out, ds = trained
+    codebooks, snapped = out[10.0]
+    done = gq.disconnect_dead_units(apply_fn, snapped, codebooks, ds.x_train[:16])
+    hidden = np.asarray(codebooks["hidden/kernel"].indices)
+    dead = np.flatnonzero(~hidden.any(axis=0))
+    before, after = (
+        np.asarray(codebooks["out/kernel"].indices),
+        np.asarray(done.codebooks["out/kernel"].indices),
+    )
+    assert np.count_nonzero(before[dead]) > 0 and not after[dead].any()  # every row reading a dead unit
+    live = np.setdiff1d(np.arange(48), dead)
+    np.testing.assert_array_equal(after[live], before[live])
+    assert done.weights == {"out/kernel": int(np.count_nonzero(before[dead]))}
+    x = ds.x_test
+    np.testing.assert_allclose(
+        np.asarray(apply_fn(done.params, x)), np.asarray(apply_fn(snapped, x)), atol=1e-4
+    )
+    han = [gq.summarize(cb, p)["han_bits"] for cb, p in ((codebooks, snapped), (done.codebooks, done.params))]
+    assert han[1] < han[0], han
+    sizes = {}
+    for name, (cb, p) in {"kept": (codebooks, snapped), "cut": (done.codebooks, done.params)}.items():
+        gq.save_compressed(tmp_path / f"{name}.gqz", cb, p)
+        sizes[name] = (tmp_path / f"{name}.gqz").stat().st_size
+    assert sizes["cut"] < sizes["kept"], sizes
+    loaded = gq.load_compressed(tmp_path / "cut.gqz").params(snapped)
+    np.testing.assert_array_equal(np.asarray(apply_fn(loaded, x)), np.asarray(apply_fn(done.params, x)))
+    model = export.to_onnx(apply_fn, done.params, done.codebooks, x[:8])
+    np.testing.assert_allclose(export.run_onnx(model, x), np.asarray(apply_fn(snapped, x)), atol=1e-4)

@@ -218,6 +218,8 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     if model.heads:
         extra["heads"] = model.heads
     extra["units"] = unit_table(codebooks)
+    if model.disconnected:
+        extra["disconnected"] = model.disconnected
     extra["retrain_epochs"] = record.retrain_epochs
     if model.links:
         extra["reuse"] = [dataclasses.asdict(link) for link in model.links]

@@ -88,6 +88,9 @@ def format_table(metrics: dict) -> str:
         shown = "  ".join(f"{p} {u['inputs'][0]}/{u['inputs'][1]} -> {u['outputs'][0]}/{u['outputs'][1]}"
                           for p, u in units.items())  # fmt: skip
         lines.append(f"live units (inputs -> outputs): {shown}")
+    if metrics.get("disconnected"):
+        shown = "  ".join(f"{p} {n:,}" for p, n in metrics["disconnected"].items())
+        lines.append(f"weights reading dead units, zeroed: {shown}")
     if metrics.get("heads"):
         kept = "  ".join(f"{p} {len(h['kept'])}/{h['of']}" for p, h in metrics["heads"].items())
         lines.append(f"attention heads kept: {kept}")

@@ -7,6 +7,9 @@ the budget search's pretraining: functions that take the model as it stands and 
     codebooks, model, record = compress(ctx, plan, mixtures, model, record)
     codebooks, model, record = finetune(ctx, codebooks, model, record, cfg.finetune_epochs)
 
+``finetune`` ends by disconnecting dead units (``surgery.dead_units``: the weights that read a unit
+whose weights are all zero are zeroed, outputs unchanged).
+
 The training itself is ``training.pipeline``'s (its setups, stop rule and keep-the-better rule):
 the command line, the search and the Python API train the same way. ``runner(name, setup, epochs,
 parent, stop=None, placement=None, model_state=None) -> TrainState`` runs a stage's epochs: with
@@ -19,20 +22,25 @@ quantisation) are in ``model_stages``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 from flax import nnx
 
+from gmm_quant._util.hosts import multi_process
 from gmm_quant.core import codebook, float_codes, grid
 from gmm_quant.core.objective import LearningRates
 from gmm_quant.run import checkpoint as ckpt
 from gmm_quant.run import config as cfgm
 from gmm_quant.scale.mesh import make_mesh, parse_mesh
 from gmm_quant.scale.placement import plan_placement
+from gmm_quant.surgery import dead_units
 from gmm_quant.training import finetuning, loop, modes, pipeline, tasks
 from gmm_quant.training.distillation import distillation_loss, feature_maps
+
+DISCONNECT_SAMPLE = 16  # examples the dead-unit check evaluates the model on
 
 
 class Context(NamedTuple):
@@ -55,7 +63,8 @@ class Model(NamedTuple):
     ``teacher_graphdef`` (set only when the student's structure differs from the teacher's: reuse)
     feed distillation; ``removed`` counts the weights the structural stages took out (the Han count's
     original is the model before them); ``float_codes`` ({path: FloatCode}) are the grids of the
-    leaves outside the prior once ``compress`` coded them.
+    leaves outside the prior once ``compress`` coded them; ``disconnected`` ({kernel: weights}) the
+    weights ``finetune`` zeroed because they read dead units.
     """
 
     apply_fn: Callable
@@ -70,6 +79,7 @@ class Model(NamedTuple):
     reuse_table: Any = None  # the greedy choice's table (``reuse_budget``)
     activations: dict | None = None  # calibrated activation scales
     float_codes: dict | None = None
+    disconnected: dict | None = None
 
 
 class Record(NamedTuple):
@@ -205,6 +215,23 @@ def compress(ctx: Context, plan, mixtures, model: Model, record: Record):
     return codebooks, model, record.scored(ctx, "compressed", model)
 
 
+def disconnect(ctx: Context, codebooks: dict, model: Model) -> tuple[dict, Model]:
+    """``(codebooks, model)`` with the weights that read dead units zeroed (``surgery.dead_units``;
+    the outputs do not change). Several processes: left as they are (the weights are sharded). A
+    model the trace cannot evaluate keeps its weights, with a warning: the run does not fail for it."""
+    if multi_process():
+        return codebooks, model
+    sample = np.asarray(selection_data(ctx)[0][:DISCONNECT_SAMPLE])
+    try:
+        done = dead_units.disconnect(
+            model.apply_fn, model.params, codebooks, sample, coded=model.float_codes or {}
+        )
+    except Exception as err:  # an optimisation must not cost the user the run
+        warnings.warn(f"dead units left connected: {type(err).__name__}: {err}", stacklevel=2)
+        return codebooks, model
+    return done.codebooks, model._replace(params=done.params, disconnected=done.weights)
+
+
 def finetune(ctx: Context, codebooks: dict, model: Model, record: Record, epochs: int, start=None):
     """``(codebooks, model, record)``: the centres fine-tuned for ``epochs`` epochs from the snapped
     ``model``, kept only if no worse on the validation split (``finetuning.tuned_result``)."""
@@ -230,4 +257,5 @@ def finetune(ctx: Context, codebooks: dict, model: Model, record: Record, epochs
     if codes:  # back on their grids: fine-tuning moved them
         codes, final = float_codes.recode(codes, final)
     model = model._replace(params=final, float_codes=codes)
+    codebooks, model = disconnect(ctx, codebooks, model)
     return codebooks, model, record.scored(ctx, "finetuned", model).timed("compress_finetune", start)

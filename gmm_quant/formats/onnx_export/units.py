@@ -117,6 +117,7 @@ def narrow_matmul(conv, eqn, x, w, matmul):
     bias = None
     if isinstance(x, Narrow):  # contract over the live features only; the dead ones are constants
         bias = x.fill @ dense_weight(w)[x.dead] if x.dead.size else None
+        bias = bias if bias is not None and bias.any() else None  # rows already disconnected
         keep = np.intersect1d(x.live, live_rows(w))
         pos = np.searchsorted(x.live, keep)
         x_sym = x.sym
