@@ -78,3 +78,43 @@ def test_retraining_goes_on_until_tight_and_stops_at_the_first_tight_epoch():
         expected = ok[0] + 1 if ok else 8
         assert result.retrain_epochs == len(seen) == expected
     assert expected > 2  # the tight target made it go on past the epochs asked for
+
+
+def test_snapped_weights_are_the_nearest_centres_with_a_straight_through_gradient():
+    params = {"l": {"kernel": jnp.asarray([[0.04, -0.31], [0.26, 0.9]], jnp.float32)}}
+    plan = gq.make_plan(params)
+    mixtures = gq.init_mixtures(plan, params)
+    mixtures["shared"] = mixtures["shared"]._replace(means=jnp.asarray([-0.3, 0.2, 0.5], jnp.float32))
+    hard = gq.core.objective.snapped(plan, mixtures, params)
+    # centres 0 (the zero component), -0.3, 0.2, 0.5: each weight on the nearest one
+    np.testing.assert_array_equal(hard["l"]["kernel"], np.asarray([[0.0, -0.3], [0.2, 0.5]], np.float32))
+    c = jnp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    grads = jax.grad(lambda t: jnp.sum(c * gq.core.objective.snapped(plan, t["m"], t["p"])["l"]["kernel"]))(
+        {"p": params, "m": mixtures}
+    )
+    np.testing.assert_array_equal(grads["p"]["l"]["kernel"], c)  # d/dw of sum(c * w_hat) is c
+    assert not any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads["m"]))  # the centres: none
+
+
+def test_from_snap_from_on_the_task_sees_the_snapped_weights():
+    rng = np.random.default_rng(0)
+    params = {"l": {"kernel": jnp.asarray(rng.normal(size=(8, 4)) * 0.3, jnp.float32)}}
+    plan = gq.make_plan(params)
+    mixtures = gq.init_mixtures(plan, params)
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+    task = gq.cross_entropy(lambda p, v: v @ p["l"]["kernel"])
+    loss = gq.joint_loss(task, plan, 0.0, 100, snap_from=5)  # tau 0: the task alone
+    trainable = {"params": params, "mixtures": mixtures}
+    hard = gq.core.objective.snapped(plan, mixtures, params)
+    np.testing.assert_allclose(loss(trainable, x, y, 4)[0], task(params, x, y)[0], rtol=1e-6)
+    np.testing.assert_allclose(loss(trainable, x, y, 5)[0], task(hard, x, y)[0], rtol=1e-6)
+    assert not np.isclose(float(task(hard, x, y)[0]), float(task(params, x, y)[0]))
+
+
+def test_snap_from_is_the_first_step_of_the_last_snap_epochs():
+    from gmm_quant.training.pipeline import snap_from
+
+    assert snap_from(100, 10, 50) == 90 * 50
+    assert snap_from(10, 30, 50) == 0  # more than all: from the start
+    assert snap_from(100, 0, 50) is None

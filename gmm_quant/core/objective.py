@@ -22,7 +22,7 @@ import optax
 from gmm_quant._util.partials import carrying
 from gmm_quant.core import mixture as mx
 from gmm_quant.core import unit_prior
-from gmm_quant.core.rules import Plan, flatten
+from gmm_quant.core.rules import Plan, flatten, replace_leaves
 
 
 class LearningRates(NamedTuple):
@@ -65,6 +65,21 @@ def complexity(plan: Plan, mixtures: dict, params, *, exact: bool = False, place
     return total
 
 
+def snapped(plan: Plan, mixtures: dict, params):
+    """``params`` with every quantised leaf on its group's nearest centre (0 included) in the forward
+    pass and the gradient passing straight through to the weights: the task sees the weights as
+    snapping will leave them. The centres take no gradient from it."""
+    flat, new = flatten(params), {}
+    for group in plan.mixtures:
+        means = jax.lax.stop_gradient(mixtures[group].means)
+        centres = jnp.concatenate([jnp.zeros((1,), means.dtype), means])
+        for path in plan.group_paths(group):
+            w = flat[path]
+            nearest = centres[jnp.argmin(jnp.abs(w[..., None] - centres.astype(w.dtype)), axis=-1)]
+            new[path] = w + jax.lax.stop_gradient(nearest.astype(w.dtype) - w)
+    return replace_leaves(params, new)
+
+
 def tau_schedule(tau: float, warmup_steps: int = 0) -> optax.Schedule:
     """tau rising linearly from 0 to ``tau`` over ``warmup_steps``, then constant."""
     if tau < 0:
@@ -74,7 +89,8 @@ def tau_schedule(tau: float, warmup_steps: int = 0) -> optax.Schedule:
     return optax.linear_schedule(0.0, tau, warmup_steps)
 
 
-def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixture_every: int = 1):
+def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixture_every: int = 1,
+               snap_from: int | None = None):  # fmt: skip
     """Loss over ``{"params", "mixtures"}``: task_loss(params, x, y) + tau(step) / N * complexity.
 
     Args:
@@ -85,6 +101,9 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
       mixture_every: k > 1 gives the mixture a gradient on every k-th step only (steps k-1, 2k-1, ...;
         ``joint_optimizer(mixture_every=k)`` updates it then): the other steps skip the histogram of
         the weights that carries it, the largest part of the prior's cost on large layers.
+      snap_from: from this step on the task loss sees the weights snapped (``snapped``: forward on
+        the nearest centres, gradient straight through), so the weights learn what snapping will
+        cost them while the prior still pulls them; None: never.
 
     Returns ``(trainable, x, y, step) -> (loss, aux)`` with ``aux["complexity"]`` added (a
     ``jax.tree_util.Partial`` over ``task_loss``, see ``loop.carrying``).
@@ -99,7 +118,11 @@ def joint_loss(task_loss, plan: Plan, tau, num_train: int, placement=None, mixtu
         return complexity(plan, stopped, params, placement=placement, learn_mixture=False)
 
     def loss(task_loss, trainable, x, y, step, **mode):  # mode: a model's state and RNG in train mode
-        task, aux = task_loss(trainable["params"], x, y, **mode)
+        seen = trainable["params"]
+        if snap_from is not None:
+            hard = snapped(plan, trainable["mixtures"], seen)
+            seen = jax.tree.map(lambda h, w: jnp.where(step >= snap_from, h, w), hard, seen)
+        task, aux = task_loss(seen, x, y, **mode)
         args = trainable["params"], trainable["mixtures"]
         if mixture_every > 1:
             comp = jax.lax.cond(step % mixture_every == mixture_every - 1, prior, frozen, *args)

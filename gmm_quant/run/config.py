@@ -61,6 +61,7 @@ class Config:
     lr_log_precisions: float = defaults.RATES.log_precisions  # Adam learning rate of the log-precisions
     lr_mixing: float = defaults.RATES.mixing  # Adam learning rate of the mixing logits
     retrain_tightness: float = defaults.TIGHTNESS  # > 0: past retrain_epochs (to 4x) until this tight
+    snap_epochs: int = defaults.SNAP_EPOCHS  # > 0: the last N retraining epochs see the weights snapped
     mixture_every: int = 1  # > 1: the mixture learns on every k-th step only (skips the prior's histogram)
     num_components: int = defaults.MIXTURE.num_components  # J, including the zero component
     pi_zero: float = defaults.MIXTURE.pi_zero  # mixing proportion of the zero component
@@ -184,6 +185,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.head_score in HEAD_SCORES, "head_score", f"choose one of {HEAD_SCORES}", cfg.head_score)
     _check(cfg.reuse_budget >= 0, "reuse_budget", "must be >= 0 (points of error)", cfg.reuse_budget)
     _check(cfg.reuse_rank >= 0, "reuse_rank", "must be >= 0", cfg.reuse_rank)
+    _check(cfg.snap_epochs >= 0, "snap_epochs", "must be >= 0 (epochs)", cfg.snap_epochs)
     _check(cfg.mixture_every >= 1, "mixture_every", "must be >= 1 (steps)", cfg.mixture_every)
     tight = cfg.retrain_tightness
     _check(tight >= 0, "retrain_tightness", "must be >= 0 (0: fixed epochs)", tight)

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import nnx
 
-from gmm_quant._util.hosts import multi_process
+from gmm_quant._util.hosts import multi_process, to_local
 from gmm_quant.core import codebook, float_codes, grid
 from gmm_quant.core.objective import LearningRates
 from gmm_quant.run import checkpoint as ckpt
@@ -183,6 +183,7 @@ def retrain(ctx: Context, plan, model: Model, record: Record):
         model.apply_fn, model.params, plan, num_train=n, steps_per_epoch=max(n // cfg.batch_size, 1),
         tau=cfg.tau, warmup_epochs=cfg.warmup_epochs, rates=rates, task_loss=task_loss(ctx, model),
         placement=model.placement, mixture_every=cfg.mixture_every,
+        snap_from=pipeline.snap_from(cfg.retrain_epochs, cfg.snap_epochs, max(n // cfg.batch_size, 1)),
     )  # fmt: skip
     epochs, stop = cfg.retrain_epochs, None
     if cfg.retrain_tightness:  # go on (up to 4x the epochs) until the weights sit on their centres
@@ -217,10 +218,11 @@ def compress(ctx: Context, plan, mixtures, model: Model, record: Record):
 
 def disconnect(ctx: Context, codebooks: dict, model: Model) -> tuple[dict, Model]:
     """``(codebooks, model)`` with the weights that read dead units zeroed (``surgery.dead_units``;
-    the outputs do not change). Several processes: left as they are (the weights are sharded). A
-    model the trace cannot evaluate keeps its weights, with a warning: the run does not fail for it."""
-    if multi_process():
-        return codebooks, model
+    the outputs do not change). Several processes: each does it on a gathered copy, as the file
+    writer's is. A model the trace cannot evaluate keeps its weights, with a warning: the run does not
+    fail for it."""
+    if multi_process():  # the same on every process: the weights and the sample are the same
+        codebooks, model = to_local(codebooks), model._replace(params=to_local(model.params))
     sample = np.asarray(selection_data(ctx)[0][:DISCONNECT_SAMPLE])
     try:
         done = dead_units.disconnect(

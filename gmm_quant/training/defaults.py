@@ -22,5 +22,6 @@ WARMUP_EPOCHS = 5  # tau rises linearly from 0 over these epochs
 RATES = LearningRates()  # Adam learning rates of weights, means, log-precisions, mixing logits
 TIGHTNESS = 0.0  # > 0: retraining goes on (to 4x its epochs) until the weights are this tight; 0: off
 MIXTURE = MixtureConfig()  # 17 components, pi_zero 0.999, the hyper-priors of the reference tutorial
+SNAP_EPOCHS = 0  # > 0: the last retraining epochs see the weights snapped (straight-through)
 FINETUNE_EPOCHS = 10  # codebook fine-tuning
 FINETUNE_LR = 1e-4  # Adam, centres (and float leaves)

@@ -146,15 +146,24 @@ def retrain_setup(
     task_loss=None,
     placement=None,
     mixture_every=1,
+    snap_from=None,
 ):
     """(loss_fn, optimizer, trainable) of joint training; trainable is ``{"params", "mixtures"}``.
-    ``mixture_every`` k > 1: the mixture learns on every k-th step only (``objective.joint_loss``)."""
+    ``mixture_every`` k > 1: the mixture learns on every k-th step only; ``snap_from``: the step from
+    which the task sees the weights snapped (both: ``objective.joint_loss``)."""
     schedule = obj.tau_schedule(tau, warmup_epochs * steps_per_epoch)
     task = task_loss or cross_entropy(apply_fn)
-    loss = obj.joint_loss(task, plan, schedule, num_train, placement, mixture_every=mixture_every)
+    loss = obj.joint_loss(
+        task, plan, schedule, num_train, placement, mixture_every=mixture_every, snap_from=snap_from
+    )
     mixtures = obj.init_mixtures(plan, params) if mixtures is None else mixtures
     optimizer = obj.joint_optimizer(rates, mixture_every=mixture_every)
     return loss, optimizer, {"params": params, "mixtures": mixtures}
+
+
+def snap_from(epochs: int, snap_epochs: int, steps_per_epoch: int) -> int | None:
+    """The first step of the last ``snap_epochs`` of ``epochs`` retraining epochs; None if 0."""
+    return max(epochs - snap_epochs, 0) * steps_per_epoch if snap_epochs else None
 
 
 def until_tight(plan: Plan, epochs: int, tightness: float):
@@ -192,6 +201,7 @@ def retrain(
     mixtures=None,
     task_loss=None,
     mixture_every=1,
+    snap_epochs=defaults.SNAP_EPOCHS,
     **kw,
 ):
     """Train weights and mixture jointly (loss = task + tau / N * complexity, see ``objective``).
@@ -203,6 +213,8 @@ def retrain(
     (``until_tight``), because snapping loose weights is what costs accuracy (BENCHMARKS.md, "A 3x3
     CNN with average pooling"); a warning says so when the cap comes first. ``tightness`` 0 or None
     (the default, as the command line's ``--retrain-tightness``) trains exactly ``epochs`` epochs.
+    ``snap_epochs`` > 0: the last that many of the ``epochs`` (and any past them) train the task on
+    the snapped weights, gradient straight through (``snap_from``).
     """
     n = data[0].shape[0]
     loss, opt, trainable = retrain_setup(
@@ -217,6 +229,7 @@ def retrain(
         mixtures=mixtures,
         task_loss=master_task(apply_fn, task_loss, params),
         mixture_every=mixture_every,
+        snap_from=snap_from(epochs, snap_epochs, max(n // batch_size, 1)),
     )
     stop = until_tight(plan, epochs, tightness) if tightness else None
     limit = max_epochs or 4 * epochs if tightness else epochs
