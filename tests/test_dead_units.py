@@ -261,3 +261,22 @@ def test_nothing_dead_changes_nothing(sample):
     params, books = _quantise(params, [f"layers/{i}/kernel" for i in range(3)], np.random.default_rng(9))
     result = gq.disconnect_dead_units(lambda p, x: nnx.merge(graphdef, p)(x), params, books, sample)
     assert result.weights == {} and result.params is params
+
+
+def test_a_run_disconnects_after_fine_tuning_and_reports_it():
+    from gmm_quant.run import config as cfgm
+    from gmm_quant.run import report, stages
+
+    apply_fn, params, books = _mlp()
+    x = np.random.default_rng(1).normal(size=(32, 6)).astype(np.float32)
+    ctx = stages.Context(cfgm.Config(), (x, np.zeros(32, np.int32)), (x[:16], np.zeros(16, np.int32)), None)
+    model = stages.Model(apply_fn, params)
+    codebooks, model = stages.disconnect(ctx, books, model)
+    assert model.disconnected == {"layers/1/kernel": 8, "layers/2/kernel": 3}
+    assert not np.asarray(codebooks["layers/1/kernel"].indices)[[1, 3]].any()
+    np.testing.assert_allclose(np.asarray(apply_fn(model.params, x)), _mlp_forward(params, x), atol=1e-5)
+    summary = gq.summarize(codebooks, model.params)
+    metrics = report.metrics_dict({"finetuned": 0.1}, summary, {"disconnected": model.disconnected})
+    assert "weights reading dead units, zeroed: layers/1/kernel 8  layers/2/kernel 3" in report.format_table(
+        metrics
+    )
