@@ -58,12 +58,13 @@ def disconnect(apply_fn, params, codebooks: dict, sample, coded=()) -> Disconnec
     docstring). ``coded``: the float leaves on grids of their own, whose values must not move."""
     trace = unit_flow.Trace(apply_fn, params, sample)
     flat, books = dict(flatten(params)), dict(codebooks)
-    reference, outputs, changed = None, None, {}
-    for _ in range(MAX_ROUNDS):
+    reference, changed = None, {}
+    for round_ in range(MAX_ROUNDS + 1):  # the last walk only evaluates the outputs
         found = trace.readers(flat)
         reference = found.outputs if reference is None else reference
-        outputs = found.outputs
-        edits = [_edit(r, flat, books, found.uses, coded) for r in found.readers]
+        edits = (
+            [_edit(r, flat, books, found.uses, coded) for r in found.readers] if round_ < MAX_ROUNDS else []
+        )
         edits = [e for e in edits if e is not None]
         if not edits:
             break
@@ -74,10 +75,7 @@ def disconnect(apply_fn, params, codebooks: dict, sample, coded=()) -> Disconnec
             books[kernel] = books[kernel]._replace(indices=_zero_rows(books[kernel].indices, rows, axis))
             if bias is not None:
                 flat[bias] = (np.asarray(flat[bias], np.float64) + shift).astype(np.asarray(flat[bias]).dtype)
-    if not changed:
-        return Disconnected(params, codebooks, {})
-    outputs = trace.readers(flat).outputs
-    if not _agree(reference, outputs):
+    if not changed or not _agree(reference, found.outputs):
         return Disconnected(params, codebooks, {})
     return Disconnected(replace_leaves(params, flat), books, changed)
 
