@@ -280,3 +280,23 @@ def test_a_run_disconnects_after_fine_tuning_and_reports_it():
     assert "weights reading dead units, zeroed: layers/1/kernel 8  layers/2/kernel 3" in report.format_table(
         metrics
     )
+
+
+def test_a_kernel_also_read_through_a_reshape_counts_as_read_twice():
+    from gmm_quant.surgery import unit_flow
+
+    def apply_fn(p, x):
+        h = jnp.maximum(x @ p["a"]["kernel"] + p["a"]["bias"], 0.0)
+        return h @ p["b"]["kernel"] + p["b"]["bias"] + jnp.sum(p["b"]["kernel"].reshape(-1))
+
+    rng = np.random.default_rng(10)
+    params = {n: {"kernel": rng.normal(size=s).astype(np.float32), "bias": np.full(s[1], 0.5, np.float32)}
+              for n, s in (("a", (6, 5)), ("b", (5, 3)))}  # fmt: skip
+    params, books = _quantise(params, ["a/kernel", "b/kernel"], rng)
+    params = _set(params, "a/kernel", lambda w: w[:, 2].__imul__(0.0))
+    books["a/kernel"] = make_codebook(np.asarray(params["a"]["kernel"]), CENTRES)
+    found = unit_flow.Trace(apply_fn, params, np.ones((4, 6), np.float32)).readers(flatten(params))
+    assert found.uses["b/kernel"] == 2 and found.uses["a/kernel"] == 1 and found.uses["b/bias"] == 1
+    assert [r.kernel for r in found.readers] == ["b/kernel"]
+    result = gq.disconnect_dead_units(apply_fn, params, books, np.ones((4, 6), np.float32))
+    assert result.weights == {}

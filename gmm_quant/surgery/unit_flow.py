@@ -30,7 +30,6 @@ _NAMES = (
     "ne eq gt ge lt le and or not copy copy_p reduce_precision"
 )
 ELEMENTWISE = frozenset(_NAMES.split())
-ALIASES = frozenset({"convert_element_type", "reshape", "broadcast_in_dim", "copy", "copy_p"})
 
 
 class Tag(NamedTuple):
@@ -113,16 +112,17 @@ class _Walk:
         if name in CALLS:
             inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
             return self.run(getattr(inner, "jaxpr", inner), args, getattr(inner, "consts", ()))
-        if name not in ALIASES:
-            self.uses.update(a.leaf for a in args if a.leaf is not None)
-            self.uses.update(a.vector for a in args if a.vector is not None and a.vector != a.leaf)
         out = eqn.primitive.bind(*[a.value for a in args], **eqn.params)
         data = any(a.data for a in args)
         if eqn.primitive.multiple_results:
-            return [_Info(o, data) for o in out]
-        info = _Info(out, data)
-        rule = RULES.get(name)
-        return [rule(self, eqn, args, info) if rule is not None else info]
+            outs = [_Info(o, data) for o in out]
+        else:
+            rule = RULES.get(name)
+            outs = [rule(self, eqn, args, _Info(out, data)) if rule is not None else _Info(out, data)]
+        carried = {n for o in outs for n in (o.leaf, o.vector)}  # a cast or reshape passes it on
+        for a in args:  # every other operation reading a parameter is a use of it
+            self.uses.update({a.leaf, a.vector} - carried - {None})
+        return outs
 
 
 RULES: dict = {}
