@@ -32,6 +32,15 @@ _NAMES = (
 ELEMENTWISE = frozenset(_NAMES.split())
 
 
+def called_jaxpr(eqn):
+    """``(jaxpr, consts)`` of a call-like equation (jit, custom_jvp/vjp, remat), or None: what a
+    walk over a traced program enters (also the ONNX converter's)."""
+    if eqn.primitive.name not in CALLS:
+        return None
+    inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    return getattr(inner, "jaxpr", inner), list(getattr(inner, "consts", ()))
+
+
 class Tag(NamedTuple):
     producer: str  # the kernel's parameter path
     units: np.ndarray  # the producer's unit carried by each feature of the last axis
@@ -109,9 +118,9 @@ class _Walk:
 
     def eqn(self, eqn, args: list) -> list:
         name = eqn.primitive.name
-        if name in CALLS:
-            inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
-            return self.run(getattr(inner, "jaxpr", inner), args, getattr(inner, "consts", ()))
+        called = called_jaxpr(eqn)
+        if called is not None:
+            return self.run(called[0], args, called[1])
         out = eqn.primitive.bind(*[a.value for a in args], **eqn.params)
         data = any(a.data for a in args)
         if eqn.primitive.multiple_results:

@@ -26,12 +26,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gmm_quant.formats.onnx_export import units
 from gmm_quant.formats.onnx_export.values import Narrow, Sym, WeightRef, identity
+from gmm_quant.surgery.unit_flow import called_jaxpr
 
 TRACE_BATCH = 97
 HANDLERS: dict = {}
 NARROW_AWARE: set = set()  # handlers that accept a units.Narrow (a value with dead units removed)
 _PASS = {"copy", "copy_p", "stop_gradient", "optimization_barrier", "reduce_precision", "sharding_constraint"}
-_CALLS = {"pjit", "jit", "custom_jvp_call", "custom_vjp_call", "closed_call", "remat", "remat2", "checkpoint"}
 _DTYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.int32): TensorProto.INT32,
@@ -230,12 +230,12 @@ class Converter:
         if all(not isinstance(a, (Sym, WeightRef, Narrow)) for a in args):  # fold constants
             out = eqn.primitive.bind(*args, **eqn.params)
             return [host(o) for o in out] if eqn.primitive.multiple_results else [host(out)]
-        if name in _CALLS:
-            inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
-            consts = [host(c) for c in getattr(inner, "consts", ())]
+        called = called_jaxpr(eqn)
+        if called is not None:
+            inner, consts = called[0], [host(c) for c in called[1]]
             self._calls.append(_where(eqn))
             try:
-                return self.run(getattr(inner, "jaxpr", inner), args, consts)
+                return self.run(inner, args, consts)
             finally:
                 self._calls.pop()
         if name in _PASS:

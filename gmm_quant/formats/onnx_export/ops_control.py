@@ -3,7 +3,7 @@
 The loop body is walked once per iteration with that iteration's slices of the scanned inputs, so the
 graph holds the layers one after another as a Python loop over the same weights would; its size
 grows with the number of iterations (an ONNX ``Loop`` would not, and was not tried). ``remat`` and
-``checkpoint`` are plain calls (``converter._CALLS``): rematerialisation changes nothing at inference.
+``checkpoint`` are plain calls (``surgery.unit_flow.CALLS``): rematerialisation changes nothing at inference.
 """
 
 from __future__ import annotations
