@@ -24,7 +24,7 @@ from gmm_quant.search import Space, compress_to_budget
 from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
-from gmm_quant.search.trial import Outcome
+from gmm_quant.search.trial import Outcome, rung_epochs
 from gmm_quant.training import data
 from tests.cli_runs import ROOT, default_sigint, one_line
 
@@ -130,6 +130,40 @@ def test_over_budget_trials_are_never_best_and_patience_stops_the_search(monkeyp
     assert len(result.study.trials) == 4  # best at trial 0, then 3 trials without improvement
     best = study_lib.feasible(result.study)[0]
     assert best.number == 0 and best.value == 20.0
+
+
+@pytest.mark.parametrize(
+    "epochs, warmup, rungs",
+    [(30, 5, (5, 15)), (60, 5, (7, 21)), (100, 0, (12, 36)), (5, 5, ()), (10, 0, (2, 6))],
+)
+def test_rungs_start_after_the_warmup_and_grow_threefold_before_the_end(epochs, warmup, rungs):
+    assert rung_epochs(Config(retrain_epochs=epochs, warmup_epochs=warmup)) == rungs
+
+
+def test_successive_halving_lets_only_the_best_third_at_a_rung_go_on(monkeypatch, digits):
+    """Trials report at the base config's rungs (5, 15); the first trials at a rung go on only if best
+    there so far, later ones if among the best third."""
+    at_rungs = [(1.0, 1.0), (0.5, 9.0), (2.0, 0.0), (1.5, 1.0), (0.9, 0.0), (1.6, 2.0)]
+    seen = []
+
+    def run_trial(cfg, *args, report, rungs, **kw):
+        values = at_rungs[len(seen)]
+        seen.append(rungs)
+        for value, epoch in zip(values, rungs):
+            report(value, epoch)
+        return Outcome(0.0, 10.0 + len(seen), cfg, False), {}, None, None
+
+    monkeypatch.setattr(study_lib, "run_trial", run_trial)
+    monkeypatch.setattr("gmm_quant.search.budget.best_model", lambda search, study: study)
+    study = compress_to_budget(*digits, budget=5.0, trials=6, progress=False,
+                               base=Config(retrain_epochs=30, warmup_epochs=5))  # fmt: skip
+    assert set(seen) == {(5, 15)}
+    got = [(t.state.name, sorted(t.intermediate_values)) for t in study.trials]
+    # rung 5: 1.0 | 0.5 < 1.0 | 2.0 | 1.5 not the best of [1, .5, 2, 1.5] (4 // 3: the top 1) |
+    # 0.9 no | 1.6 among the top 2 of 6 (2.0, 1.6); rung 15: trial 0 alone | trial 2's 0.0 < 1.0 |
+    # trial 5's 2.0 the best of 3
+    assert got == [("COMPLETE", [5, 15]), ("PRUNED", [5]), ("PRUNED", [5, 15]), ("PRUNED", [5]),
+                   ("PRUNED", [5]), ("COMPLETE", [5, 15])]  # fmt: skip
 
 
 @pytest.mark.parametrize("budget, trials", [(-0.1, 3), (math.nan, 3), (math.inf, 3), (0.1, 0)])

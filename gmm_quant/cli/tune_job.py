@@ -64,7 +64,8 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
                                     latency_batch=args.latency_batch)  # fmt: skip
         storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
         seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
-        study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat)
+        study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat,
+                                     first_rung=budget_lib.first_rung(base))  # fmt: skip
         if args.storage is None:  # ours alone (the work directory is locked): running = killed
             study_lib.retry_orphans(study)
         budget_lib.optimize(search, study, trials=args.trials, timeout=args.timeout, patience=args.patience,

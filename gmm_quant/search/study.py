@@ -1,13 +1,13 @@
 """The Optuna study: storage, sampler, pruner and stopping rule.
 
-The objective is the compression ratio (Han), maximised subject to a constraint: the validation
-error may exceed the pretrained model's by at most ``budget`` percentage points. Optuna's TPE sampler
-takes the constraint (``Trial.set_constraint``); a percentile pruner stops trials whose rung scores
-are in the bottom quarter; a study in an SQLite file (or any database URL) survives a killed process
-and can be shared by several worker processes: each worker's trials send heartbeats, and a trial
-whose worker died is marked failed and retried with the same parameters
-(``RetryHeartbeatStaleTrialCallback``). In a work directory of our own, ``retry_orphans`` does the
-same at once on resume.
+The objective is the compression ratio (Han), maximised subject to a constraint: the validation error
+may exceed the pretrained model's by at most ``budget`` percentage points. Optuna's TPE sampler takes
+the constraint (``Trial.set_constraint``); successive halving stops, at each rung, the trials whose
+scores are not in the top third of those that reached it (``trial.rung_epochs``); a study in an SQLite
+file (or any database URL) survives a killed process and can be shared by several worker processes: each
+worker's trials send heartbeats, and a trial whose worker died is marked failed and retried with the
+same parameters (``RetryHeartbeatStaleTrialCallback``). In a work directory of our own,
+``retry_orphans`` does the same at once on resume.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from gmm_quant.run.config import Config
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import targets
-from gmm_quant.search.trial import run_trial
+from gmm_quant.search.trial import HALVING, run_trial, rung_epochs
 
 CONSTRAINT = "budget"  # the trial's constraint: val error - limit (<= 0 is within the budget)
 
@@ -40,8 +40,9 @@ class StorageError(ValueError):
     """The study's storage URL cannot be opened."""
 
 
-def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_trials=5):
-    """Create or load study ``name``; ``storage`` None keeps it in memory, else a database URL."""
+def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_trials=5, first_rung=1):
+    """Create or load study ``name``; ``storage`` None keeps it in memory, else a database URL.
+    ``first_rung``: the retraining epoch of the search's first rung (``rung_epochs(base)[0]``)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in our one line
@@ -49,8 +50,9 @@ def open_study(storage=None, name="gmm_quant", seed=None, heartbeat=60, startup_
     if storage is not None:
         storage = _database(storage, heartbeat)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
-    # prune only the bottom quarter at a rung: rung scores are noisy (the objective is what counts)
-    pruner = optuna.pruners.PercentilePruner(75.0, n_startup_trials=startup_trials)  # keeps the top 75%
+    # a trial goes on from a rung if its score is among the best third there (the first HALVING - 1
+    # trials at a rung: if it is the best so far); rungs at first_rung * HALVING**k epochs
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=HALVING)
     return optuna.create_study(
         storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
         load_if_exists=True,
@@ -181,7 +183,7 @@ def objective(search: Search):
             outcome, *_ = run_trial(
                 cfg, search.apply_fn, search.pretrained, search.train, search.val,
                 limit=search.limit, budget=search.budget, report=report, graphdef=search.graphdef,
-                judge=search.judge, **sized(search),
+                judge=search.judge, rungs=rung_epochs(search.base), **sized(search),
             )  # fmt: skip
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)

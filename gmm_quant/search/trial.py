@@ -2,9 +2,10 @@
 
 A trial runs exactly the stages of ``python -m gmm_quant.train`` (``run.stages``) with the trial's
 config, so its config file reproduces it. It sees the training split and the validation split only.
-During retraining it reports, at a few rungs, what compressing now would give (the penalised score
-below), so Optuna's pruner stops unpromising trials early: those are the short, cheap trials; the
-promising ones run to full length. A trial over the budget after fine-tuning is fine-tuned
+During retraining it reports, at the rungs of successive halving (``rung_epochs``), what compressing
+now would give (the penalised score below), and Optuna's ``SuccessiveHalvingPruner`` lets only the best
+``1 / HALVING`` of the trials at a rung go on: most trials are short and cheap; the promising ones run
+to full length. A trial over the budget after fine-tuning is fine-tuned
 ``RESCUE`` times longer from the same snapped model before it is given up.
 """
 
@@ -23,8 +24,7 @@ from gmm_quant.run.config import Config
 from gmm_quant.run.plan import build_plan
 from gmm_quant.training import loop, pipeline
 
-RUNGS = (0.5, 0.75)  # fractions of retraining at which a trial reports and may be pruned (before
-# the middle, while tau is still warming up, the score says little about the end: measured on digits)
+HALVING = 3  # successive halving: the best third of the trials at a rung go on to the next
 RESCUE = 3  # an over-budget trial is fine-tuned this many times longer before it is given up
 
 
@@ -37,6 +37,18 @@ class Outcome(NamedTuple):
     rescued: bool
     file_bytes: int | None = None  # the shipped file's size, when the search has a size target
     latency_ms: float | None = None  # its ONNX Runtime latency, when the search has a latency target
+
+
+def rung_epochs(cfg: Config) -> tuple[int, ...]:
+    """Retraining epochs after which a trial of the search based on ``cfg`` reports (and may stop):
+    the first once tau has warmed up (while it rises the score says little about the end: measured on
+    digits), and no earlier than a ninth of retraining; then ``HALVING`` times longer each, before the
+    end. LeNet-5-Caffe's 30 epochs with 5 of warm-up: (5, 15)."""
+    first = max(1, cfg.warmup_epochs, math.ceil(cfg.retrain_epochs / HALVING**2))
+    rungs = []
+    while first * HALVING ** len(rungs) < cfg.retrain_epochs:
+        rungs.append(first * HALVING ** len(rungs))
+    return tuple(rungs)
 
 
 def score(compression_ratio: float, val_error: float, limit: float, budget: float) -> float:
@@ -79,9 +91,11 @@ def memory_runner(cfg: Config, train, on_retrain_epoch=None):
 
 def run_trial(
     cfg: Config, apply_fn, pretrained, train, val, *, limit, budget, report=None, graphdef=None, judge=None,
-    measure=None, rung_score=None,
+    measure=None, rung_score=None, rungs=None,
 ):  # fmt: skip
-    """Compress ``pretrained`` with ``cfg``; ``report(score, step)`` at each rung (may raise to prune).
+    """Compress ``pretrained`` with ``cfg``; ``report(score, epoch)`` after each of the retraining
+    epochs ``rungs`` (default ``rung_epochs(cfg)``; a search passes its base config's), which may raise
+    to prune.
 
     ``limit`` is the highest acceptable judged value (validation error, a fraction, unless ``judge``
     says otherwise), ``budget`` the allowed increase. Returns ``(Outcome, codebooks, params, apply_fn)``
@@ -91,7 +105,7 @@ def run_trial(
     """
     judge = judge or loop.error_rate
     rung_score = rung_score or (lambda cr, err: score(cr, err, limit, budget))
-    rungs = sorted({max(1, round(f * cfg.retrain_epochs)) for f in RUNGS} - {cfg.retrain_epochs})
+    rungs = set(rung_epochs(cfg) if rungs is None else rungs)
 
     def on_epoch(epoch, state):
         if report is not None and epoch + 1 in rungs:
