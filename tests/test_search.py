@@ -24,7 +24,7 @@ from gmm_quant.search import Space, compress_to_budget
 from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
-from gmm_quant.search.trial import Outcome, rung_epochs
+from gmm_quant.search.trial import Outcome, rescues, rung_epochs
 from gmm_quant.training import data
 from tests.cli_runs import ROOT, default_sigint, one_line
 
@@ -140,6 +140,13 @@ def test_rungs_start_after_the_warmup_and_grow_threefold_before_the_end(epochs, 
     assert rung_epochs(Config(retrain_epochs=epochs, warmup_epochs=warmup)) == rungs
 
 
+def test_only_a_trial_within_one_budget_over_the_limit_is_fine_tuned_longer():
+    limit, budget = 0.0125, 0.001
+    assert not rescues(0.0125, limit, budget)  # at the limit: within the budget already
+    assert rescues(0.01251, limit, budget) and rescues(0.0135, limit, budget)
+    assert not rescues(0.01351, limit, budget) and not rescues(0.0148, limit, budget)
+
+
 def test_successive_halving_lets_only_the_best_third_at_a_rung_go_on(monkeypatch, digits):
     """Trials report at the base config's rungs (5, 15); the first trials at a rung go on only if best
     there so far, later ones if among the best third."""
@@ -149,7 +156,7 @@ def test_successive_halving_lets_only_the_best_third_at_a_rung_go_on(monkeypatch
     def run_trial(cfg, *args, report, rungs, **kw):
         values = at_rungs[len(seen)]
         seen.append(rungs)
-        for value, epoch in zip(values, rungs):
+        for value, epoch in zip(values, rungs, strict=True):
             report(value, epoch)
         return Outcome(0.0, 10.0 + len(seen), cfg, False), {}, None, None
 

@@ -5,8 +5,8 @@ config, so its config file reproduces it. It sees the training split and the val
 During retraining it reports, at the rungs of successive halving (``rung_epochs``), what compressing
 now would give (the penalised score below), and Optuna's ``SuccessiveHalvingPruner`` lets only the best
 ``1 / HALVING`` of the trials at a rung go on: most trials are short and cheap; the promising ones run
-to full length. A trial over the budget after fine-tuning is fine-tuned
-``RESCUE`` times longer from the same snapped model before it is given up.
+to full length. A trial over the budget after fine-tuning, but by no more than the budget again, is
+fine-tuned ``RESCUE`` times longer from the same snapped model before it is given up (``rescues``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ class Outcome(NamedTuple):
     rescued: bool
     file_bytes: int | None = None  # the shipped file's size, when the search has a size target
     latency_ms: float | None = None  # its ONNX Runtime latency, when the search has a latency target
+
+
+def rescues(error: float, limit: float, budget: float) -> bool:
+    """Whether a fine-tuned trial judged ``error`` is fine-tuned longer: over ``limit`` by at most
+    ``budget``. Further off, longer fine-tuning did not bring trials back (three of three on the
+    LeNet-300-100 search, BENCHMARKS.md) and cost a LeNet-5 trial 30 epochs (about 10 minutes)."""
+    return limit < error <= limit + budget
 
 
 def rung_epochs(cfg: Config) -> tuple[int, ...]:
@@ -124,7 +131,7 @@ def run_trial(
     snapped, record = model_stages.quantise_activations(ctx, snapped, record)
     tuned, model, record = stages.finetune(ctx, codebooks, snapped, record, cfg.finetune_epochs)
     error, rescued = judge(model.apply_fn, model.params, *val), False
-    if error > limit and cfg.finetune_epochs:  # fine-tuned longer from the same snapped model
+    if rescues(error, limit, budget) and cfg.finetune_epochs:  # fine-tuned longer from the same snapped model
         longer = dataclasses.replace(cfg, finetune_epochs=RESCUE * cfg.finetune_epochs)
         tuned2, model2, _ = stages.finetune(
             ctx._replace(cfg=longer), codebooks, snapped, record, longer.finetune_epochs
