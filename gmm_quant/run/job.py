@@ -221,6 +221,8 @@ def _save_results(ctx, workdir, codebooks, model, record, onnx_sample, summary) 
     if model.disconnected:
         extra["disconnected"] = model.disconnected
     extra["retrain_epochs"] = record.retrain_epochs
+    if cfg.snap_epochs:  # the "retrained" errors are then of weights the network was not trained to use
+        extra["snap_epochs"] = cfg.snap_epochs
     if model.links:
         extra["reuse"] = [dataclasses.asdict(link) for link in model.links]
     if model.reuse_table:

@@ -99,15 +99,16 @@ def format_table(metrics: dict) -> str:
         lines.append(f"layers reusing another's weights: {links}")
     stages = ("pretrained", "heads_pruned", "reused", "retrained", "compressed", "activations_quantised",
               "finetuned")  # fmt: skip
-    errs = [k for k in stages if f"error_{k}" in metrics]
-    if errs:
-        lines.append("test error: " + "  ".join(f"{k} {100 * metrics[f'error_{k}']:.2f}%" for k in errs))
-    rmse = [k for k in stages if f"rmse_{k}" in metrics]
-    if rmse:
-        lines.append("test RMSE: " + "  ".join(f"{k} {metrics[f'rmse_{k}']:.4g}" for k in rmse))
-    ppl = [k for k in stages if f"perplexity_{k}" in metrics]
-    if ppl:
-        lines.append("test perplexity: " + "  ".join(f"{k} {metrics[f'perplexity_{k}']:.3f}" for k in ppl))
+    # with --snap-epochs the network trained on its snapped weights: the continuous ones do not ship
+    label = {"retrained": "retrained (unsnapped)"} if metrics.get("snap_epochs") else {}
+    for title, key, shown in (("test error", "error", lambda v: f"{100 * v:.2f}%"),
+                              ("test RMSE", "rmse", lambda v: f"{v:.4g}"),
+                              ("test perplexity", "perplexity", lambda v: f"{v:.3f}")):  # fmt: skip
+        found = [k for k in stages if f"{key}_{k}" in metrics]
+        if found:
+            lines.append(
+                f"{title}: " + "  ".join(f"{label.get(k, k)} {shown(metrics[f'{key}_{k}'])}" for k in found)
+            )
     return "\n".join(lines)
 
 
