@@ -23,6 +23,7 @@ from gmm_quant.search import budget as budget_lib
 from gmm_quant.search import outputs
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
+from gmm_quant.search import trial as trial_lib
 from gmm_quant.training import data, modes
 
 
@@ -65,7 +66,7 @@ def tune_and_train(cfg: cfgm.Config, workdir, args) -> str:
         storage = args.storage or f"sqlite:///{workdir.resolve() / 'study.db'}"
         seed = None if args.storage else cfg.seed  # shared studies: workers must not draw the same trials
         study = study_lib.open_study(storage, args.study_name, seed, heartbeat=args.heartbeat,
-                                     first_rung=budget_lib.first_rung(base))  # fmt: skip
+                                     first_rung=trial_lib.first_rung(base))  # fmt: skip
         if args.storage is None:  # ours alone (the work directory is locked): running = killed
             study_lib.retry_orphans(study)
         budget_lib.optimize(search, study, trials=args.trials, timeout=args.timeout, patience=args.patience,

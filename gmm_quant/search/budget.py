@@ -23,7 +23,7 @@ from gmm_quant.run.config import Config
 from gmm_quant.run.plan import build_plan
 from gmm_quant.search import space as space_lib
 from gmm_quant.search import study as study_lib
-from gmm_quant.search.trial import run_trial, rung_epochs
+from gmm_quant.search.trial import first_rung, run_trial
 from gmm_quant.training import loop
 
 
@@ -260,11 +260,6 @@ def compress_to_budget(
     study = study_lib.open_study(storage, study_name, seed, first_rung=first_rung(base))
     optimize(search, study, trials=trials, timeout=timeout, patience=patience, progress=progress)
     return best_model(search, study)
-
-
-def first_rung(base: Config) -> int:
-    """The retraining epoch of a search's first rung (the pruner's unit of resource)."""
-    return (rung_epochs(base) or (1,))[0]
 
 
 def closest(study) -> str:

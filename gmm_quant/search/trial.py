@@ -59,6 +59,12 @@ def rung_epochs(cfg: Config) -> tuple[int, ...]:
     return tuple(rungs)
 
 
+def first_rung(base: Config) -> int:
+    """The retraining epoch of the first rung of a search based on ``base`` (the pruner's unit of
+    resource; 1 when there is none: nothing is then reported)."""
+    return (rung_epochs(base) or (1,))[0]
+
+
 def score(compression_ratio: float, val_error: float, limit: float, budget: float) -> float:
     """log2(CR), less one per budget's worth of error above the limit (what the pruner compares)."""
     over = max(0.0, val_error - limit) / max(budget, 1e-4)
